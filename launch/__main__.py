@@ -1,0 +1,3 @@
+from tlaunch.cli import main
+
+raise SystemExit(main())

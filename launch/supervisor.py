@@ -1,0 +1,148 @@
+"""The supervisor: one short loop around the workers of a run, as an explicit state machine.
+
+::
+
+    STARTING ──▶ RUNNING ──▶ SUCCEEDED                      exit 0
+                    │ ├────▶ FAILED ──▶ RESTARTING ──▶ STARTING   (while restarts remain)
+                    │ │         └────────────────────▶ exit: the script's code
+                    ▼ ▼
+                 STOPPING ──▶ PREEMPTED                     exit 75 (a committed save exists)
+                         └──▶ FAILED                        exit 128+signal (nothing saved)
+
+A stop trigger (a signal, a cloud notice, the deadline) moves RUNNING to STOPPING: the
+workers are told, they agree on a step, commit one checkpoint and exit; the supervisor then
+decides PREEMPTED or FAILED from what the workers reported. Workers report through small
+files in a node-local control directory, not through exit codes, so that torch's elastic
+agent never mistakes a clean preemption for a failure to restart from.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+EXIT_OK = 0
+EXIT_PREEMPTED = 75
+
+#: Written by the worker that committed the stop checkpoint (local rank 0 of each machine).
+PREEMPTED_REPORT = "preempted.json"
+#: Touched by the launcher to tell workers a stop was requested; they poll it once a step.
+STOP_FILE = "STOP"
+
+
+class RunState(str, enum.Enum):
+    """States of one launch. Transitions are listed in the module docstring."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    SUCCEEDED = "succeeded"
+    PREEMPTED = "preempted"
+    FAILED = "failed"
+    RESTARTING = "restarting"
+
+
+@dataclass(slots=True)
+class Attempt:
+    """What one start of the workers ended with."""
+
+    exit_code: int
+    #: Human description, e.g. "rank 1 exited with code 3".
+    detail: str = ""
+
+
+class Supervisor:
+    """Runs ``start_workers`` until success, preemption, or restarts run out.
+
+    ``start_workers(attempt)`` blocks until the workers are gone and returns an :class:`Attempt`.
+    ``stop_workers(signum)`` is called (from the main thread) when a stop is triggered.
+    """
+
+    def __init__(
+        self,
+        *,
+        start_workers: Callable[[int], Attempt],
+        stop_workers: Callable[[int], None],
+        control_dir: str,
+        max_restarts: int = 0,
+        log: Callable[[str], None] | None = None,
+        after_stop: Callable[[], bool] | None = None,
+    ) -> None:
+        self._start = start_workers
+        self._stop_workers = stop_workers
+        self.control_dir = control_dir
+        self.max_restarts = max_restarts
+        self._log = log or (lambda line: print(f"tlaunch: {line}", file=sys.stderr, flush=True))
+        #: Extra flush on stop (e.g. --sync-dir); returns True when it preserved the run's state.
+        self._after_stop = after_stop
+        self.state = RunState.STARTING
+        self.stop_signal: int | None = None
+        self.history: list[RunState] = [self.state]
+        self._lock = threading.Lock()
+
+    # -- transitions ---------------------------------------------------------------------------
+    def _enter(self, state: RunState, why: str = "") -> None:
+        with self._lock:
+            previous, self.state = self.state, state
+            self.history.append(state)
+        self._log(f"{previous.value} -> {state.value}" + (f" ({why})" if why else ""))
+
+    def request_stop(self, signum: int = signal.SIGTERM, why: str = "") -> None:
+        """Start a coordinated stop. Safe from signal handlers and watcher threads."""
+        first = self.stop_signal is None
+        self.stop_signal = self.stop_signal or signum
+        if first:
+            open(os.path.join(self.control_dir, STOP_FILE), "w").close()
+            if self.state in (RunState.RUNNING, RunState.STARTING):
+                self._enter(RunState.STOPPING, why or signal.Signals(signum).name)
+        self._stop_workers(signum)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> int:
+        attempt = 0
+        while True:
+            self._enter(RunState.RUNNING) if self.state == RunState.STARTING else None
+            result = self._start(attempt)
+            if self.stop_signal is not None:
+                return self._finish_stop(result)
+            if result.exit_code == EXIT_OK:
+                if self._preempted_report() is not None:  # workers stopped on their own signal
+                    return self._finish_stop(result)
+                self._enter(RunState.SUCCEEDED)
+                return EXIT_OK
+            self._enter(RunState.FAILED, result.detail or f"exit code {result.exit_code}")
+            if attempt >= self.max_restarts:
+                if self.max_restarts:
+                    self._log(f"giving up: {attempt + 1} attempts failed (--max-restarts {self.max_restarts})")
+                return result.exit_code
+            attempt += 1
+            backoff = min(2.0 ** (attempt - 1), 30.0)
+            self._enter(RunState.RESTARTING, f"attempt {attempt + 1} of {self.max_restarts + 1} in {backoff:.0f}s, resuming from the latest checkpoint")
+            time.sleep(backoff)
+            self._enter(RunState.STARTING)
+
+    def _finish_stop(self, result: Attempt) -> int:
+        report = self._preempted_report()
+        preserved = self._after_stop() if self._after_stop else False
+        if report is not None or preserved:
+            where = f"checkpoint at step {report['step']}" if report else "synced folders"
+            self._enter(RunState.PREEMPTED, f"{where} committed; run the same command again to resume")
+            return EXIT_PREEMPTED
+        self._enter(RunState.FAILED, "stopped before any checkpoint was committed")
+        signum = self.stop_signal or signal.SIGTERM
+        return 128 + signum if result.exit_code in (0, 1) else result.exit_code
+
+    def _preempted_report(self) -> dict | None:
+        path = os.path.join(self.control_dir, PREEMPTED_REPORT)
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None

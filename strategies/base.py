@@ -1,0 +1,178 @@
+"""The strategy contract: how processes and devices are arranged for one run.
+
+A strategy answers two questions, on two sides of a process boundary:
+
+* in the launcher, before anything starts: is the hardware there (``check``), and how must
+  the workers be started (``plan``: which launcher, how many processes per machine, and the
+  environment Accelerate reads);
+* in each worker: the configured ``Accelerator`` and the few collective and RNG operations the
+  Run API needs, so that no code outside ``strategies/`` branches on ``DistributedType``.
+
+Strategies register their names; ``--strategy NAME`` and the hardware flags pick one by name.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+DIRECT, ELASTIC, XLA = "direct", "elastic", "xla"
+
+
+class StrategyUnavailable(RuntimeError):
+    """The requested hardware or precision is not available: one line with the fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchPlan:
+    """How the launcher starts the workers of a strategy on one machine."""
+
+    #: ``direct`` (one child process), ``elastic`` (torch's elastic agent) or ``xla``.
+    launcher: str
+    nproc_per_node: int
+    #: Variables every worker gets, on top of the launcher's own (``TLAUNCH_CONFIG`` …).
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class Strategy(ABC):
+    """One arrangement of processes and devices. Subclasses stay small: ~50–100 lines."""
+
+    name: ClassVar[str]
+    #: Accelerate's ``mixed_precision`` values this strategy can honour.
+    supported_precisions: ClassVar[tuple[str, ...]] = ("no", "bf16", "fp16")
+
+    def __init__(
+        self, *, nprocs: int = 1, precision: str = "no", grad_accum: int = 1, device: str = "cpu"
+    ) -> None:
+        self.nprocs = nprocs
+        #: ``cpu`` or ``cuda``: what the processes of a multi-process strategy run on.
+        self.device = device
+        self.precision = precision
+        self.grad_accum = grad_accum
+
+    # -- launcher side ---------------------------------------------------------------------
+    def check(self) -> None:
+        """Raise :class:`StrategyUnavailable` if this machine cannot run the strategy."""
+        if self.precision not in self.supported_precisions:
+            raise StrategyUnavailable(self.precision_hint())
+
+    def precision_hint(self) -> str:
+        return f"--precision {self.precision} is not supported by the {self.name} strategy"
+
+    @abstractmethod
+    def plan(self) -> LaunchPlan:
+        """The launch plan for this machine."""
+
+    def accelerate_env(self) -> dict[str, str]:
+        """The variables an unmodified Accelerate script reads for precision and accumulation."""
+        return {
+            "ACCELERATE_MIXED_PRECISION": self.precision,
+            "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": str(self.grad_accum),
+        }
+
+    # -- worker side -----------------------------------------------------------------------
+    def accelerator_kwargs(self) -> dict[str, Any]:
+        return {
+            "mixed_precision": self.precision,
+            "gradient_accumulation_steps": self.grad_accum,
+            "step_scheduler_with_optimizer": False,
+        }
+
+    def build_accelerator(self) -> Accelerator:
+        from accelerate import Accelerator
+
+        for key, value in self.plan().env.items():
+            os.environ.setdefault(key, value)
+        return Accelerator(**self.accelerator_kwargs())
+
+    def any_rank(self, accelerator: Accelerator, flags: list[bool]) -> list[bool]:
+        """For each flag: True on every rank if it is true on any rank (one tiny all-reduce)."""
+        if accelerator.num_processes == 1:
+            return list(flags)
+        import torch
+
+        t = torch.tensor([1.0 if f else 0.0 for f in flags], device=accelerator.device)
+        return [bool(v > 0) for v in accelerator.reduce(t, reduction="sum").tolist()]
+
+    def gather_object(self, accelerator: Accelerator, obj: Any) -> list[Any]:
+        """``obj`` from every rank, in rank order (small objects only: RNG states, positions)."""
+        if accelerator.num_processes == 1:
+            return [obj]
+        from accelerate.utils import gather_object
+
+        return gather_object([obj])
+
+    def broadcast_object(self, accelerator: Accelerator, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if accelerator.num_processes == 1:
+            return obj
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([obj])[0]
+
+    def rng_state(self) -> dict[str, Any]:
+        """Every RNG this process draws from, exactly, as tensors and lists (so the checkpoint
+        loads with ``torch.load(weights_only=True)``)."""
+        import numpy as np
+        import torch
+
+        version, internal, gauss = random.getstate()
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state: dict[str, Any] = {
+            "python": [version, list(internal), gauss],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            "torch": torch.get_rng_state(),
+        }
+        state.update(self.device_rng_state())
+        return state
+
+    def set_rng_state(self, state: dict[str, Any]) -> None:
+        import numpy as np
+        import torch
+
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        torch.set_rng_state(state["torch"])
+        self.set_device_rng_state(state)
+
+    def device_rng_state(self) -> dict[str, Any]:
+        return {}
+
+    def set_device_rng_state(self, state: dict[str, Any]) -> None:
+        return None
+
+
+_REGISTRY: dict[str, type[Strategy]] = {}
+
+
+def register(*names: str):
+    """Class decorator: make a strategy findable by each of ``names`` (an alias costs one name)."""
+
+    def wrap(cls: type[Strategy]) -> type[Strategy]:
+        for n in names:
+            _REGISTRY[n] = cls
+        return cls
+
+    return wrap
+
+
+def strategy_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_strategy(name: str, **kwargs: Any) -> Strategy:
+    try:
+        cls = _REGISTRY[name]
+    except KeyError:
+        raise StrategyUnavailable(
+            f"unknown strategy {name!r}; choose one of: {', '.join(strategy_names())}"
+        ) from None
+    return cls(**kwargs)
