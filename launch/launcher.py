@@ -95,7 +95,10 @@ class ElasticWorkers:
                  on_signal: Callable[[int], None]) -> None:
         self.config, self.nproc, self.command, self.env = config, nproc, command, env
         self.on_signal = on_signal
-        self.run_id = os.environ.get("TLAUNCH_RUN_ID") or uuid.uuid4().hex[:12]
+        # Every machine of a job must name the same rendezvous: derive it from the endpoint.
+        self.run_id = os.environ.get("TLAUNCH_RUN_ID") or (
+            "tlaunch-" + config.rdzv_endpoint.replace(":", "-") if config.rdzv_endpoint else uuid.uuid4().hex[:12]
+        )
         # Multi-node restarts are the agent's job: it re-rendezvouses every machine at once.
         self.agent_restarts = config.max_restarts if config.nnodes > 1 else 0
 

@@ -17,8 +17,12 @@ Supported URLs:
 
 from __future__ import annotations
 
+import errno
 import os
+import random
 import re
+import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,7 +107,9 @@ def resolve(url: str) -> Location:
     import fsspec
 
     if not url:
-        raise StorageError("empty storage URL; pass a path, gs://, s3://, drive:// or memory:// URL")
+        raise StorageError(
+            "empty storage URL; pass a path, gs://, s3://, drive:// or memory:// URL"
+        )
     if url.startswith("drive://"):
         local = _drive_path(url[len("drive://") :])
         if local is None:
@@ -129,3 +135,115 @@ def resolve(url: str) -> Location:
 
 def is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
+
+
+# -- faults: transient errors are retried, the rest become one-line StorageErrors ------------
+
+# Connection-level failures a retry can cure; disk full, permissions and missing files cannot.
+_TRANSIENT_ERRNOS = frozenset(
+    {errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EPIPE,
+     errno.EAGAIN, errno.ENETUNREACH, errno.EHOSTUNREACH}
+)  # fmt: skip
+# Rate limiting and server-side hiccups, as GCS and S3 document them.
+_TRANSIENT_HTTP = frozenset({408, 429, 500, 502, 503, 504})
+
+# errno -> (what happened, what to do), for the faults a user can fix.
+_FIXABLE_ERRNOS = {
+    errno.ENOSPC: ("disk full", "free space or point --checkpoint-dir at a larger disk"),
+    errno.EDQUOT: ("disk quota exceeded", "free space or raise the quota"),
+    errno.EACCES: ("permission denied", "give this user write access (or fix the bucket's IAM)"),
+    errno.EPERM: (
+        "operation not permitted",
+        "give this user write access (or fix the bucket's IAM)",
+    ),
+    errno.EROFS: ("read-only file system", "point --checkpoint-dir at a writable place"),
+}
+
+
+def _causes(exc: BaseException):
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status an fsspec backend attached to ``exc`` (gcsfs ``code``, aiohttp ``status``)."""
+    for attr in ("code", "status", "status_code"):
+        value = getattr(exc, attr, None)
+        if isinstance(value, int):
+            return value
+    response = getattr(exc, "response", None)  # botocore ClientError
+    if isinstance(response, dict):
+        return response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors worth retrying: timeouts, dropped connections, HTTP 408/429/5xx."""
+    aiohttp = sys.modules.get("aiohttp")
+    for e in _causes(exc):
+        if isinstance(e, (ConnectionError, TimeoutError)):
+            return True
+        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+            return True
+        if _http_status(e) in _TRANSIENT_HTTP:
+            return True
+        if aiohttp is not None and isinstance(e, aiohttp.ClientConnectionError):
+            return True
+    return False
+
+
+def one_line(exc: BaseException, limit: int = 240) -> str:
+    """``exc`` as a single redacted line: backends put newlines and whole responses in messages."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return redact(text if len(text) <= limit else text[: limit - 1] + "…")
+
+
+def storage_error(exc: BaseException, action: str, where: str) -> StorageError:
+    """A one-line :class:`StorageError` for ``exc`` raised while ``action`` at ``where``."""
+    where = redact(where)
+    for e in _causes(exc):
+        if isinstance(e, OSError) and e.errno in _FIXABLE_ERRNOS:
+            what, fix = _FIXABLE_ERRNOS[e.errno]
+            return StorageError(f"{what} while {action} {where}; {fix}")
+        if isinstance(e, PermissionError) or _http_status(e) in (401, 403):
+            what, fix = _FIXABLE_ERRNOS[errno.EACCES]
+            return StorageError(f"{what} while {action} {where}; {fix}")
+    return StorageError(f"{action} {where} failed: {one_line(exc)}")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff for transient storage errors, with a bound.
+
+    gcsfs and s3fs already retry single requests; this bound covers a whole file operation, so
+    a flaky link costs a few seconds, not a lost checkpoint. Delays: base, 2·base, … capped.
+    """
+
+    attempts: int = 5
+    base_delay: float = 0.25
+    max_delay: float = 8.0
+    sleep: Any = time.sleep
+
+    def call(self, fn: Any, *args: Any, action: str, where: str, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, retried while transient; other errors become StorageError."""
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return fn(*args, **kwargs)
+            except (StorageError, FileNotFoundError):
+                raise  # callers decide what a missing file means
+            except Exception as e:  # backends raise anything from OSError to their own HttpError
+                if not is_transient(e):
+                    raise storage_error(e, action, where) from e
+                if attempt == self.attempts:
+                    raise StorageError(
+                        f"{action} {redact(where)} still failing after {self.attempts} attempts "
+                        f"({one_line(e)}); check the network and the service's status, then re-run"
+                    ) from e
+                delay = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
+                self.sleep(
+                    delay * random.uniform(0.8, 1.2)
+                )  # jitter: ranks must not retry in lockstep
+        raise AssertionError("unreachable")

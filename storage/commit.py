@@ -1,0 +1,140 @@
+"""How a checkpoint becomes visible, chosen per backend (the idea of Orbax's ``atomicity.py``).
+
+A reader must never take a half-written step for a whole one, whatever moment the writer dies.
+
+* **Local POSIX disks** (:class:`RenameCommit`): every file goes into a hidden
+  ``.tmp-step-NNNNNNNNN-<random>`` directory beside the final one and is fsynced, the directory
+  is fsynced, then ``os.rename`` moves it to ``step-NNNNNNNNN`` and the parent is fsynced. rename
+  is atomic on POSIX, so the step appears complete or not at all, and the fsyncs make that
+  survive a power cut, not only a killed process. COMMIT is still written (inside the temp
+  directory) so that discovery reads the same record on every backend.
+* **Object stores and Google Drive** (:class:`MarkerCommit`): there is no atomic rename. gcsfs
+  ``mv`` is a copy then a delete (the emulator even rejects the move API) and S3 is the same, so
+  a "renamed" directory can be seen half-copied; the Drive FUSE mount uploads files one by one.
+  What these stores do promise is that one object PUT is atomic and that listing and reading
+  after a successful write see it. So files are written in place, then MANIFEST, then COMMIT
+  last; a step without COMMIT does not exist for readers, and ``clean_stale`` removes it.
+
+Deleting runs the same protocol backwards: COMMIT goes first, so a delete killed half-way leaves
+an uncommitted directory, never a committed one with files missing.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from typing import Any
+
+from tlaunch.storage.manifest import COMMIT, TMP_PREFIX, step_dir
+from tlaunch.storage.store import Location, RetryPolicy
+
+
+class CommitProtocol:
+    """Write a step's files somewhere readers ignore, then make the step visible in one act."""
+
+    def __init__(self, location: Location, retry: RetryPolicy) -> None:
+        self.location = location
+        self.fs = location.fs
+        self.retry = retry
+
+    def final_path(self, step: int) -> str:
+        return self.location.join(step_dir(step))
+
+    def begin(self, step: int) -> str:
+        """Prepare and return the directory the step's files are written into."""
+        raise NotImplementedError
+
+    def write(self, path: str, data: bytes) -> None:
+        """Write one whole file durably (its bytes survive once this returns)."""
+        raise NotImplementedError
+
+    def commit(self, staging: str, step: int, record: bytes) -> None:
+        """Write COMMIT holding ``record`` and make the step visible; the last act of a save."""
+        raise NotImplementedError
+
+    def abort(self, staging: str) -> None:
+        """Best-effort removal of a failed save's files; clean_stale catches what this misses."""
+        try:
+            self.uncommit(staging)
+        except Exception:
+            pass
+        try:
+            self.fs.rm(staging, recursive=True)
+        except Exception:
+            pass
+
+    def uncommit(self, path: str) -> None:
+        """Remove ``path``/COMMIT durably: the step is invisible from here on."""
+        raise NotImplementedError
+
+    def remove(self, path: str) -> None:
+        """Remove a step directory and all it holds (call :meth:`uncommit` first)."""
+        self.retry.call(self.fs.rm, path, recursive=True, action="deleting", where=path)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class RenameCommit(CommitProtocol):
+    """Local POSIX: temp directory, fsync, atomic rename, fsync the parent."""
+
+    def begin(self, step: int) -> str:
+        os.makedirs(self.location.path, exist_ok=True)
+        staging = self.location.join(f"{TMP_PREFIX}{step:09d}-{secrets.token_hex(4)}")
+        os.mkdir(staging)
+        return staging
+
+    def write(self, path: str, data: bytes) -> None:
+        # Through fs.open, not open(): the one seam where tests inject a full or read-only disk.
+        with self.fs.open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def commit(self, staging: str, step: int, record: bytes) -> None:
+        self.write(f"{staging}/{COMMIT}", record)
+        _fsync_dir(staging)
+        final = self.final_path(step)
+        if os.path.lexists(final):
+            # An uncommitted leftover (the caller refuses committed steps): rename cannot
+            # replace a non-empty directory.
+            shutil.rmtree(final)
+        os.rename(staging, final)
+        _fsync_dir(self.location.path)
+
+    def uncommit(self, path: str) -> None:
+        os.unlink(f"{path}/{COMMIT}")
+        _fsync_dir(path)
+
+
+class MarkerCommit(CommitProtocol):
+    """Object stores and Drive: files in place, MANIFEST, then COMMIT last."""
+
+    def begin(self, step: int) -> str:
+        final = self.final_path(step)
+        if self.retry.call(self.fs.exists, final, action="checking", where=final):
+            # Files of a killed save: clear them so the new MANIFEST describes everything there.
+            self.abort(final)
+        self.fs.makedirs(final, exist_ok=True)  # a no-op on object stores; Drive needs it
+        return final
+
+    def write(self, path: str, data: bytes) -> None:
+        self.retry.call(self.fs.pipe_file, path, data, action="writing", where=path)
+
+    def commit(self, staging: str, step: int, record: bytes) -> None:
+        self.write(f"{staging}/{COMMIT}", record)
+
+    def uncommit(self, path: str) -> None:
+        self.retry.call(self.fs.rm_file, f"{path}/{COMMIT}", action="deleting", where=path)
+
+
+def build_commit_protocol(location: Location, retry: RetryPolicy) -> CommitProtocol:
+    """The protocol ``location``'s backend supports (see the module docstring for why)."""
+    cls: Any = RenameCommit if location.atomic_rename else MarkerCommit
+    return cls(location, retry)

@@ -1,0 +1,14 @@
+"""An unmodified Accelerate script: it knows nothing of tlaunch."""
+
+import torch
+from accelerate import Accelerator
+
+accelerator = Accelerator()
+t = torch.tensor([1.0], device=accelerator.device)
+total = accelerator.reduce(t, reduction="sum").item()
+print(
+    f"RESULT rank={accelerator.process_index} num_processes={accelerator.num_processes} "
+    f"type={accelerator.distributed_type.value} precision={accelerator.mixed_precision} "
+    f"accum={accelerator.gradient_accumulation_steps} sum={total:g}",
+    flush=True,
+)
