@@ -58,7 +58,10 @@ class Run:
             override=config.strategy or _torchrun_strategy(), precision=config.precision,
             grad_accum=config.grad_accum,
         )
-        self.accelerator = self.strategy.build_accelerator()
+        # The Run does accumulation itself (it knows where an epoch's last, partial window
+        # ends and where a resumed run re-enters one), so Accelerate must neither divide the
+        # loss nor count micro-batches.
+        self.accelerator = self.strategy.build_accelerator(own_accumulation=True)
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process

@@ -84,12 +84,20 @@ class Strategy(ABC):
             "step_scheduler_with_optimizer": False,
         }
 
-    def build_accelerator(self) -> Accelerator:
+    def build_accelerator(self, *, own_accumulation: bool = False) -> Accelerator:
+        """The configured Accelerator. ``own_accumulation``: the caller divides the loss and
+        gates the optimizer itself, so Accelerate must count no micro-batches (an explicit
+        plugin is the only way to beat ``ACCELERATE_GRADIENT_ACCUMULATION_STEPS``)."""
         from accelerate import Accelerator
+        from accelerate.utils import GradientAccumulationPlugin
 
         for key, value in self.plan().env.items():
             os.environ.setdefault(key, value)
-        return Accelerator(**self.accelerator_kwargs())
+        kwargs = self.accelerator_kwargs()
+        if own_accumulation:
+            del kwargs["gradient_accumulation_steps"]
+            kwargs["gradient_accumulation_plugin"] = GradientAccumulationPlugin(num_steps=1)
+        return Accelerator(**kwargs)
 
     def any_rank(self, accelerator: Accelerator, flags: list[bool]) -> list[bool]:
         """For each flag: True on every rank if it is true on any rank (one tiny all-reduce)."""

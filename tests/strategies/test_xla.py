@@ -1,0 +1,220 @@
+"""The XLA/TPU strategy, as far as a CPU host can show it.
+
+``make test-xla`` runs the ``xla``-marked tests in their own venv (torch 2.9.0 + torch_xla
+2.9.0) with ``PJRT_DEVICE=CPU``: torch_xla then drives one XLA device on the CPU through the
+same PJRT path a TPU takes, and Accelerate reports ``DistributedType.XLA``. The marks sit on
+the class, not the module, because one test belongs to the main lane: where torch_xla is
+absent, ``--tpus`` must be refused with the install command.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tlaunch.strategies import DIRECT, ELASTIC, StrategyUnavailable, choose
+
+HAS_TORCH_XLA = importlib.util.find_spec("torch_xla") is not None
+REPORT = "XLA_REPORT "
+
+# A real loop through the Run API. Everything the test asserts is measured here and printed
+# as one JSON line; the test, not the script, judges it, so a failure shows every number.
+TRAIN_SCRIPT = textwrap.dedent(
+    """
+    import copy, io, json
+    import torch
+    import torch.nn.functional as F
+    import torch_xla.core.xla_model as xm
+    import torch_xla.debug.metrics as met
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import tlaunch
+    from tlaunch.strategies.xla import mesh_gather
+
+    run = tlaunch.init()
+    acc = run.accelerator
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=g) * 2
+    y = torch.randint(0, 4, (128,), generator=g)
+    x = centers[y] + torch.randn(128, 16, generator=g)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    reference = copy.deepcopy(model)  # fp32 on the host: the gradient accumulation must match
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer_steps = [0]
+    optimizer.register_step_post_hook(lambda *_: optimizer_steps.__setitem__(0, optimizer_steps[0] + 1))
+    autocast = []
+    model[0].register_forward_hook(lambda m, i, out: autocast.append(
+        [torch.is_autocast_enabled("xla"), str(torch.get_autocast_dtype("xla")), str(out.dtype)]))
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
+    model, optimizer, loader = run.prepare(model, optimizer, loader)
+
+    losses, batches, first_window, grad_ratio = [], 0, [], None
+    for epoch in run.epochs(4):
+        for xb, yb in run.batches(loader):
+            with run.accumulate(model):
+                loss = F.cross_entropy(model(xb), yb)
+                run.backward(loss)
+                if len(first_window) < 2:
+                    first_window.append((xb.cpu(), yb.cpu()))
+                    if len(first_window) == 2:  # the window's last micro-batch, before its step
+                        got = model[0].weight.grad.cpu().float()
+                        sum(F.cross_entropy(reference(a), b) for a, b in first_window).div(2).backward()
+                        want = reference[0].weight.grad
+                        grad_ratio = float((got * want).sum() / (want * want).sum())
+                optimizer.step()
+                optimizer.zero_grad()
+            run.log(loss=loss)
+            losses.append(run.metrics["loss"])
+            batches += 1
+    run.finish()
+
+    # RNG: the XLA generator is seeded, saved and restored exactly, and the saved state goes
+    # through torch_xla's rendezvous and a weights_only load (the checkpoint's path).
+    run.strategy.seed_device(1234)
+    seeded = xm.get_rng_state()
+    state = run.strategy.rng_state()
+    draw = lambda: torch.rand(8, device=acc.device).cpu()
+    a = draw()
+    run.strategy.set_rng_state(state)
+    b = draw()
+    buffer = io.BytesIO()
+    torch.save(mesh_gather(state), buffer)
+    buffer.seek(0)
+    (gathered,) = torch.load(buffer, weights_only=True)
+
+    compiles = met.metric_data("CompileTime")
+    print("XLA_REPORT " + json.dumps({
+        "distributed_type": str(acc.distributed_type),
+        "device_type": acc.device.type,
+        "hardware": xm.xla_device_hw(acc.device),
+        "num_processes": acc.num_processes,
+        "mixed_precision": acc.mixed_precision,
+        "autocast": autocast[0],
+        "batches": batches,
+        "run_step": run.step,
+        "optimizer_steps": optimizer_steps[0],
+        "grad_ratio": grad_ratio,
+        "first_epoch_loss": sum(losses[:8]) / 8,
+        "last_epoch_loss": sum(losses[-8:]) / 8,
+        "compiles": compiles[0] if compiles else 0,
+        "seeded": seeded,
+        "rng_replays": torch.equal(a, b),
+        "rng_gathered": gathered["xla"] == state["xla"],
+    }), flush=True)
+    """
+)
+
+
+def tlaunch_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tlaunch", *args]
+
+
+@pytest.mark.xla
+@pytest.mark.skipif(not HAS_TORCH_XLA, reason="torch_xla is not installed (make test-xla)")
+class TestXLA:
+    @pytest.mark.timeout(360)
+    def test_training_loop_on_the_xla_device(self, tmp_path):
+        script = tmp_path / "train_xla.py"
+        script.write_text(TRAIN_SCRIPT)
+        env = {**os.environ, "PJRT_DEVICE": "CPU"}
+        out = subprocess.run(
+            tlaunch_command(
+                "--tpus", "1", "--precision", "bf16", "--grad-accum", "2", "--progress", "off",
+                "--preemption-watch", "off", "--run-dir", str(tmp_path / "runs"), str(script),
+            ),
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert out.returncode == 0, out.stderr[-4000:]
+        lines = [ln for ln in out.stdout.splitlines() if ln.startswith(REPORT)]
+        assert lines, f"no report line in stdout:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
+        r = json.loads(lines[-1][len(REPORT):])
+
+        assert r["distributed_type"] == "DistributedType.XLA"
+        assert (r["device_type"], r["hardware"], r["num_processes"]) == ("xla", "CPU", 1)
+        assert r["mixed_precision"] == "bf16"
+        assert r["autocast"] == [True, "torch.bfloat16", "torch.bfloat16"]
+        # 128 samples / batch 16 = 8 micro-batches per epoch, 4 epochs, windows of 2.
+        assert r["batches"] == 32
+        assert r["run_step"] == r["optimizer_steps"] == r["batches"] // 2
+        # A window's gradient is the mean over its micro-batches: not half of it, not the sum
+        # (bf16 autocast keeps it from being exact).
+        assert r["grad_ratio"] == pytest.approx(1.0, abs=0.05)
+        assert r["last_epoch_loss"] < 0.5 * r["first_epoch_loss"]
+        # The graph is cut once per optimizer step, so the same few graphs are reused; uncut,
+        # every step would compile a new, longer one (about one compile per micro-batch).
+        assert r["compiles"] <= 8, r["compiles"]
+        assert r["seeded"] == 1234
+        assert r["rng_replays"] and r["rng_gathered"]
+
+    def test_tpu_plan_is_n_elastic_workers_with_pjrt_device(self, monkeypatch):
+        monkeypatch.delenv("PJRT_DEVICE", raising=False)
+        plan = choose(tpus=8, precision="bf16", grad_accum=4).plan()
+        assert (plan.launcher, plan.nproc_per_node) == (ELASTIC, 8)
+        assert plan.env["PJRT_DEVICE"] == "TPU"
+        assert plan.env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+        assert plan.env["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] == "4"
+        # Each of the N workers gets its own chip from torch_xla's xla:// rendezvous; a fixed
+        # chip here would give all of them chip 0.
+        assert not any(k.startswith("TPU_") for k in plan.env)
+
+    def test_one_tpu_is_one_direct_process_pinned_to_one_chip(self, monkeypatch):
+        monkeypatch.delenv("PJRT_DEVICE", raising=False)
+        for key in ("TPU_VISIBLE_CHIPS", "TPU_PROCESS_BOUNDS", "TPU_CHIPS_PER_PROCESS_BOUNDS"):
+            monkeypatch.delenv(key, raising=False)
+        plan = choose(tpus=1).plan()
+        assert (plan.launcher, plan.nproc_per_node) == (DIRECT, 1)
+        assert plan.env["PJRT_DEVICE"] == "TPU"
+        assert plan.env["TPU_VISIBLE_CHIPS"] == "0"
+        assert plan.env["TPU_PROCESS_BOUNDS"] == plan.env["TPU_CHIPS_PER_PROCESS_BOUNDS"] == "1,1,1"
+
+    def test_pjrt_device_from_the_environment_is_kept(self, monkeypatch):
+        monkeypatch.setenv("PJRT_DEVICE", "CPU")
+        plan = choose(tpus=1).plan()
+        assert (plan.launcher, plan.nproc_per_node) == (DIRECT, 1)
+        assert plan.env["PJRT_DEVICE"] == "CPU"
+        assert not any(k.startswith("TPU_") for k in plan.env)
+        choose(tpus=1).check()
+
+    def test_several_processes_on_the_cpu_device_are_refused(self, monkeypatch):
+        # PJRT's CPU client is one process: N of them would be N unrelated rank-0 jobs.
+        monkeypatch.setenv("PJRT_DEVICE", "CPU")
+        with pytest.raises(StrategyUnavailable, match=r"--tpus 1, or --cpus N"):
+            choose(tpus=2).check()
+
+    def test_fp16_is_refused_with_bf16_suggested(self, tmp_path):
+        with pytest.raises(StrategyUnavailable, match=r"use --precision bf16"):
+            choose(tpus=8, precision="fp16").check()
+        script = tmp_path / "train.py"
+        script.write_text("raise SystemExit(3)\n")
+        out = subprocess.run(
+            tlaunch_command("--tpus", "8", "--precision", "fp16", str(script)),
+            cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        )
+        assert out.returncode == 2
+        assert out.stderr.strip().splitlines() == [
+            "tlaunch: error: --precision fp16 is not supported on TPU; "
+            "use --precision bf16 (the TPU's native format)"
+        ]
+
+
+@pytest.mark.skipif(HAS_TORCH_XLA, reason="checks the message shown where torch_xla is absent")
+def test_tpus_without_torch_xla_name_the_install_command(tmp_path):
+    with pytest.raises(StrategyUnavailable, match=r"pip install 'tlaunch\[tpu\]'"):
+        choose(tpus=8).check()
+    script = tmp_path / "train.py"
+    script.write_text("raise SystemExit(3)\n")  # must never run
+    out = subprocess.run(
+        tlaunch_command("--tpus", "8", str(script)),
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 2
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("tlaunch: error: --tpus 8 needs torch_xla")
+    assert "pip install 'tlaunch[tpu]'" in line
