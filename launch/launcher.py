@@ -22,8 +22,11 @@ import uuid
 from collections.abc import Callable
 
 from tlaunch.config import CONFIG_ENV, LaunchConfig, UsageError
+from tlaunch.preemption import Deadline, Watcher, detect
 from tlaunch.run_io import START_TIME_ENV
+from tlaunch.storage.store import StorageError
 from tlaunch.supervisor import Attempt, Supervisor
+from tlaunch.syncdir import SyncDirs
 
 CONTROL_DIR_ENV = "TLAUNCH_CONTROL_DIR"
 RUN_DIR_ENV = "TLAUNCH_RUN_DIR"
@@ -124,6 +127,9 @@ class ElasticWorkers:
 
         # The agent is chatty at INFO/WARNING (rendezvous details, per-signal notices); the
         # supervisor prints the transitions that matter.
+        for name in list(logging.root.manager.loggerDict):
+            if name.startswith("torch.distributed.elastic"):
+                logging.getLogger(name).setLevel(logging.ERROR)
         logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
         os.environ.update(self.env)  # the agent passes its own environment to the workers
         handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)}
@@ -197,6 +203,13 @@ def launch(config: LaunchConfig) -> int:
         log_file.flush()
 
     env = worker_env(config, plan.env, run_dir, control_dir)
+    try:
+        env.update(_stage_data(config, log))
+        syncs = SyncDirs(config.sync_dir, log)
+        syncs.restore()
+    except StorageError as e:
+        log(f"error: {e}")
+        return 2
     command = script_command(config)
     supervisor: Supervisor
     if plan.nproc_per_node == 1 and config.nnodes == 1:
@@ -207,15 +220,49 @@ def launch(config: LaunchConfig) -> int:
     supervisor = Supervisor(
         start_workers=workers.start, stop_workers=workers.stop, control_dir=control_dir,
         max_restarts=0 if isinstance(workers, ElasticWorkers) and workers.agent_restarts else config.max_restarts,
-        log=log,
+        log=log, after_stop=syncs.flush if syncs.mirrors else None,
     )
     log(f"{strategy.name} strategy, {plan.nproc_per_node} process(es) per machine x {config.nnodes} machine(s); run dir {run_dir}")
+    watchers = _start_watchers(config, supervisor, float(env[START_TIME_ENV]))
+    syncs.start()
     with _stop_signals(supervisor):
         code = supervisor.run()
+    for w in watchers:
+        w.close()
+    if syncs.mirrors and supervisor.stop_signal is None:
+        syncs.flush()
     with open(os.path.join(run_dir, "exit.json"), "w") as f:
         json.dump({"exit_code": code, "states": [s.value for s in supervisor.history]}, f)
     log_file.close()
     return code
+
+
+def _stage_data(config: LaunchConfig, log: Callable[[str], None]) -> dict[str, str]:
+    """Fetch every --data archive into the local cache (once per machine) before start."""
+    if not config.data:
+        return {}
+    from tlaunch.storage.archive import stage
+
+    paths = []
+    for spec in config.data:
+        url, sep, dest = spec.rpartition("=")
+        url, dest = (url, dest) if sep else (spec, "")
+        paths.append(stage(url, dest or None, progress=True))
+        log(f"data {url} ready at {paths[-1]}")
+    return {DATA_DIR_ENV: paths[0], DATA_DIR_ENV + "S": os.pathsep.join(paths)}
+
+
+def _start_watchers(config: LaunchConfig, supervisor: Supervisor, started: float) -> list:
+    def trigger(reason: str) -> None:
+        supervisor.request_stop(signal.SIGTERM, reason)
+
+    watchers: list = []
+    kind = detect(config.preemption_watch)
+    if kind is not None:
+        watchers.append(Watcher(kind, trigger).start())
+    if config.time_limit_seconds is not None:
+        watchers.append(Deadline(config.time_limit_seconds, trigger, started).start())
+    return watchers
 
 
 class _stop_signals:

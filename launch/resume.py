@@ -96,6 +96,12 @@ def _load_target(run: Run) -> Any:
     config, store = run.config, run.resume.store
     choice = config.resume
     if choice == "never":
+        existing = store.committed() if run.is_main else []
+        if existing:
+            # Saving over another run's committed steps would destroy them: refuse instead.
+            _fail(f"--resume never, but {config.checkpoint_dir} already holds committed checkpoints "
+                  f"(steps {existing[0].step}..{existing[-1].step}); use a new --checkpoint-dir, "
+                  "or --resume auto to continue them")
         return None
     source, step = store, None
     if choice != "auto":
@@ -115,6 +121,14 @@ def _load_target(run: Run) -> Any:
             if step is not None or choice != "auto":
                 _fail(f"--resume {choice}: no committed checkpoint there; use --resume auto or --resume never")
             return None
+        if run.is_main and choice != "auto":
+            later = [i.step for i in store.committed() if i.step > chosen]
+            if later:
+                # Continuing from an older step here would collide with (and could never
+                # overwrite) the newer steps of the other timeline.
+                _fail(f"--resume {choice}: {config.checkpoint_dir} holds newer committed steps "
+                      f"({later[0]}..{later[-1]}); resume into a new directory: --resume "
+                      f"{loaded.info.url} --checkpoint-dir NEW_DIR")
         return loaded if run.is_main else source.load(chosen, verify=False)
     except CheckpointError as e:
         _fail(f"--resume {choice}: {e}")

@@ -1,0 +1,101 @@
+"""Mirror a local folder to a URL and back, one file at a time, each upload atomic.
+
+Used by ``--sync-dir LOCAL=URL`` for scripts that write their own checkpoints. A file is
+uploaded only once it is stable (same size and mtime on two scans in a row), so a file still
+being written is not copied half-way. Atomic per file: on object stores a single PUT either
+creates the whole object or nothing; on local disks and Drive mounts the bytes go to a temp
+name first and are renamed.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, field
+
+from tlaunch.storage.store import Location, StorageError, redact, resolve
+
+
+def _local_files(root: str) -> dict[str, tuple[int, int]]:
+    """relative path -> (size, mtime_ns) of every regular file under ``root``."""
+    found: dict[str, tuple[int, int]] = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.stat(path, follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # deleted between listing and stat
+            if os.path.isfile(path) and not os.path.islink(path):
+                found[os.path.relpath(path, root)] = (st.st_size, st.st_mtime_ns)
+    return found
+
+
+def _put_atomic(loc: Location, local_path: str, rel: str) -> None:
+    target = loc.join(*rel.split(os.sep))
+    parent = target.rsplit("/", 1)[0]
+    loc.fs.makedirs(parent, exist_ok=True)
+    if loc.fs.protocol in ("file", "local") or "file" in (loc.fs.protocol or ()):
+        tmp = f"{parent}/.{os.path.basename(target)}.tmp-{uuid.uuid4().hex[:8]}"
+        loc.fs.put_file(local_path, tmp)
+        os.replace(tmp, target)
+    else:
+        loc.fs.put_file(local_path, target)
+
+
+@dataclass
+class FolderMirror:
+    """One ``LOCAL=URL`` pair."""
+
+    local: str
+    url: str
+    uploaded: dict[str, tuple[int, int]] = field(default_factory=dict)
+    _previous_scan: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.loc = resolve(self.url)
+
+    def restore(self) -> int:
+        """Copy files the URL has and LOCAL lacks (or holds at another size). Returns the count."""
+        os.makedirs(self.local, exist_ok=True)
+        fs, root = self.loc.fs, self.loc.path.rstrip("/")
+        try:
+            if not fs.exists(root):
+                return 0
+            remote = fs.find(root, detail=True)
+        except OSError as e:
+            raise StorageError(f"cannot list {redact(self.url)}: {e}") from None
+        local = _local_files(self.local)
+        count = 0
+        for path, info in remote.items():
+            rel = path[len(root) :].lstrip("/")
+            if not rel or os.path.basename(rel).startswith(".") and ".tmp-" in rel:
+                continue
+            if rel in local and local[rel][0] == info.get("size"):
+                continue
+            dest = os.path.join(self.local, *rel.split("/"))
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            tmp = f"{dest}.tmp-{uuid.uuid4().hex[:8]}"
+            fs.get_file(path, tmp)
+            os.replace(tmp, dest)
+            count += 1
+        self.uploaded = _local_files(self.local)  # what is here now is what the URL has
+        return count
+
+    def sync(self, *, final: bool = False) -> int:
+        """Upload new and changed files; before ``final``, only those stable since the last scan."""
+        scan = _local_files(self.local) if os.path.isdir(self.local) else {}
+        count = 0
+        for rel, stamp in sorted(scan.items()):
+            if self.uploaded.get(rel) == stamp:
+                continue
+            if not final and self._previous_scan.get(rel) != stamp:
+                continue  # still changing (or new): wait for it to settle
+            try:
+                _put_atomic(self.loc, os.path.join(self.local, rel), rel)
+            except FileNotFoundError:
+                continue  # the script removed it meanwhile (e.g. checkpoint rotation)
+            self.uploaded[rel] = stamp
+            count += 1
+        self._previous_scan = scan
+        return count
