@@ -131,7 +131,9 @@ class Deadline:
     it (so --sync-dir still gets its final flush)."""
 
     def __init__(self, seconds: float, trigger: Callable[[str], None], started: float | None = None) -> None:
-        self.fire_at = (started or time.time()) + seconds - min(5.0, 0.05 * seconds)
+        # Later than the Run's own margin (at least 5% of the limit), so it only ever decides
+        # for scripts that do not use the Run API.
+        self.fire_at = (started or time.time()) + seconds - min(5.0, 0.02 * seconds)
         self._timer = threading.Timer(max(0.0, self.fire_at - time.time()), trigger, args=("--time-limit reached",))
         self._timer.daemon = True
 

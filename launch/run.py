@@ -40,7 +40,7 @@ from tlaunch.launcher import CONTROL_DIR_ENV, RUN_DIR_ENV
 from tlaunch.resume import ResumeState, apply_checkpoint, check_drift, open_resume
 from tlaunch.run_io import MetricsLog, Progress, StopWatch
 from tlaunch.sampling import ResumableLoader
-from tlaunch.supervisor import EXIT_PREEMPTED, PREEMPTED_REPORT, STOP_FILE
+from tlaunch.supervisor import EXIT_PREEMPTED, PREEMPTED_REPORT, STOP_FILE, WORKERS_STOPPING
 
 _CURRENT: Run | None = None
 
@@ -89,6 +89,8 @@ class Run:
         self._progress = Progress(enabled=self.is_main, mode=config.progress)
         self._clock = StopWatch(config)
         self._install_signal_handlers()
+        if self._control_dir:
+            _die_with_launcher()
         self.resume: ResumeState = open_resume(self)
         if self.resume.loaded is not None:
             check_drift(self, self.resume.loaded)
@@ -291,6 +293,8 @@ class Run:
         """Commit a checkpoint at this step, flush it, report, and leave the script."""
         import json
 
+        if self._control_dir and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            open(os.path.join(self._control_dir, WORKERS_STOPPING), "w").close()
         if self.resume.enabled:
             self._saved_step = -1
             self.save()
@@ -351,6 +355,24 @@ class _StepGatedScheduler:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.scheduler, name)
+
+
+def _die_with_launcher() -> None:
+    """Ask Linux to SIGKILL this worker when the launcher dies (torch's elastic agent starts
+    workers in sessions of their own, so a hard kill of the launcher would leave them training
+    on, and writing checkpoints beside the next launch). Elsewhere this is a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher died before the request took effect
+        os._exit(1)
 
 
 def _batch_len(batch: Any) -> int:

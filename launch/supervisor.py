@@ -35,6 +35,9 @@ EXIT_PREEMPTED = 75
 PREEMPTED_REPORT = "preempted.json"
 #: Touched by the launcher to tell workers a stop was requested; they poll it once a step.
 STOP_FILE = "STOP"
+#: Touched by the workers when they agreed to stop on their own (their deadline, a signal
+#: they received directly); a watcher firing meanwhile has nothing left to add.
+WORKERS_STOPPING = "WORKERS_STOPPING"
 
 
 class RunState(str, enum.Enum):
@@ -96,6 +99,8 @@ class Supervisor:
 
     def request_stop(self, signum: int = signal.SIGTERM, why: str = "") -> None:
         """Start a coordinated stop. Safe from signal handlers and watcher threads."""
+        if why and os.path.exists(os.path.join(self.control_dir, WORKERS_STOPPING)):
+            return
         first = self.stop_signal is None
         self.stop_signal = self.stop_signal or signum
         if first:

@@ -8,6 +8,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,8 @@ loader = DataLoader(data, batch_size=args.batch_size, shuffle=True)
 model, optimizer, loader, scheduler = run.prepare(model, optimizer, loader, scheduler)
 
 micro = run.step * run.config.grad_accum  # exact at window boundaries, where resumes happen
+step_delay = float(os.environ.get("RESUME_TEST_STEP_DELAY", "0"))  # paces runs that tests interrupt
+started_marker = args.out + ".started"
 for epoch in run.epochs(args.epochs):
     model.train()
     for x, y in run.batches(loader):
@@ -47,6 +50,10 @@ for epoch in run.epochs(args.epochs):
             optimizer.zero_grad()
         run.log(loss=loss)
         micro += 1
+        if run.rank == 0 and not os.path.exists(started_marker):
+            open(started_marker, "w").close()
+        if step_delay:
+            time.sleep(step_delay)
         if micro == args.signal_at_batch and run.rank == 0:
             os.kill(os.getppid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)
