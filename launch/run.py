@@ -78,6 +78,7 @@ class Run:
         self._registered: dict[str, Any] = {}
         self._loaders: dict[int, ResumableLoader] = {}
         self._sync_now = True
+        self._step_counted = False
         self._window = 1
         self._stop_flag = False
         self._first_signal_at: float | None = None
@@ -184,7 +185,9 @@ class Run:
             self.samples_seen += _batch_len(batch) * self.world_size
             bar.update(self.step, self.metrics)
             if self._sync_now:
-                self.step += 1
+                if not self._step_counted:  # a loop without run.accumulate
+                    self.step += 1
+                self._step_counted = False
                 if self._after_step():
                     break
         bar.close()
@@ -197,6 +200,9 @@ class Run:
         ctx = contextlib.nullcontext() if self._sync_now else self.accelerator.no_sync(model)
         with ctx:
             yield
+        if self._sync_now:  # the optimizer stepped inside: metrics logged next carry the new step
+            self.step += 1
+            self._step_counted = True
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward with scaling (fp16), accumulation averaging and clipping (after unscaling)."""
