@@ -34,7 +34,9 @@ def banner(text: str) -> None:
 def committed_steps(ckpt_dir: str) -> list[str]:
     if not os.path.isdir(ckpt_dir):
         return []
-    return sorted(d for d in os.listdir(ckpt_dir) if os.path.exists(os.path.join(ckpt_dir, d, "COMMIT")))
+    return sorted(
+        d for d in os.listdir(ckpt_dir) if os.path.exists(os.path.join(ckpt_dir, d, "COMMIT"))
+    )
 
 
 def main() -> int:
@@ -44,10 +46,25 @@ def main() -> int:
 
     banner("1/3 uninterrupted reference run")
     ref = os.path.join(work, "reference.pt")
-    subprocess.run(tlaunch(work, *common, "--", "--save-params", ref), cwd=work, check=True, timeout=TIMEOUT)
+    subprocess.run(
+        tlaunch(work, *common, "--", "--save-params", ref), cwd=work, check=True, timeout=TIMEOUT
+    )
 
-    command = tlaunch(work, *common, "--checkpoint-dir", ckpt, "--save-every", "10", "--keep-last", "2",
-                      "--", "--save-params", os.path.join(work, "resumed.pt"), "--step-delay", "0.05")
+    command = tlaunch(
+        work,
+        *common,
+        "--checkpoint-dir",
+        ckpt,
+        "--save-every",
+        "10",
+        "--keep-last",
+        "2",
+        "--",
+        "--save-params",
+        os.path.join(work, "resumed.pt"),
+        "--step-delay",
+        "0.05",
+    )
     banner("2/3 the same run with checkpoints; SIGTERM arrives part-way, as on a preempted VM")
     proc = subprocess.Popen(command, cwd=work)
     deadline = time.monotonic() + TIMEOUT
@@ -71,8 +88,11 @@ def main() -> int:
     if not equal:
         print("final parameters DIFFER from the uninterrupted run", flush=True)
         return 1
-    print(f"final parameters of the preempted-and-resumed run are bitwise equal to the uninterrupted run "
-          f"({len(a)} tensors compared with torch.equal)", flush=True)
+    print(
+        f"final parameters of the preempted-and-resumed run are bitwise equal to the uninterrupted run "
+        f"({len(a)} tensors compared with torch.equal)",
+        flush=True,
+    )
     return 0
 
 

@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 
+import tlaunch
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-import tlaunch
 
 
 def make_data(n: int = 512, features: int = 16, classes: int = 4) -> TensorDataset:
@@ -33,7 +32,10 @@ class Classifier(nn.Module):
     def __init__(self, features: int = 16, hidden: int = 64, classes: int = 4) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(0.2),
+            nn.Linear(features, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(),
+            nn.Dropout(0.2),
             nn.Linear(hidden, classes),
         )
 
@@ -66,10 +68,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--save-params", help="write the final state_dict here (torch.save)")
-    parser.add_argument("--step-delay", type=float, default=0.0, help="seconds to sleep per step (demo pacing)")
+    parser.add_argument(
+        "--step-delay", type=float, default=0.0, help="seconds to sleep per step (demo pacing)"
+    )
     args = parser.parse_args()
 
-    run = tlaunch.init(hparams={"lr": args.lr, "batch_size": args.batch_size, "epochs": args.epochs})
+    run = tlaunch.init(
+        hparams={"lr": args.lr, "batch_size": args.batch_size, "epochs": args.epochs}
+    )
     data = make_data()
     model = Classifier()
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -94,11 +100,16 @@ def main() -> None:
                 time.sleep(args.step_delay)
         run.log(val_loss=evaluate(model, eval_loader))
         if run.is_main:
-            print(f"epoch {epoch}: step {run.step} val_loss {run.metrics['val_loss']:.4f}", flush=True)
+            print(
+                f"epoch {epoch}: step {run.step} val_loss {run.metrics['val_loss']:.4f}", flush=True
+            )
     run.finish()
     if run.is_main:
         final = run.accelerator.unwrap_model(model)
-        print(f"final val_loss {run.metrics['val_loss']:.4f} params {params_digest(final)}", flush=True)
+        print(
+            f"final val_loss {run.metrics['val_loss']:.4f} params {params_digest(final)}",
+            flush=True,
+        )
         if args.save_params:
             torch.save(final.state_dict(), args.save_params)
 

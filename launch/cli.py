@@ -71,7 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
         elif kind is list:
             parser.add_argument(flag, action="append", metavar="SPEC", help=help_text)
         else:
-            parser.add_argument(flag, type=kind if kind in (int, float) else str, metavar=f.name.split("_")[-1].upper(), help=help_text)
+            parser.add_argument(
+                flag,
+                type=kind if kind in (int, float) else str,
+                metavar=f.name.split("_")[-1].upper(),
+                help=help_text,
+            )
     return parser
 
 
@@ -93,14 +98,22 @@ def _env_defaults() -> dict[str, Any]:
             else:
                 values[f.name] = raw
         except ValueError:
-            raise UsageError(f"TLAUNCH_{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+            raise UsageError(
+                f"TLAUNCH_{f.name.upper()}={raw!r} is not a valid {kind.__name__}"
+            ) from None
     return values
 
 
 def _takes_value(parser: argparse.ArgumentParser, word: str) -> bool:
     action = parser._option_string_actions.get(word.split("=", 1)[0])
-    return action is not None and "=" not in word and action.nargs is None and action.const is None and not isinstance(
-        action, (argparse._StoreTrueAction, argparse._VersionAction, argparse._HelpAction)
+    return (
+        action is not None
+        and "=" not in word
+        and action.nargs is None
+        and action.const is None
+        and not isinstance(
+            action, (argparse._StoreTrueAction, argparse._VersionAction, argparse._HelpAction)
+        )
     )
 
 
@@ -116,18 +129,24 @@ def _find_script(parser: argparse.ArgumentParser, words: list[str]) -> int | Non
             continue
         if os.path.isfile(word) or word.endswith(".py"):
             return i
-        raise UsageError(f"{word!r} is neither a launcher flag nor a script; run: tlaunch [flags] train.py [args]")
+        raise UsageError(
+            f"{word!r} is neither a launcher flag nor a script; run: tlaunch [flags] train.py [args]"
+        )
     return None
 
 
 def parse_args(argv: list[str]) -> LaunchConfig:
     """Command line (+ ``TLAUNCH_*`` environment) → one validated ``LaunchConfig``."""
     parser = build_parser()
-    head, verbatim = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    head, verbatim = (
+        (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    )
     at = _find_script(parser, head)
     if at is None:
         parser.parse_args(head)  # handles --help/--version; otherwise falls through
-        raise UsageError("no script given; run: tlaunch [flags] train.py [args] (or -m package.module)")
+        raise UsageError(
+            "no script given; run: tlaunch [flags] train.py [args] (or -m package.module)"
+        )
     before, target, after = head[:at], head[at], head[at + 1 :]
     module = None
     if target == "-m":

@@ -94,13 +94,21 @@ class ElasticWorkers:
     into the supervisor's stop instead of a traceback.
     """
 
-    def __init__(self, config: LaunchConfig, nproc: int, command: list[str], env: dict[str, str],
-                 on_signal: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        config: LaunchConfig,
+        nproc: int,
+        command: list[str],
+        env: dict[str, str],
+        on_signal: Callable[[int], None],
+    ) -> None:
         self.config, self.nproc, self.command, self.env = config, nproc, command, env
         self.on_signal = on_signal
         # Every machine of a job must name the same rendezvous: derive it from the endpoint.
         self.run_id = os.environ.get("TLAUNCH_RUN_ID") or (
-            "tlaunch-" + config.rdzv_endpoint.replace(":", "-") if config.rdzv_endpoint else uuid.uuid4().hex[:12]
+            "tlaunch-" + config.rdzv_endpoint.replace(":", "-")
+            if config.rdzv_endpoint
+            else uuid.uuid4().hex[:12]
         )
         # Multi-node restarts are the agent's job: it re-rendezvouses every machine at once.
         self.agent_restarts = config.max_restarts if config.nnodes > 1 else 0
@@ -110,11 +118,16 @@ class ElasticWorkers:
 
         endpoint = self.config.rdzv_endpoint or f"127.0.0.1:{_free_port()}"
         kwargs = dict(
-            min_nodes=self.config.nnodes, max_nodes=self.config.nnodes,
-            nproc_per_node=self.nproc, run_id=f"{self.run_id}-{attempt}" if self.config.nnodes == 1 else self.run_id,
-            rdzv_backend="c10d", rdzv_endpoint=endpoint,
+            min_nodes=self.config.nnodes,
+            max_nodes=self.config.nnodes,
+            nproc_per_node=self.nproc,
+            run_id=f"{self.run_id}-{attempt}" if self.config.nnodes == 1 else self.run_id,
+            rdzv_backend="c10d",
+            rdzv_endpoint=endpoint,
             rdzv_configs={"rank": self.config.node_rank} if self.config.nnodes > 1 else {},
-            max_restarts=self.agent_restarts, monitor_interval=0.1, start_method="spawn",
+            max_restarts=self.agent_restarts,
+            monitor_interval=0.1,
+            start_method="spawn",
         )
         if "shutdown_timeout" in ElasticConfig.__dataclass_fields__:
             kwargs["shutdown_timeout"] = int(self.config.grace)
@@ -132,7 +145,10 @@ class ElasticWorkers:
                 logging.getLogger(name).setLevel(logging.ERROR)
         logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
         os.environ.update(self.env)  # the agent passes its own environment to the workers
-        handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)}
+        handlers = {
+            s: signal.getsignal(s)
+            for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+        }
         self.running, self.agent_stopped = True, False
         try:
             elastic_launch(self._elastic_config(attempt), self.command[0])(*self.command[1:])
@@ -141,7 +157,9 @@ class ElasticWorkers:
             rank, failure = e.get_first_failure()
             code = failure.exitcode
             if code < 0:
-                return Attempt(128 - code, f"rank {rank} was killed by {signal.Signals(-code).name}")
+                return Attempt(
+                    128 - code, f"rank {rank} was killed by {signal.Signals(-code).name}"
+                )
             return Attempt(code, f"rank {rank} exited with code {code}")
         except SignalException as e:
             self.agent_stopped = True
@@ -165,8 +183,13 @@ def _check_strategy(config: LaunchConfig):
 
     try:
         strategy = choose(
-            gpus=config.gpus, cpus=config.cpus, tpus=config.tpus, nnodes=config.nnodes,
-            override=config.strategy, precision=config.precision, grad_accum=config.grad_accum,
+            gpus=config.gpus,
+            cpus=config.cpus,
+            tpus=config.tpus,
+            nnodes=config.nnodes,
+            override=config.strategy,
+            precision=config.precision,
+            grad_accum=config.grad_accum,
         )
         strategy.check()
     except StrategyUnavailable as e:
@@ -174,7 +197,9 @@ def _check_strategy(config: LaunchConfig):
     return strategy
 
 
-def worker_env(config: LaunchConfig, plan_env: dict[str, str], run_dir: str, control_dir: str) -> dict[str, str]:
+def worker_env(
+    config: LaunchConfig, plan_env: dict[str, str], run_dir: str, control_dir: str
+) -> dict[str, str]:
     env = dict(os.environ)
     env.update(plan_env)
     env[CONFIG_ENV] = config.to_json()
@@ -215,14 +240,26 @@ def launch(config: LaunchConfig) -> int:
     if plan.nproc_per_node == 1 and config.nnodes == 1:
         workers = DirectWorkers(command, env, config.grace)
     else:
-        workers = ElasticWorkers(config, plan.nproc_per_node, command, env,
-                                 on_signal=lambda s: supervisor.request_stop(s))
+        workers = ElasticWorkers(
+            config,
+            plan.nproc_per_node,
+            command,
+            env,
+            on_signal=lambda s: supervisor.request_stop(s),
+        )
     supervisor = Supervisor(
-        start_workers=workers.start, stop_workers=workers.stop, control_dir=control_dir,
-        max_restarts=0 if isinstance(workers, ElasticWorkers) and workers.agent_restarts else config.max_restarts,
-        log=log, after_stop=syncs.flush if syncs.mirrors else None,
+        start_workers=workers.start,
+        stop_workers=workers.stop,
+        control_dir=control_dir,
+        max_restarts=0
+        if isinstance(workers, ElasticWorkers) and workers.agent_restarts
+        else config.max_restarts,
+        log=log,
+        after_stop=syncs.flush if syncs.mirrors else None,
     )
-    log(f"{strategy.name} strategy, {plan.nproc_per_node} process(es) per machine x {config.nnodes} machine(s); run dir {run_dir}")
+    log(
+        f"{strategy.name} strategy, {plan.nproc_per_node} process(es) per machine x {config.nnodes} machine(s); run dir {run_dir}"
+    )
     watchers = _start_watchers(config, supervisor, float(env[START_TIME_ENV]))
     syncs.start()
     with _stop_signals(supervisor):

@@ -50,9 +50,11 @@ def detect(mode: str) -> str | None:
     product = _dmi_product()
     if product.startswith("Google Compute Engine"):
         return "gce"
-    if product.startswith(("Amazon EC2", "HVM domU")) or os.path.exists("/sys/hypervisor/uuid") and open(
-        "/sys/hypervisor/uuid"
-    ).read(3) == "ec2":
+    if (
+        product.startswith(("Amazon EC2", "HVM domU"))
+        or os.path.exists("/sys/hypervisor/uuid")
+        and open("/sys/hypervisor/uuid").read(3) == "ec2"
+    ):
         return "aws"
     return None
 
@@ -81,7 +83,9 @@ def gce_notice(base: str) -> str | None:
 
 def aws_notice(base: str) -> str | None:
     headers: dict[str, str] = {}
-    status, token = _get(f"{base}/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "300"}, method="PUT")
+    status, token = _get(
+        f"{base}/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "300"}, method="PUT"
+    )
     if status == 200 and token:
         headers["X-aws-ec2-metadata-token"] = token
     status, body = _get(f"{base}/meta-data/spot/instance-action", headers)
@@ -97,13 +101,17 @@ def aws_notice(base: str) -> str | None:
 class Watcher:
     """Polls a cloud notice and calls ``trigger(reason)`` the first time one appears."""
 
-    def __init__(self, kind: str, trigger: Callable[[str], None], poll: float = POLL_SECONDS) -> None:
+    def __init__(
+        self, kind: str, trigger: Callable[[str], None], poll: float = POLL_SECONDS
+    ) -> None:
         self.kind, self.trigger, self.poll = kind, trigger, poll
         self.base = os.environ.get(GCE_URL_ENV if kind == "gce" else AWS_URL_ENV) or (
             GCE_DEFAULT if kind == "gce" else AWS_DEFAULT
         )
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"tlaunch-{kind}-watch", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop, name=f"tlaunch-{kind}-watch", daemon=True
+        )
 
     def start(self) -> Watcher:
         self._thread.start()
@@ -130,11 +138,15 @@ class Deadline:
     from its own saves; this fires a few seconds before the limit for scripts that do not use
     it (so --sync-dir still gets its final flush)."""
 
-    def __init__(self, seconds: float, trigger: Callable[[str], None], started: float | None = None) -> None:
+    def __init__(
+        self, seconds: float, trigger: Callable[[str], None], started: float | None = None
+    ) -> None:
         # Later than the Run's own margin (at least 5% of the limit), so it only ever decides
         # for scripts that do not use the Run API.
         self.fire_at = (started or time.time()) + seconds - min(5.0, 0.02 * seconds)
-        self._timer = threading.Timer(max(0.0, self.fire_at - time.time()), trigger, args=("--time-limit reached",))
+        self._timer = threading.Timer(
+            max(0.0, self.fire_at - time.time()), trigger, args=("--time-limit reached",)
+        )
         self._timer.daemon = True
 
     def start(self) -> Deadline:

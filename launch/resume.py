@@ -56,7 +56,12 @@ class ResumeState:
         return self._take_rng(epoch, at_start=False)
 
     def _take_rng(self, epoch: int, *, at_start: bool) -> bool:
-        if not self._rng_pending or epoch != self.epoch or (self.batch == 0) != at_start or self.rng is None:
+        if (
+            not self._rng_pending
+            or epoch != self.epoch
+            or (self.batch == 0) != at_start
+            or self.rng is None
+        ):
             return False
         self._rng_pending = False
         return True
@@ -70,11 +75,17 @@ class ResumeState:
             self.writer.check()
         except Exception as e:  # a storage failure of any kind: report it in one line
             if run.config.on_save_error == "continue":
-                warnings.warn(f"checkpoint save failed, training continues (--on-save-error continue): {e}", stacklevel=2)
+                warnings.warn(
+                    f"checkpoint save failed, training continues (--on-save-error continue): {e}",
+                    stacklevel=2,
+                )
                 return
-            print(f"tlaunch: error: checkpoint save failed: {e}; the previous checkpoint is intact. "
-                  "Fix the storage problem and run the same command again, or pass --on-save-error continue",
-                  file=sys.stderr, flush=True)
+            print(
+                f"tlaunch: error: checkpoint save failed: {e}; the previous checkpoint is intact. "
+                "Fix the storage problem and run the same command again, or pass --on-save-error continue",
+                file=sys.stderr,
+                flush=True,
+            )
             raise SystemExit(1) from None
 
     def flush(self, run: Run) -> None:
@@ -99,9 +110,11 @@ def _load_target(run: Run) -> Any:
         existing = store.committed() if run.is_main else []
         if existing:
             # Saving over another run's committed steps would destroy them: refuse instead.
-            _fail(f"--resume never, but {config.checkpoint_dir} already holds committed checkpoints "
-                  f"(steps {existing[0].step}..{existing[-1].step}); use a new --checkpoint-dir, "
-                  "or --resume auto to continue them")
+            _fail(
+                f"--resume never, but {config.checkpoint_dir} already holds committed checkpoints "
+                f"(steps {existing[0].step}..{existing[-1].step}); use a new --checkpoint-dir, "
+                "or --resume auto to continue them"
+            )
         return None
     source, step = store, None
     if choice != "auto":
@@ -119,16 +132,20 @@ def _load_target(run: Run) -> Any:
         chosen = run.strategy.broadcast_object(run.accelerator, chosen if run.is_main else None)
         if chosen is None:
             if step is not None or choice != "auto":
-                _fail(f"--resume {choice}: no committed checkpoint there; use --resume auto or --resume never")
+                _fail(
+                    f"--resume {choice}: no committed checkpoint there; use --resume auto or --resume never"
+                )
             return None
         if run.is_main and choice != "auto":
             later = [i.step for i in store.committed() if i.step > chosen]
             if later:
                 # Continuing from an older step here would collide with (and could never
                 # overwrite) the newer steps of the other timeline.
-                _fail(f"--resume {choice}: {config.checkpoint_dir} holds newer committed steps "
-                      f"({later[0]}..{later[-1]}); resume into a new directory: --resume "
-                      f"{loaded.info.url} --checkpoint-dir NEW_DIR")
+                _fail(
+                    f"--resume {choice}: {config.checkpoint_dir} holds newer committed steps "
+                    f"({later[0]}..{later[-1]}); resume into a new directory: --resume "
+                    f"{loaded.info.url} --checkpoint-dir NEW_DIR"
+                )
         return loaded if run.is_main else source.load(chosen, verify=False)
     except CheckpointError as e:
         _fail(f"--resume {choice}: {e}")
@@ -149,8 +166,13 @@ def open_resume(run: Run) -> ResumeState:
     run.resume = state  # _load_target reads it
     if run.is_main:
         state.store.clean_stale()
-        retention = RetentionPolicy(keep_last=config.keep_last, keep_every=config.keep_every,
-                                    keep_best=config.keep_best, monitor=config.monitor, mode=config.mode)
+        retention = RetentionPolicy(
+            keep_last=config.keep_last,
+            keep_every=config.keep_every,
+            keep_best=config.keep_best,
+            monitor=config.monitor,
+            mode=config.mode,
+        )
         state.writer = AsyncCheckpointWriter(state.store, retention=retention)
     loaded = _load_target(run)
     if loaded is None:
@@ -166,8 +188,12 @@ def open_resume(run: Run) -> ResumeState:
     if saved["world_size"] != run.world_size:
         _adapt_world_size(run, state, saved)
     if run.is_main:
-        print(f"tlaunch: resuming from step {run.step} (epoch {state.epoch}, batch {state.batch}; "
-              f"{run.samples_seen} samples already seen) from {loaded.info.url}", file=sys.stderr, flush=True)
+        print(
+            f"tlaunch: resuming from step {run.step} (epoch {state.epoch}, batch {state.batch}; "
+            f"{run.samples_seen} samples already seen) from {loaded.info.url}",
+            file=sys.stderr,
+            flush=True,
+        )
     return state
 
 
@@ -208,9 +234,11 @@ def check_drift(run: Run, loaded: Any) -> None:
         return
     listing = "; ".join(changes)
     if breaking and not run.config.resume_force:
-        _fail(f"the checkpoint at step {loaded.info.step} was made with different settings ({listing}); "
-              f"{', '.join(breaking)} change what the run computes. Restore them, start fresh with "
-              "--resume never or another --checkpoint-dir, or pass --resume-force")
+        _fail(
+            f"the checkpoint at step {loaded.info.step} was made with different settings ({listing}); "
+            f"{', '.join(breaking)} change what the run computes. Restore them, start fresh with "
+            "--resume never or another --checkpoint-dir, or pass --resume-force"
+        )
     if run.is_main:
         warnings.warn(f"resuming with changed settings: {listing}", stacklevel=3)
 
@@ -236,8 +264,10 @@ def apply_checkpoint(run: Run, loaded: Any) -> None:
     saved_bs = loaded.state.get("batch_size")
     for loader in run._loaders.values():
         if saved_bs is not None and loader.batch_size != saved_bs and not run.config.resume_force:
-            _fail(f"the checkpoint at step {loaded.info.step} was trained with batch size {saved_bs}, "
-                  f"this run uses {loader.batch_size}; restore it, or pass --resume-force")
+            _fail(
+                f"the checkpoint at step {loaded.info.step} was trained with batch size {saved_bs}, "
+                f"this run uses {loader.batch_size}; restore it, or pass --resume-force"
+            )
 
 
 def _config_hash(config_dict: dict) -> str:
@@ -248,11 +278,14 @@ def _config_hash(config_dict: dict) -> str:
 
 def _versions() -> dict[str, str]:
     import accelerate
+    import tlaunch
     import torch
 
-    import tlaunch
-
-    return {"tlaunch": tlaunch.__version__, "torch": torch.__version__, "accelerate": accelerate.__version__}
+    return {
+        "tlaunch": tlaunch.__version__,
+        "torch": torch.__version__,
+        "accelerate": accelerate.__version__,
+    }
 
 
 def snapshot_and_submit(run: Run) -> None:
@@ -264,8 +297,10 @@ def snapshot_and_submit(run: Run) -> None:
     if not run.is_main:
         return
     acc = run.accelerator
-    tensors = {("model" if i == 0 else f"model_{i}"): cpu_snapshot(acc.unwrap_model(m).state_dict())
-               for i, m in enumerate(run._models)}
+    tensors = {
+        ("model" if i == 0 else f"model_{i}"): cpu_snapshot(acc.unwrap_model(m).state_dict())
+        for i, m in enumerate(run._models)
+    }
     objects: dict[str, Any] = {}
     for prefix, items in (("optimizer", run._optimizers), ("scheduler", run._schedulers)):
         for i, obj in enumerate(items):
@@ -277,11 +312,19 @@ def snapshot_and_submit(run: Run) -> None:
     config = asdict(run.config)
     loaders = list(run._loaders.values())
     state = {
-        "step": run.step, "epoch": run.epoch, "batch_in_epoch": run.batch_in_epoch,
-        "samples_seen": run.samples_seen, "world_size": run.world_size, "hparams": run.hparams,
-        "metrics": run.metrics, "config": config, "config_hash": _config_hash(config),
+        "step": run.step,
+        "epoch": run.epoch,
+        "batch_in_epoch": run.batch_in_epoch,
+        "samples_seen": run.samples_seen,
+        "world_size": run.world_size,
+        "hparams": run.hparams,
+        "metrics": run.metrics,
+        "config": config,
+        "config_hash": _config_hash(config),
         "batch_size": loaders[0].batch_size if loaders else None,
-        "versions": _versions(), "time": time.time(),
+        "versions": _versions(),
+        "time": time.time(),
     }
-    run.resume.writer.submit(run.step, tensors=tensors, objects=objects,
-                             rng=dict(enumerate(rngs)), state=state)
+    run.resume.writer.submit(
+        run.step, tensors=tensors, objects=objects, rng=dict(enumerate(rngs)), state=state
+    )

@@ -34,7 +34,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-
 from tlaunch.config import LaunchConfig
 from tlaunch.launcher import CONTROL_DIR_ENV, RUN_DIR_ENV
 from tlaunch.resume import ResumeState, apply_checkpoint, check_drift, open_resume
@@ -54,8 +53,12 @@ class Run:
         self.config = config
         self.hparams = dict(hparams or {})
         self.strategy = choose(
-            gpus=config.gpus, cpus=config.cpus, tpus=config.tpus, nnodes=config.nnodes,
-            override=config.strategy or _torchrun_strategy(), precision=config.precision,
+            gpus=config.gpus,
+            cpus=config.cpus,
+            tpus=config.tpus,
+            nnodes=config.nnodes,
+            override=config.strategy or _torchrun_strategy(),
+            precision=config.precision,
             grad_accum=config.grad_accum,
         )
         # The Run does accumulation itself (it knows where an epoch's last, partial window
@@ -66,6 +69,7 @@ class Run:
         self.world_size = self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
         _seed_everything(config.seed + self.rank)
+        self.strategy.seed_device(config.seed + self.rank)
         #: Optimizer steps taken (global, identical on every rank).
         self.step = 0
         self.epoch = 0
@@ -85,7 +89,9 @@ class Run:
         self._saved_step = -1
         self._started = time.monotonic()
         self._control_dir = os.environ.get(CONTROL_DIR_ENV)
-        self.run_dir = os.environ.get(RUN_DIR_ENV) or os.path.join(os.getcwd(), "tlaunch-runs", "local")
+        self.run_dir = os.environ.get(RUN_DIR_ENV) or os.path.join(
+            os.getcwd(), "tlaunch-runs", "local"
+        )
         self._metrics_log = MetricsLog(self.run_dir) if self.is_main else None
         self._progress = Progress(enabled=self.is_main, mode=config.progress)
         self._clock = StopWatch(config)
@@ -104,17 +110,23 @@ class Run:
         """
         from torch.utils.data import DataLoader
 
-        to_accelerate = [o for o in objects if isinstance(o, (torch.nn.Module, torch.optim.Optimizer))]
+        to_accelerate = [
+            o for o in objects if isinstance(o, (torch.nn.Module, torch.optim.Optimizer))
+        ]
         prepared = self.accelerator.prepare(*to_accelerate) if to_accelerate else ()
         accelerated = iter(prepared if len(to_accelerate) > 1 else (prepared,))
         out: list[Any] = []
         for obj in objects:
             if isinstance(obj, (torch.nn.Module, torch.optim.Optimizer)):
                 wrapped = next(accelerated)
-                (self._models if isinstance(obj, torch.nn.Module) else self._optimizers).append(wrapped)
+                (self._models if isinstance(obj, torch.nn.Module) else self._optimizers).append(
+                    wrapped
+                )
                 out.append(wrapped)
             elif isinstance(obj, DataLoader):
-                resumable = ResumableLoader(obj, seed=self.config.seed, rank=self.rank, world=self.world_size)
+                resumable = ResumableLoader(
+                    obj, seed=self.config.seed, rank=self.rank, world=self.world_size
+                )
                 self._loaders[id(resumable.original)] = resumable
                 out.append(resumable.original)
             elif hasattr(obj, "step") and hasattr(obj, "state_dict") and hasattr(obj, "optimizer"):
@@ -131,7 +143,9 @@ class Run:
         """Save and restore ``obj`` (anything with ``state_dict``/``load_state_dict``) too."""
         name = name or f"extra_{len(self._registered)}"
         if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
-            raise TypeError(f"run.register needs an object with state_dict/load_state_dict, got {type(obj).__name__}")
+            raise TypeError(
+                f"run.register needs an object with state_dict/load_state_dict, got {type(obj).__name__}"
+            )
         self._registered[name] = obj
         if self.resume.loaded is not None and name in self.resume.loaded.objects:
             obj.load_state_dict(self.resume.loaded.objects[name])
@@ -197,7 +211,11 @@ class Run:
         """One micro-batch: gradients are synchronized across ranks, and the optimizer and
         scheduler step, only on the last micro-batch of a --grad-accum window."""
         self.accelerator.gradient_state._set_sync_gradients(self._sync_now)
-        ctx = contextlib.nullcontext() if self._sync_now else self.accelerator.no_sync(model)
+        ctx = (
+            contextlib.nullcontext()
+            if self._sync_now
+            else self.strategy.no_sync(self.accelerator, model)
+        )
         with ctx:
             yield
         if self._sync_now:  # the optimizer stepped inside: metrics logged next carry the new step
@@ -222,7 +240,9 @@ class Run:
             if isinstance(value, torch.Tensor):
                 value = value.detach()
                 if reduce and self.world_size > 1:
-                    value = self.accelerator.reduce(value.float().to(self.accelerator.device), reduction="mean")
+                    value = self.accelerator.reduce(
+                        value.float().to(self.accelerator.device), reduction="mean"
+                    )
                 value = value.float().mean().item()
             values[key] = float(value)
         self.metrics.update(values)
@@ -276,17 +296,27 @@ class Run:
         return total
 
     def _done(self) -> bool:
-        return self._stop_flag or (self.config.max_steps is not None and self.step >= self.config.max_steps)
+        return self._stop_flag or (
+            self.config.max_steps is not None and self.step >= self.config.max_steps
+        )
 
     def _after_step(self) -> bool:
         """Runs after each optimizer step. Returns True when the epoch loop must end."""
+        self.strategy.end_step(self.accelerator)
         self.resume.check_writer(self)
-        local_stop = self._stop_flag or self._clock.deadline_near() or (
-            self._control_dir is not None and os.path.exists(os.path.join(self._control_dir, STOP_FILE))
+        local_stop = (
+            self._stop_flag
+            or self._clock.deadline_near()
+            or (
+                self._control_dir is not None
+                and os.path.exists(os.path.join(self._control_dir, STOP_FILE))
+            )
         )
         # Stop and timed saves depend on clocks and signals that differ between ranks; every
         # rank must take the same decision before anyone saves: one tiny all-reduce per step.
-        stop, save_due = self.strategy.any_rank(self.accelerator, [local_stop, self._clock.save_due()])
+        stop, save_due = self.strategy.any_rank(
+            self.accelerator, [local_stop, self._clock.save_due()]
+        )
         if stop:
             self._stop_flag = True
             self._stop_with_checkpoint()
@@ -311,7 +341,11 @@ class Run:
             with open(os.path.join(self._control_dir, PREEMPTED_REPORT), "w") as f:
                 json.dump({"step": self.step, "epoch": self.epoch, "batch": self.batch_in_epoch}, f)
         if self.is_main:
-            what = f"checkpoint committed at step {self.step}" if committed else "no --checkpoint-dir, nothing saved"
+            what = (
+                f"checkpoint committed at step {self.step}"
+                if committed
+                else "no --checkpoint-dir, nothing saved"
+            )
             print(f"tlaunch: stop requested; {what}", file=sys.stderr, flush=True)
         # Under the launcher the report file carries "preempted"; exit 0 keeps torch's elastic
         # agent from treating the stop as a failure to restart from.
@@ -402,9 +436,10 @@ def _seed_everything(seed: int) -> None:
 
 
 def _torchrun_strategy() -> str | None:
-    """Under plain ``torchrun`` (no tlaunch launcher), several processes mean DDP."""
+    """Under plain ``torchrun`` (no tlaunch launcher), several processes mean DDP, or XLA
+    when ``PJRT_DEVICE`` names the device (torch_xla's documented torchrun setup)."""
     if os.environ.get(CONTROL_DIR_ENV) is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return "ddp"
+        return "xla" if os.environ.get("PJRT_DEVICE") else "ddp"
     return None
 
 
@@ -417,7 +452,9 @@ def init(*, hparams: dict[str, Any] | None = None, **overrides: Any) -> Run:
     """
     global _CURRENT
     if _CURRENT is not None:
-        raise RuntimeError("tlaunch.init() was already called in this process; reuse the Run it returned")
+        raise RuntimeError(
+            "tlaunch.init() was already called in this process; reuse the Run it returned"
+        )
     config = LaunchConfig.from_env()
     if config is None:
         config = LaunchConfig(**overrides)

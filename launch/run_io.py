@@ -77,7 +77,9 @@ class Progress:
             return _Bar(None)
         from tqdm.auto import tqdm
 
-        self._current = _Bar(tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, file=sys.stderr))
+        self._current = _Bar(
+            tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, file=sys.stderr)
+        )
         return self._current
 
     def close(self) -> None:
@@ -95,7 +97,9 @@ class StopWatch:
 
     def __init__(self, config: LaunchConfig) -> None:
         self.limit = config.time_limit_seconds
-        self.save_every = None if config.save_every_minutes is None else config.save_every_minutes * 60
+        self.save_every = (
+            None if config.save_every_minutes is None else config.save_every_minutes * 60
+        )
         self.started = float(os.environ.get(START_TIME_ENV, time.time()))
         self._last_save = time.monotonic()
         self._last_step: float | None = None  # the first step's time includes start-up

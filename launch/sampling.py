@@ -14,11 +14,25 @@ import warnings
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data import (
+    DataLoader,
+    DistributedSampler,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
 
 _LOADER_ARGS = (
-    "num_workers", "collate_fn", "pin_memory", "drop_last", "timeout", "worker_init_fn",
-    "multiprocessing_context", "persistent_workers", "pin_memory_device", "in_order",
+    "num_workers",
+    "collate_fn",
+    "pin_memory",
+    "drop_last",
+    "timeout",
+    "worker_init_fn",
+    "multiprocessing_context",
+    "persistent_workers",
+    "pin_memory_device",
+    "in_order",
 )
 
 
@@ -34,7 +48,9 @@ class ResumableSampler(Sampler[int]):
     takes every ``world``-th index), so a run keeps its order when moved onto this sampler.
     """
 
-    def __init__(self, size: int, *, shuffle: bool, seed: int, rank: int = 0, world: int = 1) -> None:
+    def __init__(
+        self, size: int, *, shuffle: bool, seed: int, rank: int = 0, world: int = 1
+    ) -> None:
         self.size, self.shuffle, self.seed = size, shuffle, seed
         self.rank, self.world = rank, world
         self.epoch = 0
@@ -99,7 +115,9 @@ class ResumableLoader:
             self.loader = loader
             return
         shuffle, data_seed = spec
-        self.sampler = ResumableSampler(len(loader.dataset), shuffle=shuffle, seed=data_seed, rank=rank, world=world)
+        self.sampler = ResumableSampler(
+            len(loader.dataset), shuffle=shuffle, seed=data_seed, rank=rank, world=world
+        )
         self.generator = torch.Generator()
         kwargs = {k: getattr(loader, k) for k in _LOADER_ARGS if hasattr(loader, k)}
         if loader.num_workers > 0:
@@ -107,7 +125,11 @@ class ResumableLoader:
         else:
             kwargs.pop("persistent_workers", None)
         self.loader = DataLoader(
-            loader.dataset, batch_size=loader.batch_size, sampler=self.sampler, generator=self.generator, **kwargs
+            loader.dataset,
+            batch_size=loader.batch_size,
+            sampler=self.sampler,
+            generator=self.generator,
+            **kwargs,
         )
 
     def __len__(self) -> int:

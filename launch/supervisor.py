@@ -25,8 +25,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 EXIT_OK = 0
 EXIT_PREEMPTED = 75
@@ -125,11 +125,16 @@ class Supervisor:
             self._enter(RunState.FAILED, result.detail or f"exit code {result.exit_code}")
             if attempt >= self.max_restarts:
                 if self.max_restarts:
-                    self._log(f"giving up: {attempt + 1} attempts failed (--max-restarts {self.max_restarts})")
+                    self._log(
+                        f"giving up: {attempt + 1} attempts failed (--max-restarts {self.max_restarts})"
+                    )
                 return result.exit_code
             attempt += 1
             backoff = min(2.0 ** (attempt - 1), 30.0)
-            self._enter(RunState.RESTARTING, f"attempt {attempt + 1} of {self.max_restarts + 1} in {backoff:.0f}s, resuming from the latest checkpoint")
+            self._enter(
+                RunState.RESTARTING,
+                f"attempt {attempt + 1} of {self.max_restarts + 1} in {backoff:.0f}s, resuming from the latest checkpoint",
+            )
             time.sleep(backoff)
             self._enter(RunState.STARTING)
 
@@ -138,7 +143,9 @@ class Supervisor:
         preserved = self._after_stop() if self._after_stop else False
         if report is not None or preserved:
             where = f"checkpoint at step {report['step']}" if report else "synced folders"
-            self._enter(RunState.PREEMPTED, f"{where} committed; run the same command again to resume")
+            self._enter(
+                RunState.PREEMPTED, f"{where} committed; run the same command again to resume"
+            )
             return EXIT_PREEMPTED
         self._enter(RunState.FAILED, "stopped before any checkpoint was committed")
         signum = self.stop_signal or signal.SIGTERM

@@ -40,12 +40,10 @@ def choose(
         name, n, device = ("cpu" if cpus == 1 and nnodes == 1 else "ddp"), cpus, "cpu"
     else:
         found = gpu.cuda_device_count() if gpus in (None, "all") else None
+        if gpus == "all" and not found:
+            raise StrategyUnavailable("--gpus all requested but this machine has no CUDA GPU; use --cpus N")
         n = int(gpus) if gpus not in (None, "all") else (found or 1)
         device = "cuda" if (gpus is not None or found) else "cpu"
-        if device == "cpu" and gpus == "all":
-            raise StrategyUnavailable(
-                "--gpus all requested but this machine has no CUDA GPU; use --cpus N"
-            )
         name = ("gpu" if device == "cuda" else "cpu") if n == 1 and nnodes == 1 else "ddp"
     if override is not None:
         name = override

@@ -151,6 +151,18 @@ class Strategy(ABC):
         torch.set_rng_state(state["torch"])
         self.set_device_rng_state(state)
 
+    def seed_device(self, seed: int) -> None:
+        """Seed the device's own generator where ``torch.manual_seed`` does not reach it."""
+        return None
+
+    def end_step(self, accelerator: Accelerator) -> None:
+        """Called by the Run API once per optimizer step, before any collective or save."""
+        return None
+
+    def no_sync(self, accelerator: Accelerator, model: Any) -> Any:
+        """Context for a micro-batch whose gradients must not be synchronized yet."""
+        return accelerator.no_sync(model)
+
     def device_rng_state(self) -> dict[str, Any]:
         return {}
 

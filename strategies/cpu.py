@@ -26,7 +26,10 @@ class CPUStrategy(Strategy):
             )
 
     def plan(self) -> LaunchPlan:
-        return LaunchPlan(DIRECT, 1, {"ACCELERATE_USE_CPU": "true", **self.accelerate_env()})
+        # USE_TORCH_XLA=false: where torch_xla is installed (any TPU VM) Accelerate would
+        # otherwise put this "CPU" run on the XLA device.
+        env = {"ACCELERATE_USE_CPU": "true", "USE_TORCH_XLA": "false", **self.accelerate_env()}
+        return LaunchPlan(DIRECT, 1, env)
 
     def accelerator_kwargs(self) -> dict:
         return {**super().accelerator_kwargs(), "cpu": True}

@@ -34,11 +34,13 @@ class DDPStrategy(Strategy):
             check_cuda(self.nprocs, self.precision)
 
     def plan(self) -> LaunchPlan:
-        env = self.accelerate_env()
+        env = {**self.accelerate_env(), "USE_TORCH_XLA": "false"}  # see cpu.py
         if self.device == "cpu":
             env["ACCELERATE_USE_CPU"] = "true"
             # Share the cores instead of oversubscribing them (torchrun sets 1 and warns).
-            env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // self.nprocs))
+            env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS") or str(
+                max(1, (os.cpu_count() or 1) // self.nprocs)
+            )
         return LaunchPlan(ELASTIC, self.nprocs, env)
 
     def accelerator_kwargs(self) -> dict[str, Any]:

@@ -21,7 +21,9 @@ def check_cuda(nprocs: int, precision: str) -> None:
             fix = "run on the CPU with --cpus N (gloo), or on a TPU with --tpus N"
         else:
             fix = f"use --gpus {found}"
-        raise StrategyUnavailable(f"--gpus {nprocs} requested but this machine has {found} CUDA GPUs; {fix}")
+        raise StrategyUnavailable(
+            f"--gpus {nprocs} requested but this machine has {found} CUDA GPUs; {fix}"
+        )
     if precision == "bf16":
         import torch
 

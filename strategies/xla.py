@@ -11,8 +11,10 @@ fp16 is refused.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from tlaunch.strategies.base import (
@@ -78,20 +80,31 @@ class XLAStrategy(Strategy):
         return LaunchPlan(ELASTIC, self.nprocs, env)
 
     # -- worker side -----------------------------------------------------------------------
-    def build_accelerator(self, **overrides: Any) -> Accelerator:
+    def build_accelerator(self, *, own_accumulation: bool = False) -> Accelerator:
+        # PJRT_DEVICE (in the plan's env) must be set before torch_xla first touches a device.
         for key, value in self.plan().env.items():
             os.environ.setdefault(key, value)
         maybe_join_xla_rendezvous()
-        return super().build_accelerator(**overrides)
+        return super().build_accelerator(own_accumulation=own_accumulation)
 
-    def any_rank(self, accelerator: Accelerator, flags: list[bool]) -> list[bool]:
-        # The Run API calls this once per optimizer step, before any save: the one place to
-        # cut the lazy graph. Uncut, every step's graph would extend the previous one, and
-        # each `.item()` would compile and run the whole history again.
+    def end_step(self, accelerator: Accelerator) -> None:
+        # Cut the lazy graph once per optimizer step. Uncut, every step's graph would extend
+        # the previous one, and each `.item()` would compile and run the whole history again.
         import torch_xla
 
         torch_xla.sync()
-        return super().any_rank(accelerator, flags)
+
+    @contextlib.contextmanager
+    def no_sync(self, accelerator: Accelerator, model: Any) -> Iterator[None]:
+        # Accelerate's optimizer all-reduces XLA gradients on every step() call, also on the
+        # micro-batches that do not step; marking them synced skips that reduce.
+        state = accelerator.gradient_state
+        state.is_xla_gradients_synced = True
+        try:
+            with accelerator.no_sync(model):
+                yield
+        finally:
+            state.is_xla_gradients_synced = False
 
     def gather_object(self, accelerator: Accelerator, obj: Any) -> list[Any]:
         # Accelerate's gather_object raises NotImplementedError on XLA.

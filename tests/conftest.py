@@ -58,9 +58,21 @@ def fake_gcs_endpoint(tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     log = open(tmp_path_factory.mktemp("fake-gcs") / "server.log", "wb")
     proc = subprocess.Popen(
-        [str(wrapper._get_binary_path()), "-scheme", "http", "-backend", "memory",
-         "-host", "127.0.0.1", "-port", str(port), "-external-url", url],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            str(wrapper._get_binary_path()),
+            "-scheme",
+            "http",
+            "-backend",
+            "memory",
+            "-host",
+            "127.0.0.1",
+            "-port",
+            str(port),
+            "-external-url",
+            url,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     _wait_http(f"{url}/storage/v1/b", proc)
     yield url
@@ -97,7 +109,8 @@ def moto_endpoint(tmp_path_factory):
     log = open(tmp_path_factory.mktemp("moto") / "server.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log, stderr=subprocess.STDOUT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     _wait_http(url, proc)
@@ -150,7 +163,12 @@ def _no_leaked_tlaunch_env(monkeypatch):
     """Tests start from an environment with no tlaunch or torch.distributed variables."""
     for key in list(os.environ):
         if key.startswith(("TLAUNCH_", "ACCELERATE_")) or key in (
-            "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE",
+            "RANK",
+            "LOCAL_RANK",
+            "WORLD_SIZE",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+            "LOCAL_WORLD_SIZE",
         ):
             monkeypatch.delenv(key)
     yield

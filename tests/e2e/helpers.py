@@ -24,9 +24,16 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_tlaunch(*args: str, cwd: str | os.PathLike, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+def run_tlaunch(
+    *args: str, cwd: str | os.PathLike, timeout: float = 120, **env: str
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        tlaunch_cmd(*args), cwd=cwd, env=clean_env(**env), capture_output=True, text=True, timeout=timeout
+        tlaunch_cmd(*args),
+        cwd=cwd,
+        env=clean_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -35,7 +42,11 @@ def results(stdout: str) -> list[dict[str, str]]:
     rows = []
     for line in stdout.splitlines():
         if line.startswith("RESULT "):
-            rows.append(dict(part.split("=", 1) for part in line[len("RESULT ") :].split(" ") if "=" in part))
+            rows.append(
+                dict(
+                    part.split("=", 1) for part in line[len("RESULT ") :].split(" ") if "=" in part
+                )
+            )
     return rows
 
 

@@ -28,19 +28,28 @@ def ref_root(tmp_path_factory) -> str:
 def committed(ckpt: str) -> list[int]:
     if not os.path.isdir(ckpt):
         return []
-    return sorted(int(d[5:]) for d in os.listdir(ckpt)
-                  if d.startswith("step-") and os.path.exists(os.path.join(ckpt, d, "COMMIT")))
+    return sorted(
+        int(d[5:])
+        for d in os.listdir(ckpt)
+        if d.startswith("step-") and os.path.exists(os.path.join(ckpt, d, "COMMIT"))
+    )
 
 
 def start(where, *flags: str, out: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         tlaunch_cmd(SCRIPT, *FLAGS, *flags, "--", "--out", out),
-        cwd=where, env=clean_env(**(env or {})), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=where,
+        env=clean_env(**(env or {})),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
 def finish_and_compare(where, ckpt: str, out: str, expected) -> None:
-    again = run_tlaunch(SCRIPT, *FLAGS, "--checkpoint-dir", ckpt, "--", "--out", out, cwd=where, timeout=200)
+    again = run_tlaunch(
+        SCRIPT, *FLAGS, "--checkpoint-dir", ckpt, "--", "--out", out, cwd=where, timeout=200
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert_bitwise_equal(expected, torch.load(out, weights_only=True))
 
@@ -49,8 +58,15 @@ def finish_and_compare(where, ckpt: str, out: str, expected) -> None:
 def test_sigterm_at_a_random_step_commits_there_and_resumes_bitwise(tmp_path, ref_root, trial):
     expected = reference(ref_root, FLAGS[:4])
     ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "final.pt")
-    proc = start(tmp_path, "--checkpoint-dir", ckpt, "--save-every", "1000", out=out,
-                 env={"RESUME_TEST_STEP_DELAY": "0.05"})
+    proc = start(
+        tmp_path,
+        "--checkpoint-dir",
+        ckpt,
+        "--save-every",
+        "1000",
+        out=out,
+        env={"RESUME_TEST_STEP_DELAY": "0.05"},
+    )
     try:
         # Wait for the first training step, then a random short moment more.
         wait_for(lambda: proc.poll() is not None or trained(out), 120, "the first training step")
@@ -120,8 +136,15 @@ def test_gce_preemption_notice_stops_the_run_without_any_signal(tmp_path, ref_ro
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/computeMetadata/v1"
     ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "final.pt")
-    proc = start(tmp_path, "--checkpoint-dir", ckpt, "--preemption-watch", "gce", out=out,
-                 env={"TLAUNCH_GCE_METADATA_URL": url, "RESUME_TEST_STEP_DELAY": "0.05"})
+    proc = start(
+        tmp_path,
+        "--checkpoint-dir",
+        ckpt,
+        "--preemption-watch",
+        "gce",
+        out=out,
+        env={"TLAUNCH_GCE_METADATA_URL": url, "RESUME_TEST_STEP_DELAY": "0.05"},
+    )
     try:
         wait_for(lambda: proc.poll() is not None or trained(out), 120, "the first training step")
         handler.preempted.set()
@@ -140,11 +163,19 @@ def test_time_limit_stops_with_a_checkpoint_before_the_deadline(tmp_path, ref_ro
     ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "final.pt")
     # Slow steps so the limit lands mid-run whatever the machine's speed.
     result = subprocess.run(
-        tlaunch_cmd(SCRIPT, *FLAGS, "--checkpoint-dir", ckpt, "--time-limit", "15s", "--", "--out", out),
-        cwd=tmp_path, env=clean_env(RESUME_TEST_STEP_DELAY="0.5"), capture_output=True, text=True, timeout=200,
+        tlaunch_cmd(
+            SCRIPT, *FLAGS, "--checkpoint-dir", ckpt, "--time-limit", "15s", "--", "--out", out
+        ),
+        cwd=tmp_path,
+        env=clean_env(RESUME_TEST_STEP_DELAY="0.5"),
+        capture_output=True,
+        text=True,
+        timeout=200,
     )
     assert result.returncode == 75, result.stderr[-3000:]
-    assert "--time-limit reached" not in result.stderr, "the Run's own deadline must act before the backstop"
+    assert "--time-limit reached" not in result.stderr, (
+        "the Run's own deadline must act before the backstop"
+    )
     assert len(committed(ckpt)) == 1
     finish_and_compare(tmp_path, ckpt, out, expected)
 
@@ -152,8 +183,23 @@ def test_time_limit_stops_with_a_checkpoint_before_the_deadline(tmp_path, ref_ro
 def test_crashing_rank_restarts_and_resumes_within_max_restarts(tmp_path, ref_root):
     expected = reference(ref_root, FLAGS[:4])
     ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "final.pt")
-    result = run_tlaunch(SCRIPT, *FLAGS, "--checkpoint-dir", ckpt, "--save-every", "3", "--max-restarts", "2",
-                         "--", "--out", out, "--crash-at-batch", "20", cwd=tmp_path, timeout=250)
+    result = run_tlaunch(
+        SCRIPT,
+        *FLAGS,
+        "--checkpoint-dir",
+        ckpt,
+        "--save-every",
+        "3",
+        "--max-restarts",
+        "2",
+        "--",
+        "--out",
+        out,
+        "--crash-at-batch",
+        "20",
+        cwd=tmp_path,
+        timeout=250,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "running -> failed (rank 1 exited with code 13)" in result.stderr
     assert "failed -> restarting" in result.stderr and "resuming from step 18" in result.stderr
@@ -173,9 +219,14 @@ def test_sigkill_of_the_launcher_loses_only_steps_since_the_last_commit(tmp_path
     expected = reference(ref_root, FLAGS[:4])
     ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "final.pt")
     proc = subprocess.Popen(
-        tlaunch_cmd(SCRIPT, *FLAGS, "--checkpoint-dir", ckpt, "--save-every", "2", "--", "--out", out),
-        cwd=tmp_path, env=clean_env(RESUME_TEST_STEP_DELAY="0.05"), start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        tlaunch_cmd(
+            SCRIPT, *FLAGS, "--checkpoint-dir", ckpt, "--save-every", "2", "--", "--out", out
+        ),
+        cwd=tmp_path,
+        env=clean_env(RESUME_TEST_STEP_DELAY="0.05"),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         wait_for(lambda: len(committed(ckpt)) >= 2, 120, "two committed checkpoints")
@@ -187,8 +238,19 @@ def test_sigkill_of_the_launcher_loses_only_steps_since_the_last_commit(tmp_path
             proc.kill()
     before = committed(ckpt)
     assert before[-1] < 36, "the run must not have gone on after the kill"
-    again = run_tlaunch(SCRIPT, *FLAGS, "--checkpoint-dir", ckpt, "--save-every", "2", "--", "--out", out,
-                        cwd=tmp_path, timeout=200)
+    again = run_tlaunch(
+        SCRIPT,
+        *FLAGS,
+        "--checkpoint-dir",
+        ckpt,
+        "--save-every",
+        "2",
+        "--",
+        "--out",
+        out,
+        cwd=tmp_path,
+        timeout=200,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming from step {before[-1]} " in again.stderr
     assert_bitwise_equal(expected, torch.load(out, weights_only=True))
@@ -196,17 +258,31 @@ def test_sigkill_of_the_launcher_loses_only_steps_since_the_last_commit(tmp_path
 
 def test_second_sigterm_during_the_save_leaves_no_corrupt_checkpoint(tmp_path):
     ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "final.pt")
-    proc = start(tmp_path, "--checkpoint-dir", ckpt, "--save-every", "2", out=out,
-                 env={"RESUME_TEST_STEP_DELAY": "0.05"})
+    proc = start(
+        tmp_path,
+        "--checkpoint-dir",
+        ckpt,
+        "--save-every",
+        "2",
+        out=out,
+        env={"RESUME_TEST_STEP_DELAY": "0.05"},
+    )
     try:
-        wait_for(lambda: proc.poll() is not None or len(committed(ckpt)) >= 1, 120, "a first checkpoint")
+        wait_for(
+            lambda: proc.poll() is not None or len(committed(ckpt)) >= 1, 120, "a first checkpoint"
+        )
         proc.send_signal(signal.SIGTERM)
         threading.Event().wait(0.05)
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=120)
     finally:
         proc.kill()
-    verify = subprocess.run(tlaunch_cmd("ckpt", "verify", ckpt), capture_output=True, text=True, timeout=60,
-                            env=clean_env())
+    verify = subprocess.run(
+        tlaunch_cmd("ckpt", "verify", ckpt),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+    )
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert committed(ckpt), "the checkpoint committed before the signals must survive"

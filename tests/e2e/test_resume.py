@@ -15,11 +15,22 @@ SCRIPT = str(SCRIPTS / "resume_train.py")
 
 
 def launch(where, *flags: str, out: str, signal_at: int = -1, timeout: float = 200):
-    return run_tlaunch(SCRIPT, *flags, "--progress", "off", "--", "--out", out,
-                       "--signal-at-batch", str(signal_at), cwd=where, timeout=timeout)
+    return run_tlaunch(
+        SCRIPT,
+        *flags,
+        "--progress",
+        "off",
+        "--",
+        "--out",
+        out,
+        "--signal-at-batch",
+        str(signal_at),
+        cwd=where,
+        timeout=timeout,
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(tmp_root: str, flags: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """The uninterrupted run for these flags (computed once per flag set)."""
     out = os.path.join(tmp_root, f"ref-{abs(hash(flags))}.pt")
@@ -50,12 +61,23 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
         ("2", "bf16", "3", 16, "inside an accumulation window"),
     ],
 )
-def test_preempted_and_resumed_run_ends_bitwise_equal(tmp_path, ref_root, cpus, precision, accum, signal_at, where):
+def test_preempted_and_resumed_run_ends_bitwise_equal(
+    tmp_path, ref_root, cpus, precision, accum, signal_at, where
+):
     flags = ("--cpus", cpus, "--precision", precision, "--grad-accum", accum, "--seed", "5")
     expected = reference(ref_root, flags)
     ckpt = str(tmp_path / "ckpt")
     out = str(tmp_path / "final.pt")
-    first = launch(tmp_path, *flags, "--checkpoint-dir", ckpt, "--save-every", "4", out=out, signal_at=signal_at)
+    first = launch(
+        tmp_path,
+        *flags,
+        "--checkpoint-dir",
+        ckpt,
+        "--save-every",
+        "4",
+        out=out,
+        signal_at=signal_at,
+    )
     assert first.returncode == 75, first.stderr[-3000:]
     assert not os.path.exists(out), "the interrupted run must not reach the end"
     second = launch(tmp_path, *flags, "--checkpoint-dir", ckpt, "--save-every", "4", out=out)
@@ -72,18 +94,44 @@ def test_resume_never_starts_fresh_and_explicit_step_resumes_there(tmp_path):
     never = launch(tmp_path, *flags, "--resume", "never", out=str(tmp_path / "b.pt"))
     assert never.returncode == 2 and "already holds committed checkpoints" in never.stderr
     assert "resuming" not in never.stderr
-    fresh_flags = ("--cpus", "1", "--checkpoint-dir", str(tmp_path / "new"), "--save-every", "5", "--seed", "5")
+    fresh_flags = (
+        "--cpus",
+        "1",
+        "--checkpoint-dir",
+        str(tmp_path / "new"),
+        "--save-every",
+        "5",
+        "--seed",
+        "5",
+    )
     fresh = launch(tmp_path, *fresh_flags, "--resume", "never", out=str(tmp_path / "b.pt"))
     assert fresh.returncode == 0 and "resuming" not in fresh.stderr
-    assert_bitwise_equal(torch.load(out, weights_only=True), torch.load(tmp_path / "b.pt", weights_only=True))
+    assert_bitwise_equal(
+        torch.load(out, weights_only=True), torch.load(tmp_path / "b.pt", weights_only=True)
+    )
     clash = launch(tmp_path, *flags, "--resume", "10", out=str(tmp_path / "c.pt"))
     assert clash.returncode == 2 and "resume into a new directory" in clash.stderr
-    branch = ("--cpus", "1", "--checkpoint-dir", str(tmp_path / "branch"), "--save-every", "5", "--seed", "5")
-    at10 = launch(tmp_path, *branch, "--resume", f"{ckpt}/step-000000010", out=str(tmp_path / "c.pt"))
+    branch = (
+        "--cpus",
+        "1",
+        "--checkpoint-dir",
+        str(tmp_path / "branch"),
+        "--save-every",
+        "5",
+        "--seed",
+        "5",
+    )
+    at10 = launch(
+        tmp_path, *branch, "--resume", f"{ckpt}/step-000000010", out=str(tmp_path / "c.pt")
+    )
     assert at10.returncode == 0, at10.stderr[-2000:]
     assert "resuming from step 10 " in at10.stderr
-    assert_bitwise_equal(torch.load(out, weights_only=True), torch.load(tmp_path / "c.pt", weights_only=True))
-    missing = launch(tmp_path, *branch, "--resume", f"{ckpt}/step-000000011", out=str(tmp_path / "d.pt"))
+    assert_bitwise_equal(
+        torch.load(out, weights_only=True), torch.load(tmp_path / "c.pt", weights_only=True)
+    )
+    missing = launch(
+        tmp_path, *branch, "--resume", f"{ckpt}/step-000000011", out=str(tmp_path / "d.pt")
+    )
     assert missing.returncode != 0 and "step 11" in missing.stderr
 
 
@@ -92,14 +140,37 @@ def test_changed_batch_size_or_accumulation_is_refused_unless_forced(tmp_path):
     base = ("--cpus", "1", "--checkpoint-dir", ckpt, "--save-every", "5")
     first = launch(tmp_path, *base, out=str(tmp_path / "a.pt"), signal_at=6)
     assert first.returncode == 75
-    changed = run_tlaunch(SCRIPT, *base, "--progress", "off", "--", "--out", str(tmp_path / "b.pt"),
-                          "--batch-size", "32", cwd=tmp_path, timeout=200)
+    changed = run_tlaunch(
+        SCRIPT,
+        *base,
+        "--progress",
+        "off",
+        "--",
+        "--out",
+        str(tmp_path / "b.pt"),
+        "--batch-size",
+        "32",
+        cwd=tmp_path,
+        timeout=200,
+    )
     assert changed.returncode == 2
     assert "batch_size: 16 -> 32" in changed.stderr and "--resume-force" in changed.stderr
     accum = launch(tmp_path, *base, "--grad-accum", "2", out=str(tmp_path / "b.pt"))
     assert accum.returncode == 2 and "--grad-accum: 1 -> 2" in accum.stderr
-    forced = run_tlaunch(SCRIPT, *base, "--resume-force", "--progress", "off", "--", "--out",
-                         str(tmp_path / "b.pt"), "--batch-size", "32", cwd=tmp_path, timeout=200)
+    forced = run_tlaunch(
+        SCRIPT,
+        *base,
+        "--resume-force",
+        "--progress",
+        "off",
+        "--",
+        "--out",
+        str(tmp_path / "b.pt"),
+        "--batch-size",
+        "32",
+        cwd=tmp_path,
+        timeout=200,
+    )
     assert forced.returncode == 0, forced.stderr[-2000:]
     assert "resuming with changed settings: batch_size: 16 -> 32" in forced.stderr
 
@@ -107,7 +178,9 @@ def test_changed_batch_size_or_accumulation_is_refused_unless_forced(tmp_path):
 def test_world_size_change_resumes_with_a_warning(tmp_path):
     ckpt = str(tmp_path / "ckpt")
     out = str(tmp_path / "a.pt")
-    first = launch(tmp_path, "--cpus", "2", "--checkpoint-dir", ckpt, "--save-every", "4", out=out, signal_at=8)
+    first = launch(
+        tmp_path, "--cpus", "2", "--checkpoint-dir", ckpt, "--save-every", "4", out=out, signal_at=8
+    )
     assert first.returncode == 75, first.stderr[-2000:]
     second = launch(tmp_path, "--cpus", "1", "--checkpoint-dir", ckpt, "--save-every", "4", out=out)
     assert second.returncode == 0, second.stderr[-2000:]

@@ -12,13 +12,40 @@ pytestmark = pytest.mark.timeout(200)
 
 def test_run_directory_holds_log_metrics_and_config(tmp_path):
     ckpt = tmp_path / "ckpt"
-    out = run_tlaunch(str(SCRIPTS / "resume_train.py"), "--cpus", "2", "--checkpoint-dir", str(ckpt),
-                      "--epochs-unused-flag-goes-to-script", "--", "--out", str(tmp_path / "p.pt"), "--epochs", "1",
-                      cwd=tmp_path, timeout=180)
+    out = run_tlaunch(
+        str(SCRIPTS / "resume_train.py"),
+        "--cpus",
+        "2",
+        "--checkpoint-dir",
+        str(ckpt),
+        "--epochs-unused-flag-goes-to-script",
+        "--",
+        "--out",
+        str(tmp_path / "p.pt"),
+        "--epochs",
+        "1",
+        cwd=tmp_path,
+        timeout=180,
+    )
     # The unknown flag reaches the script, whose argparse refuses it: exit 2 from the script.
-    assert out.returncode == 2 and "unrecognized arguments: --epochs-unused-flag-goes-to-script" in out.stderr
-    out = run_tlaunch(str(SCRIPTS / "resume_train.py"), "--cpus", "2", "--checkpoint-dir", str(ckpt),
-                      "--", "--out", str(tmp_path / "p.pt"), "--epochs", "1", cwd=tmp_path, timeout=180)
+    assert (
+        out.returncode == 2
+        and "unrecognized arguments: --epochs-unused-flag-goes-to-script" in out.stderr
+    )
+    out = run_tlaunch(
+        str(SCRIPTS / "resume_train.py"),
+        "--cpus",
+        "2",
+        "--checkpoint-dir",
+        str(ckpt),
+        "--",
+        "--out",
+        str(tmp_path / "p.pt"),
+        "--epochs",
+        "1",
+        cwd=tmp_path,
+        timeout=180,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     runs = sorted((ckpt / "runs").iterdir())
     assert len(runs) == 2, "one run directory per launch"

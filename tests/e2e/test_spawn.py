@@ -16,7 +16,9 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def test_one_process_runs_the_script_directly_with_its_arguments(tmp_path):
-    out = run_tlaunch(str(SCRIPTS / "allreduce.py"), "--cpus", "1", "--lr", "3", "--", "--cpus", "7", cwd=tmp_path)
+    out = run_tlaunch(
+        str(SCRIPTS / "allreduce.py"), "--cpus", "1", "--lr", "3", "--", "--cpus", "7", cwd=tmp_path
+    )
     assert out.returncode == 0, out.stderr
     (row,) = results(out.stdout)
     assert (row["rank"], row["world"], row["sum"]) == ("0", "1", "1")
@@ -31,8 +33,16 @@ def test_two_cpu_processes_all_reduce_over_gloo(tmp_path):
 
 
 def test_unmodified_accelerate_script_is_distributed_with_precision_and_accumulation(tmp_path):
-    out = run_tlaunch(str(SCRIPTS / "accelerate_script.py"), "--cpus", "2", "--precision", "bf16",
-                      "--grad-accum", "4", cwd=tmp_path)
+    out = run_tlaunch(
+        str(SCRIPTS / "accelerate_script.py"),
+        "--cpus",
+        "2",
+        "--precision",
+        "bf16",
+        "--grad-accum",
+        "4",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     rows = results(out.stdout)
     assert len(rows) == 2
@@ -45,9 +55,22 @@ def test_two_machines_on_loopback_form_one_world(tmp_path):
     port = free_port()
     procs = [
         subprocess.Popen(
-            tlaunch_cmd("--cpus", "1", "--nnodes", "2", "--node-rank", str(r), "--rdzv-endpoint",
-                        f"127.0.0.1:{port}", str(SCRIPTS / "allreduce.py")),
-            cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            tlaunch_cmd(
+                "--cpus",
+                "1",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(r),
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+                str(SCRIPTS / "allreduce.py"),
+            ),
+            cwd=tmp_path,
+            env=clean_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for r in (0, 1)
     ]
@@ -71,7 +94,9 @@ def test_script_exit_code_is_propagated(tmp_path):
 
 def test_a_failing_rank_ends_the_others_within_seconds(tmp_path):
     started = time.monotonic()
-    out = run_tlaunch(str(SCRIPTS / "fail_rank.py"), "--cpus", "2", cwd=tmp_path, FAIL_RANK="1", FAIL_CODE="3")
+    out = run_tlaunch(
+        str(SCRIPTS / "fail_rank.py"), "--cpus", "2", cwd=tmp_path, FAIL_RANK="1", FAIL_CODE="3"
+    )
     elapsed = time.monotonic() - started
     assert out.returncode == 3, out.stderr
     assert "UNREACHABLE" not in out.stdout
@@ -85,7 +110,11 @@ def test_signals_reach_the_script_and_no_traceback_is_printed(tmp_path, nprocs, 
     ready = tmp_path / "pid"
     proc = subprocess.Popen(
         tlaunch_cmd(str(SCRIPTS / "wait_for_signal.py"), "--cpus", nprocs, str(ready)),
-        cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         wait_for(lambda: ready.exists() and ready.read_text(), 60, "the script to start")

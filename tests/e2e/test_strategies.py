@@ -14,7 +14,9 @@ pytestmark = pytest.mark.timeout(240)
 def probe(tmp_path, *flags: str, script_args: tuple[str, ...] = ()) -> list[dict]:
     for old in tmp_path.glob("probe-rank*.json"):
         old.unlink()
-    out = run_tlaunch(str(SCRIPTS / "probe.py"), *flags, "--", *script_args, cwd=tmp_path, timeout=200)
+    out = run_tlaunch(
+        str(SCRIPTS / "probe.py"), *flags, "--", *script_args, cwd=tmp_path, timeout=200
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return read_probes(tmp_path)
 
@@ -46,9 +48,17 @@ def test_ddp_keeps_parameters_identical_across_ranks(tmp_path):
 def test_k_micro_batches_equal_one_batch_of_k_times_b(tmp_path, cpus):
     # 160 samples per rank = 20 micro-batches of 8: six windows of 3 and a partial window of 2,
     # which must be stepped (not dropped) and averaged over its own 2 micro-batches.
-    big = probe(tmp_path, "--cpus", cpus, script_args=("--n", str(160 * int(cpus)), "--batch-size", "24"))
-    acc = probe(tmp_path, "--cpus", cpus, "--grad-accum", "3",
-                script_args=("--n", str(160 * int(cpus)), "--batch-size", "8"))
+    big = probe(
+        tmp_path, "--cpus", cpus, script_args=("--n", str(160 * int(cpus)), "--batch-size", "24")
+    )
+    acc = probe(
+        tmp_path,
+        "--cpus",
+        cpus,
+        "--grad-accum",
+        "3",
+        script_args=("--n", str(160 * int(cpus)), "--batch-size", "8"),
+    )
     assert [r["steps"] for r in big] == [r["steps"] for r in acc] == [14] * int(cpus)
     for a, b in zip(big, acc, strict=True):
         assert_params_close(a, b)
@@ -56,8 +66,9 @@ def test_k_micro_batches_equal_one_batch_of_k_times_b(tmp_path, cpus):
 
 
 def test_no_all_reduce_on_non_final_micro_batches(tmp_path):
-    rows = probe(tmp_path, "--cpus", "2", "--grad-accum", "4",
-                 script_args=("--epochs", "1", "--count-comm"))
+    rows = probe(
+        tmp_path, "--cpus", "2", "--grad-accum", "4", script_args=("--epochs", "1", "--count-comm")
+    )
     # 20 micro-batches per rank in windows of 4: 5 optimizer steps, one gradient bucket each.
     assert [r["steps"] for r in rows] == [5, 5]
     assert [r["comm_calls"] for r in rows] == [5, 5]
@@ -76,7 +87,13 @@ def test_no_all_reduce_on_non_final_micro_batches(tmp_path):
     ],
 )
 def test_debug_flags_bound_the_loop(tmp_path, flags, batches, steps):
-    (row,) = probe(tmp_path, "--cpus", "1", *flags, script_args=("--epochs", "3" if "--overfit-batches" in flags else "2"))
+    (row,) = probe(
+        tmp_path,
+        "--cpus",
+        "1",
+        *flags,
+        script_args=("--epochs", "3" if "--overfit-batches" in flags else "2"),
+    )
     assert row["batches"] == batches
     assert row["steps"] == steps
     if "--overfit-batches" in flags:
@@ -84,13 +101,32 @@ def test_debug_flags_bound_the_loop(tmp_path, flags, batches, steps):
 
 
 def test_fast_dev_run_saves_nothing(tmp_path):
-    probe(tmp_path, "--cpus", "1", "--fast-dev-run", "--checkpoint-dir", str(tmp_path / "ckpt"), "--save-every", "1")
+    probe(
+        tmp_path,
+        "--cpus",
+        "1",
+        "--fast-dev-run",
+        "--checkpoint-dir",
+        str(tmp_path / "ckpt"),
+        "--save-every",
+        "1",
+    )
     assert not list((tmp_path / "ckpt").glob("step-*"))
 
 
 def test_progress_bar_only_on_rank_zero(tmp_path):
-    out = run_tlaunch(str(SCRIPTS / "probe.py"), "--cpus", "2", "--progress", "on", "--", "--epochs", "1",
-                      cwd=tmp_path, timeout=200)
+    out = run_tlaunch(
+        str(SCRIPTS / "probe.py"),
+        "--cpus",
+        "2",
+        "--progress",
+        "on",
+        "--",
+        "--epochs",
+        "1",
+        cwd=tmp_path,
+        timeout=200,
+    )
     assert out.returncode == 0, out.stderr
     rows = read_probes(tmp_path)
     assert [r["progress"] for r in rows] == [True, False]

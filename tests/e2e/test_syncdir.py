@@ -21,10 +21,16 @@ def test_sigterm_flushes_and_a_fresh_machine_restores_and_continues(tmp_path, gc
     ready = tmp_path / "ready"
     proc = subprocess.Popen(
         tlaunch_cmd(SCRIPT, "--sync-dir", f"ckpts={url}", str(ready)),
-        cwd=first_dir, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=first_dir,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
-        wait_for(lambda: proc.poll() is not None or ready.exists(), 120, "the script's second save_state")
+        wait_for(
+            lambda: proc.poll() is not None or ready.exists(), 120, "the script's second save_state"
+        )
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
@@ -35,7 +41,11 @@ def test_sigterm_flushes_and_a_fresh_machine_restores_and_continues(tmp_path, gc
 
     second = subprocess.run(
         tlaunch_cmd(SCRIPT, "--sync-dir", f"ckpts={url}", str(tmp_path / "ready2")),
-        cwd=second_dir, env=clean_env(), capture_output=True, text=True, timeout=180,
+        cwd=second_dir,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"RESUMED step={saved}" in second.stdout

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from tlaunch.cli import main, parse_args
 from tlaunch.config import LaunchConfig, UsageError, parse_duration
 
@@ -102,4 +101,6 @@ def test_help_and_version_do_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "tlaunch 0." in out.stdout and "--grad-accum" in out.stdout and out.stdout.endswith("ok\n")
+    assert (
+        "tlaunch 0." in out.stdout and "--grad-accum" in out.stdout and out.stdout.endswith("ok\n")
+    )

@@ -42,7 +42,9 @@ print(json.dumps({"norm_at_step": norm_seen_by_step, "update_norm": update.norm(
 
 @pytest.mark.timeout(120)
 def test_gradients_are_unscaled_then_clipped_then_stepped(tmp_path):
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout.strip().splitlines()[-1])
     # Clipped after unscaling: the step sees a true norm of 0.5, not 0.5 * 256 (clipped while

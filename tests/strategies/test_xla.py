@@ -12,16 +12,19 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shlex
 import subprocess
 import sys
 import textwrap
 
 import pytest
-
 from tlaunch.strategies import DIRECT, ELASTIC, StrategyUnavailable, choose
 
 HAS_TORCH_XLA = importlib.util.find_spec("torch_xla") is not None
 REPORT = "XLA_REPORT "
+FLAGS = shlex.split(
+    "--tpus 1 --precision bf16 --grad-accum 2 --progress off --preemption-watch off"
+)
 
 # A real loop through the Run API. Everything the test asserts is measured here and printed
 # as one JSON line; the test, not the script, judges it, so a failure shows every number.
@@ -54,6 +57,13 @@ TRAIN_SCRIPT = textwrap.dedent(
         [torch.is_autocast_enabled("xla"), str(torch.get_autocast_dtype("xla")), str(out.dtype)]))
     loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
     model, optimizer, loader = run.prepare(model, optimizer, loader)
+    reduces = [0]
+    real_all_reduce = xm.all_reduce
+    def counting_all_reduce(*args, **kwargs):
+        reduces[0] += 1
+        return real_all_reduce(*args, **kwargs)
+    xm.all_reduce = counting_all_reduce
+    initial_xla_seed = xm.get_rng_state()
 
     losses, batches, first_window, grad_ratio = [], 0, [], None
     for epoch in run.epochs(4):
@@ -73,7 +83,9 @@ TRAIN_SCRIPT = textwrap.dedent(
             run.log(loss=loss)
             losses.append(run.metrics["loss"])
             batches += 1
+    reduces_in_loop = reduces[0]
     run.finish()
+    compiles = met.metric_data("CompileTime")
 
     # RNG: the XLA generator is seeded, saved and restored exactly, and the saved state goes
     # through torch_xla's rendezvous and a weights_only load (the checkpoint's path).
@@ -89,7 +101,6 @@ TRAIN_SCRIPT = textwrap.dedent(
     buffer.seek(0)
     (gathered,) = torch.load(buffer, weights_only=True)
 
-    compiles = met.metric_data("CompileTime")
     print("XLA_REPORT " + json.dumps({
         "distributed_type": str(acc.distributed_type),
         "device_type": acc.device.type,
@@ -104,10 +115,57 @@ TRAIN_SCRIPT = textwrap.dedent(
         "first_epoch_loss": sum(losses[:8]) / 8,
         "last_epoch_loss": sum(losses[-8:]) / 8,
         "compiles": compiles[0] if compiles else 0,
-        "seeded": seeded,
+        "seeded": seeded, "reduces": reduces_in_loop, "reduces_total": reduces[0], "initial_xla_seed": initial_xla_seed,
         "rng_replays": torch.equal(a, b),
         "rng_gathered": gathered["xla"] == state["xla"],
     }), flush=True)
+    """
+)
+
+
+# Dropout draws from the XLA generator, Adam and StepLR carry state, batches are shuffled, and
+# the kill lands mid-epoch: the resumed run matches only if all of it is restored exactly.
+RESUME_SCRIPT = textwrap.dedent(
+    """
+    import hashlib, json, os, sys, time
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import tlaunch
+
+    kill_at = int(sys.argv[1]) if len(sys.argv) > 1 else None
+    run = tlaunch.init()
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=g) * 2
+    y = torch.randint(0, 4, (96,), generator=g)
+    x = centers[y] + torch.randn(96, 16, generator=g)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 4))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=5, gamma=0.5)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)
+    model, optimizer, loader, scheduler = run.prepare(model, optimizer, loader, scheduler)
+    for epoch in run.epochs(3):
+        for xb, yb in run.batches(loader):
+            with run.accumulate(model):
+                run.backward(F.cross_entropy(model(xb), yb))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if run.step == kill_at:
+                # A hard kill once step 8 is committed (saves finish in the background).
+                commit = os.path.join(run.config.checkpoint_dir, "step-000000008", "COMMIT")
+                deadline = time.monotonic() + 120
+                while not os.path.exists(commit) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                os._exit(1)
+    run.finish()
+    digest = hashlib.sha256()
+    for name, t in sorted(run.accelerator.unwrap_model(model).state_dict().items()):
+        digest.update(name.encode())
+        digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    print("XLA_REPORT " + json.dumps({"step": run.step, "digest": digest.hexdigest()}), flush=True)
     """
 )
 
@@ -116,28 +174,46 @@ def tlaunch_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "tlaunch", *args]
 
 
+def launch_on_xla_cpu(tmp_path, script: str, *flags: str, script_args: tuple[str, ...] = ()):
+    """One ``tlaunch`` run of ``script`` on torch_xla's CPU device; returns the process."""
+    tmp_path.mkdir(exist_ok=True)
+    path = tmp_path / "script.py"
+    path.write_text(script)
+    env = {**os.environ, "PJRT_DEVICE": "CPU"}
+    command = tlaunch_command(
+        *FLAGS,
+        "--run-dir",
+        str(tmp_path / "runs"),
+        *flags,
+        str(path),
+        "--",
+        *script_args,
+    )
+    return subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def report(out: subprocess.CompletedProcess) -> dict:
+    assert out.returncode == 0, out.stderr[-4000:]
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith(REPORT)]
+    assert lines, f"no report line in stdout:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
+    return json.loads(lines[-1][len(REPORT) :])
+
+
 @pytest.mark.xla
 @pytest.mark.skipif(not HAS_TORCH_XLA, reason="torch_xla is not installed (make test-xla)")
 class TestXLA:
     @pytest.mark.timeout(360)
     def test_training_loop_on_the_xla_device(self, tmp_path):
-        script = tmp_path / "train_xla.py"
-        script.write_text(TRAIN_SCRIPT)
-        env = {**os.environ, "PJRT_DEVICE": "CPU"}
-        out = subprocess.run(
-            tlaunch_command(
-                "--tpus", "1", "--precision", "bf16", "--grad-accum", "2", "--progress", "off",
-                "--preemption-watch", "off", "--run-dir", str(tmp_path / "runs"), str(script),
-            ),
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-        )
-        assert out.returncode == 0, out.stderr[-4000:]
-        lines = [ln for ln in out.stdout.splitlines() if ln.startswith(REPORT)]
-        assert lines, f"no report line in stdout:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
-        r = json.loads(lines[-1][len(REPORT):])
+        r = report(launch_on_xla_cpu(tmp_path, TRAIN_SCRIPT))
 
         assert r["distributed_type"] == "DistributedType.XLA"
-        assert (r["device_type"], r["hardware"], r["num_processes"]) == ("xla", "CPU", 1)
+        assert (r["device_type"], r["hardware"], r["num_processes"]) == (
+            "xla",
+            "CPU",
+            1,
+        )
         assert r["mixed_precision"] == "bf16"
         assert r["autocast"] == [True, "torch.bfloat16", "torch.bfloat16"]
         # 128 samples / batch 16 = 8 micro-batches per epoch, 4 epochs, windows of 2.
@@ -148,10 +224,41 @@ class TestXLA:
         assert r["grad_ratio"] == pytest.approx(1.0, abs=0.05)
         assert r["last_epoch_loss"] < 0.5 * r["first_epoch_loss"]
         # The graph is cut once per optimizer step, so the same few graphs are reused; uncut,
-        # every step would compile a new, longer one (about one compile per micro-batch).
+        # every step compiles a new, longer one (34 compiles for these 16 steps).
         assert r["compiles"] <= 8, r["compiles"]
         assert r["seeded"] == 1234
+        assert r["reduces"] == r["optimizer_steps"], r
+        assert r["initial_xla_seed"] == 0, r
         assert r["rng_replays"] and r["rng_gathered"]
+
+    @pytest.mark.timeout(600)
+    def test_killed_run_resumes_bitwise_on_the_xla_device(self, tmp_path):
+        flags = ("--save-every", "4")
+        whole = report(
+            launch_on_xla_cpu(
+                tmp_path / "whole",
+                RESUME_SCRIPT,
+                *flags,
+                "--checkpoint-dir",
+                str(tmp_path / "whole" / "ckpt"),
+            )
+        )
+        ckpt = str(tmp_path / "cut" / "ckpt")
+        killed = launch_on_xla_cpu(
+            tmp_path / "cut",
+            RESUME_SCRIPT,
+            *flags,
+            "--checkpoint-dir",
+            ckpt,
+            script_args=("10",),
+        )
+        assert killed.returncode == 1, killed.stderr[-4000:]
+        resumed = launch_on_xla_cpu(
+            tmp_path / "cut", RESUME_SCRIPT, *flags, "--checkpoint-dir", ckpt
+        )
+        # 96 samples / batch 8 = 12 micro-batches = 6 steps per epoch: step 8 is mid-epoch.
+        assert "resuming from step 8 (epoch 1, batch 4" in resumed.stderr, resumed.stderr[-4000:]
+        assert report(resumed) == whole == {"step": 18, "digest": whole["digest"]}
 
     def test_tpu_plan_is_n_elastic_workers_with_pjrt_device(self, monkeypatch):
         monkeypatch.delenv("PJRT_DEVICE", raising=False)
@@ -166,7 +273,11 @@ class TestXLA:
 
     def test_one_tpu_is_one_direct_process_pinned_to_one_chip(self, monkeypatch):
         monkeypatch.delenv("PJRT_DEVICE", raising=False)
-        for key in ("TPU_VISIBLE_CHIPS", "TPU_PROCESS_BOUNDS", "TPU_CHIPS_PER_PROCESS_BOUNDS"):
+        for key in (
+            "TPU_VISIBLE_CHIPS",
+            "TPU_PROCESS_BOUNDS",
+            "TPU_CHIPS_PER_PROCESS_BOUNDS",
+        ):
             monkeypatch.delenv(key, raising=False)
         plan = choose(tpus=1).plan()
         assert (plan.launcher, plan.nproc_per_node) == (DIRECT, 1)
@@ -195,7 +306,10 @@ class TestXLA:
         script.write_text("raise SystemExit(3)\n")
         out = subprocess.run(
             tlaunch_command("--tpus", "8", "--precision", "fp16", str(script)),
-            cwd=tmp_path, capture_output=True, text=True, timeout=60,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert out.returncode == 2
         assert out.stderr.strip().splitlines() == [
@@ -212,7 +326,10 @@ def test_tpus_without_torch_xla_name_the_install_command(tmp_path):
     script.write_text("raise SystemExit(3)\n")  # must never run
     out = subprocess.run(
         tlaunch_command("--tpus", "8", str(script)),
-        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 2
     (line,) = out.stderr.strip().splitlines()

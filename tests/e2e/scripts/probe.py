@@ -7,12 +7,11 @@ import argparse
 import hashlib
 import json
 
+import tlaunch
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-import tlaunch
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--n", type=int, default=320)
@@ -45,7 +44,7 @@ if args.count_comm and run.world_size > 1:
     model.register_comm_hook(None, counting_hook)
 
 batches, seen, losses = [], [], []
-for epoch in run.epochs(args.epochs):
+for _epoch in run.epochs(args.epochs):
     count, indices = 0, []
     for xb, yb, ib in run.batches(loader):
         with run.accumulate(model):
@@ -61,7 +60,7 @@ for epoch in run.epochs(args.epochs):
 run.finish()
 
 h = hashlib.sha256()
-for name, t in sorted(run.accelerator.unwrap_model(model).state_dict().items()):
+for _name, t in sorted(run.accelerator.unwrap_model(model).state_dict().items()):
     h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 params = [
     p.detach().cpu().reshape(-1).tolist() for p in run.accelerator.unwrap_model(model).parameters()

@@ -15,9 +15,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "examples"))
-from train_classifier import Classifier, make_data  # noqa: E402
-
 import tlaunch  # noqa: E402
+from train_classifier import Classifier, make_data  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--epochs", type=int, default=3)
@@ -39,7 +38,7 @@ model, optimizer, loader, scheduler = run.prepare(model, optimizer, loader, sche
 micro = run.step * run.config.grad_accum  # exact at window boundaries, where resumes happen
 step_delay = float(os.environ.get("RESUME_TEST_STEP_DELAY", "0"))  # paces runs that tests interrupt
 started_marker = args.out + ".started"
-for epoch in run.epochs(args.epochs):
+for _epoch in run.epochs(args.epochs):
     model.train()
     for x, y in run.batches(loader):
         with run.accumulate(model):
