@@ -12,3 +12,7 @@ print(
     f"accum={accelerator.gradient_accumulation_steps} sum={total:g}",
     flush=True,
 )
+# A clean Accelerate ending: without it a rank can abort in gloo's teardown when its peer
+# has already exited (same under torchrun).
+accelerator.wait_for_everyone()
+accelerator.end_training()
