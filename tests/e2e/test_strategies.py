@@ -42,6 +42,8 @@ def test_ddp_keeps_parameters_identical_across_ranks(tmp_path):
     assert r0["digest"] == r1["digest"]
     assert r0["steps"] == r1["steps"] == 2 * 20  # 320 samples / 2 ranks / batch 8, 2 epochs
     assert r0["last_loss"] < r0["first_loss"]
+    # run.log(reduce=True) averages a tensor over the ranks: (0 + 1) / 2 on both.
+    assert r0["rank_value"] == r1["rank_value"] == 0.5
 
 
 @pytest.mark.parametrize("cpus", ["1", "2"])

@@ -57,6 +57,7 @@ for _epoch in run.epochs(args.epochs):
         indices += ib.tolist()
     batches.append(count)
     seen.append(indices)
+run.log(reduce=True, rank_value=torch.tensor(float(run.rank)))
 run.finish()
 
 h = hashlib.sha256()
@@ -80,6 +81,7 @@ with open(f"probe-rank{run.rank}.json", "w") as f:
             "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None,
             "progress": run._progress.enabled,
+            "rank_value": run.metrics["rank_value"],
             "strategy": run.strategy.name,
             "type": run.accelerator.distributed_type.value,
         },
