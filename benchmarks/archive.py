@@ -1,0 +1,196 @@
+"""Pack / unpack throughput of ``tlaunch data`` against ``tar -I 'zstd -T0'`` and ``tar czf``.
+
+Run: ``.venv/bin/python benchmarks/archive.py [--size-mb 300] [--reps 5]``
+
+Makes its own dataset in a temp dir (many small files -- text and incompressible "images"
+-- plus a few large ones: text, float32 arrays, random bytes), then times, interleaved so
+that noise from other work on a shared machine hits every tool alike:
+
+* pack:   ``pack(DIR, URL)`` vs ``tar -I 'zstd -T0' -cf`` vs ``tar czf``
+* unpack: ``stage(URL)``    vs ``tar -I 'zstd -T0' -xf`` vs ``tar xzf``
+
+and prints medians, throughput ratios (targets: >= 1.0x tar+zstd, >= 5x tar+gzip) and
+compression ratios. ``stage`` includes what ``tar x`` does not: sha256 of every shard and
+the manifest check of every member. The temp dir is on /dev/shm when it has room, so the
+figures measure the tools rather than this VM's disk writeback (``--dir`` overrides).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from tlaunch.storage.archive import pack, stage
+
+SMALL_FILES = 6000
+
+
+def make_dataset(root: str, size_mb: int) -> int:
+    """About ``size_mb`` MB: a third in small files, the rest in four large ones."""
+    rng = np.random.default_rng(0)
+    letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", dtype=np.uint8)
+    words = [letters[rng.integers(0, 26, rng.integers(2, 10))].tobytes() for _ in range(5000)]
+    pool = b" ".join(words[i] for i in rng.zipf(1.3, 3_000_000) % 5000)[: 16 << 20]
+
+    def text(n: int) -> bytes:  # 1 MB pieces of a 16 MB zipf-worded pool: ~2-3x with zstd
+        out = bytearray()
+        while len(out) < n:
+            o = int(rng.integers(0, len(pool) - (1 << 20)))
+            out += pool[o : o + min(1 << 20, n - len(out))]
+        return bytes(out)
+
+    scale = size_mb / 300
+    per_small = int(100e6 * scale / SMALL_FILES)
+    for i in range(SMALL_FILES):
+        d = os.path.join(root, f"shard{i // 100:02d}")
+        os.makedirs(d, exist_ok=True)
+        n = int(rng.integers(per_small // 16, per_small * 2))
+        jpeg = i % 10 >= 7  # already-compressed media: common in datasets
+        with open(os.path.join(d, f"item{i:05d}.{'jpg' if jpeg else 'txt'}"), "wb") as f:
+            f.write(os.urandom(n) if jpeg else text(n))
+    large = {
+        "corpus.txt": text(int(100e6 * scale)),
+        "features.f32": np.round(rng.normal(size=int(15e6 * scale)), 3)
+        .astype(np.float32)
+        .tobytes(),
+        "weights.bin": os.urandom(int(20e6 * scale)),
+        "labels.csv": text(int(20e6 * scale)).replace(b" ", b","),
+    }
+    for name, data in large.items():
+        with open(os.path.join(root, name), "wb") as f:
+            f.write(data)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
+
+
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process and its children) for ``fn()``."""
+    os.sync()  # flush earlier writes so they are not charged to this run
+    ru0, cpu0, t0 = (
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+        time.process_time(),
+        time.perf_counter(),
+    )
+    fn()
+    wall = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    children = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
+    return wall, time.process_time() - cpu0 + children
+
+
+def sh(cmd: str) -> None:
+    subprocess.run(cmd, shell=True, check=True)
+
+
+def fresh(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+
+
+def tools(work: str, data: str) -> dict[str, dict]:
+    """name -> {"pack": (setup, timed action), "unpack": (setup, timed action), "archive": path}.
+
+    Setups (removing the previous output) run outside the timed region.
+    """
+    ours, cache, x = (os.path.join(work, n) for n in ("ours.tlar", "cache", "x"))
+    out = {
+        "tlaunch": {
+            "pack": (lambda: shutil.rmtree(ours, ignore_errors=True),
+                     lambda: pack(data, ours, progress=False)),
+            "unpack": (lambda: fresh(cache),
+                       lambda: stage(ours, cache_dir=cache, progress=False)),
+            "archive": os.path.join(ours, "shards"),
+        }
+    }  # fmt: skip
+    if shutil.which("zstd"):
+        z = os.path.join(work, "a.tar.zst")
+        out["tar+zstd"] = {
+            "pack": (lambda: None, lambda: sh(f"tar -I 'zstd -T0' -cf {z} -C {data} .")),
+            "unpack": (lambda: fresh(x), lambda: sh(f"tar -I 'zstd -T0' -xf {z} -C {x}")),
+            "archive": z,
+        }
+    else:
+        print("zstd is not on PATH: install it (Debian/Ubuntu: apt-get install -y zstd) "
+              "to compare with tar -I 'zstd -T0'; skipping that baseline")  # fmt: skip
+    g = os.path.join(work, "a.tar.gz")
+    out["tar+gzip"] = {
+        "pack": (lambda: None, lambda: sh(f"tar czf {g} -C {data} .")),
+        "unpack": (lambda: fresh(x), lambda: sh(f"tar xzf {g} -C {x}")),
+        "archive": g,
+    }
+    return out
+
+
+def du(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=int, default=300)
+    parser.add_argument("--reps", type=int, default=5, help="repetitions (tar+gzip: 2)")
+    parser.add_argument("--dir", default=None, help="where to make the data (default: /dev/shm)")
+    args = parser.parse_args()
+    base = args.dir
+    if base is None and os.path.isdir("/dev/shm"):
+        free = shutil.disk_usage("/dev/shm").free
+        base = "/dev/shm" if free > 8 * args.size_mb * 10**6 else None
+    with tempfile.TemporaryDirectory(prefix="tlaunch-bench-", dir=base) as work:
+        data = os.path.join(work, "data")
+        total = make_dataset(data, args.size_mb)
+        print(f"dataset: {total / 1e6:.0f} MB, {SMALL_FILES + 4} files, in {work} "
+              f"({os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f})")  # fmt: skip
+        candidates = tools(work, data)
+        results = run(candidates, args.reps)
+        report(results, total)
+        # Content addressing and the cache, on the archive and cache the last round left.
+        repack, _ = timed(candidates["tlaunch"]["pack"][1])
+        again, _ = timed(candidates["tlaunch"]["unpack"][1])
+        print(f"tlaunch re-pack of the unchanged folder: {repack:.2f} s (writes nothing); "
+              f"second fetch: {again * 1000:.0f} ms (cache hit)")  # fmt: skip
+    return 0
+
+
+def run(candidates: dict[str, dict], reps: int) -> dict[str, dict]:
+    results = {name: {"pack": [], "unpack": [], "size": 0} for name in candidates}
+    for rep in range(reps):
+        for name, tool in candidates.items():
+            if name == "tar+gzip" and rep >= 2:
+                continue  # ~15 s a round: two are enough to see a 5x gap
+            for step in ("pack", "unpack"):
+                setup, action = tool[step]
+                setup()
+                results[name][step].append(timed(action))
+            results[name]["size"] = du(tool["archive"])
+    return results
+
+
+def report(results: dict[str, dict], total: int) -> None:
+    med = {n: {k: (statistics.median(w for w, _ in r[k]), statistics.median(c for _, c in r[k]))
+               for k in ("pack", "unpack")} for n, r in results.items()}  # fmt: skip
+    print(
+        f"\n{'':10s} {'pack MB/s':>10s} {'cpu s':>7s} {'unpack MB/s':>12s} {'cpu s':>7s} {'ratio':>6s}"
+    )
+    for name, m in med.items():
+        print(f"{name:10s} {total / m['pack'][0] / 1e6:10.0f} {m['pack'][1]:7.2f} "
+              f"{total / m['unpack'][0] / 1e6:12.0f} {m['unpack'][1]:7.2f} "
+              f"{total / results[name]['size']:5.2f}x")  # fmt: skip
+    ours = med["tlaunch"]
+    for base, target in (("tar+zstd", 1.0), ("tar+gzip", 5.0)):
+        if base in med:
+            p = med[base]["pack"][0] / ours["pack"][0]
+            u = med[base]["unpack"][0] / ours["unpack"][0]
+            print(f"tlaunch vs {base}: pack {p:.2f}x, unpack {u:.2f}x (target >= {target:.1f}x)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

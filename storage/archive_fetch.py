@@ -1,0 +1,339 @@
+"""Staging an archive on this machine: a cache keyed by archive id, filled once, then reused.
+
+Cache layout (``$TLAUNCH_CACHE_DIR`` or ``~/.cache/tlaunch/data``)::
+
+    <id>/                 the unpacked data; it exists only once complete (renamed into place)
+    <id>.lock             flock'ed while one process fills <id>; others wait, then reuse it
+    .<id>.shards/         downloaded shards, kept across interruptions so a rerun resumes
+                          (``<name>.part`` grows by ranged reads; complete ones are re-verified
+                          while unpacking)
+    .<id>.unpack-<pid>/   the temp directory being unpacked, next to its final place
+    urls/<hash>.json      which id a URL had when last fetched, so a machine that already
+                          holds the data can start even when the store is unreachable
+
+Archives on a local path (or the Drive mount) are unpacked straight from their shard
+files; only remote ones are downloaded first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from typing import Any
+
+from tlaunch.storage.archive_format import (
+    MANIFEST_NAME,
+    SHARDS_DIR,
+    ArchiveError,
+    Manifest,
+    ShardEntry,
+    parse_manifest,
+)
+from tlaunch.storage.archive_unpack import ShardCorrupt, extract_shard
+from tlaunch.storage.store import Location, StorageError, redact
+
+log = logging.getLogger(__name__)
+
+DOWNLOAD_CHUNK = 8 << 20  # one ranged read; also how much an interruption can lose
+_DOWNLOADERS = 8  # parallel shard downloads: enough to fill a VM's link from GCS or S3
+
+
+class ManifestUnavailable(StorageError):
+    """The store did not answer with a manifest (missing, unreachable, no permission)."""
+
+
+class ManifestMissing(ManifestUnavailable):
+    """The store answered: there is no archive at that URL."""
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("TLAUNCH_CACHE_DIR") or os.path.join("~", ".cache", "tlaunch", "data")
+
+
+def cache_root(cache_dir: str | None) -> str:
+    return os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
+
+
+def one_line(e: BaseException) -> str:
+    return redact(" ".join(f"{type(e).__name__}: {e}".split()))
+
+
+def is_local(fs: Any) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
+
+
+def read_manifest(loc: Location) -> Manifest:
+    """The manifest at ``loc``; :class:`ManifestUnavailable` when the store has none."""
+    where = redact(loc.url)
+    try:
+        data = loc.fs.cat_file(loc.join(MANIFEST_NAME))
+    except FileNotFoundError:
+        raise ManifestMissing(
+            f"no tlaunch data archive at {where} (no {MANIFEST_NAME}); "
+            f"create one with `tlaunch data pack DIR {where}`"
+        ) from None
+    except StorageError:
+        raise
+    except Exception as e:  # backends raise their own types (HttpError, ClientError, ...)
+        raise ManifestUnavailable(f"cannot read {where}/{MANIFEST_NAME}: {one_line(e)}") from e
+    return parse_manifest(data, where)
+
+
+def read_range(fs: Any, path: str, start: int, end: int) -> bytes:
+    """Bytes ``[start, end)`` of a remote file (the one seam tests interrupt)."""
+    return fs.cat_file(path, start=start, end=end)
+
+
+@contextlib.contextmanager
+def locked(path: str) -> Iterator[None]:
+    """An exclusive flock on ``path``: released by the kernel even if this process dies."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def remember(cache: str, url: str, archive_id: str) -> None:
+    path = _pointer(cache, url)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"  # unique per thread too
+    with open(tmp, "w") as f:
+        json.dump({"url": redact(url), "id": archive_id}, f)
+    os.replace(tmp, path)
+
+
+def cached_copy(cache: str, url: str) -> str | None:
+    """The unpacked copy of the archive ``url`` had when last fetched here, if still present."""
+    try:
+        with open(_pointer(cache, url)) as f:
+            archive_id = json.load(f)["id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    path = os.path.join(cache, str(archive_id))
+    return path if os.path.isdir(path) else None
+
+
+def _pointer(cache: str, url: str) -> str:
+    return os.path.join(cache, "urls", hashlib.sha256(url.encode()).hexdigest()[:32] + ".json")
+
+
+def populate(loc: Location, manifest: Manifest, cache: str, threads: int, progress: bool) -> str:
+    """Download, verify and unpack ``manifest`` into ``cache/<id>``; call it under the lock."""
+    final = os.path.join(cache, manifest.id)
+    tmp = os.path.join(cache, f".{manifest.id}.unpack-{os.getpid()}")
+    downloads = os.path.join(cache, f".{manifest.id}.shards")
+    _remove_stale_unpacks(cache, manifest.id)
+    os.makedirs(tmp)
+    try:
+        for d in manifest.dirs:
+            os.makedirs(os.path.join(tmp, d), exist_ok=True)
+        _Job(loc, manifest, tmp, downloads, threads, progress).run()
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(downloads, ignore_errors=True)
+    return final
+
+
+def _remove_stale_unpacks(cache: str, archive_id: str) -> None:
+    # Left by a process killed mid-unpack; we hold the lock, so none is in use.
+    prefix = f".{archive_id}.unpack-"
+    for name in os.listdir(cache):
+        if name.startswith(prefix):
+            shutil.rmtree(os.path.join(cache, name), ignore_errors=True)
+
+
+class _Aborted(Exception):
+    """Another shard failed: stop this one at the next chunk or file."""
+
+
+class _Job:
+    """One fill of the cache: parallel downloads feeding parallel unpacks, two progress bars."""
+
+    def __init__(
+        self, loc: Location, manifest: Manifest, tmp: str, downloads: str, threads: int,
+        progress: bool,
+    ) -> None:  # fmt: skip
+        self.loc, self.manifest, self.tmp, self.downloads = loc, manifest, tmp, downloads
+        self.threads = threads
+        self.local = is_local(loc.fs)
+        self.where = redact(loc.url)
+        self.abort = threading.Event()
+        self.lock = threading.Lock()
+        self.bars = self._bars(progress)
+
+    def _bars(self, progress: bool) -> list[Any]:
+        from tqdm import tqdm
+
+        opts = dict(unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                    disable=not progress, dynamic_ncols=True)  # fmt: skip
+        bars = []
+        if not self.local:
+            bars.append(tqdm(total=self.manifest.compressed_size, desc="download", **opts))
+        bars.append(tqdm(total=self.manifest.total_size, desc="unpack", position=len(bars), **opts))
+        return bars
+
+    def _tick(self, bar: Any) -> Callable[[int], None]:
+        def update(n: int) -> None:
+            if self.abort.is_set():
+                raise _Aborted
+            with self.lock:
+                bar.update(n)
+
+        return update
+
+    def run(self) -> None:
+        shards = self.manifest.shards
+        unpackers = ThreadPoolExecutor(max(1, min(len(shards), self.threads // 2)))
+        downloaders = ThreadPoolExecutor(max(1, min(len(shards), _DOWNLOADERS)))
+        futures: list[Future] = []
+        try:
+            if not self.local:
+                os.makedirs(self.downloads, exist_ok=True)
+            for i, shard in enumerate(shards):
+                if self.local:
+                    futures.append(unpackers.submit(self._unpack, i, shard, None))
+                else:
+                    got = downloaders.submit(self._download, shard)
+                    futures.append(unpackers.submit(self._unpack, i, shard, got))
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            errors = [f.exception() for f in done if f.exception() is not None]
+            if errors:  # report the failure itself, not a shard it stopped
+                raise next((e for e in errors if not isinstance(e, _Aborted)), errors[0])
+        except BaseException:
+            self.abort.set()
+            raise
+        finally:
+            downloaders.shutdown(wait=True, cancel_futures=True)
+            unpackers.shutdown(wait=True, cancel_futures=True)
+            for bar in self.bars:
+                bar.close()
+
+    def _unpack(self, index: int, shard: ShardEntry, got: Future | None) -> None:
+        # Unpacks start in shard order as downloads finish, overlapping the two.
+        path = got.result() if got is not None else self.loc.join(SHARDS_DIR, shard.name)
+        where = f"{self.where} (shard {index + 1}/{len(self.manifest.shards)})"
+        try:
+            extract_shard(path, shard, self.manifest.shard_files(shard), self.tmp, where,
+                          self._tick(self.bars[-1]))  # fmt: skip
+        except FileNotFoundError:
+            raise ArchiveError(
+                f"{where}: shard {shard.name} is missing; pack the archive again"
+            ) from None
+        except ShardCorrupt as e:
+            if not self.local:
+                os.unlink(path)  # the next run downloads it again
+                raise ShardCorrupt(
+                    f"{e}: the local copy was damaged and is deleted; run the same command again"
+                ) from None
+            raise ShardCorrupt(f"{e}: the archive is damaged; pack it again") from None
+
+    def _download(self, shard: ShardEntry) -> str:
+        final = os.path.join(self.downloads, shard.name)
+        tick = self._tick(self.bars[0])
+        if os.path.exists(final) and os.path.getsize(final) == shard.size:
+            tick(shard.size)  # complete from an earlier run; re-verified while unpacking
+            return final
+        part = final + ".part"
+        resumed = _resume_size(part, shard.size)
+        digest = _hash_file(part) if resumed else hashlib.sha256()
+        tick(resumed)
+        self._download_rest(shard, part, resumed, digest, tick)
+        if digest.hexdigest() == shard.sha256:
+            os.replace(part, final)
+            return final
+        os.unlink(part)
+        tick(-shard.size)
+        if resumed:  # the kept part may be what was damaged: once more from the start
+            return self._download(shard)
+        raise ShardCorrupt(
+            f"{self.where}: shard {shard.name} does not match its checksum as downloaded; "
+            "the archive is damaged; pack it again"
+        )
+
+    def _download_rest(
+        self, shard: ShardEntry, part: str, have: int, digest: Any, tick: Callable[[int], None]
+    ) -> None:
+        remote = self.loc.join(SHARDS_DIR, shard.name)
+        with open(part, "ab") as f:
+            while have < shard.size:
+                end = min(have + DOWNLOAD_CHUNK, shard.size)
+                try:
+                    data = read_range(self.loc.fs, remote, have, end)
+                except FileNotFoundError:
+                    raise ArchiveError(
+                        f"{self.where}: shard {shard.name} is missing; pack the archive again"
+                    ) from None
+                except Exception as e:
+                    if isinstance(e, (StorageError, _Aborted)):
+                        raise
+                    raise StorageError(
+                        f"downloading {self.where} failed ({one_line(e)}); "
+                        "run the same command again to resume"
+                    ) from e
+                if len(data) != end - have:
+                    raise ArchiveError(
+                        f"{self.where}: shard {shard.name} is shorter than its manifest says; "
+                        "the archive is damaged; pack it again"
+                    )
+                f.write(data)
+                f.flush()  # what is on disk is what a rerun resumes from
+                digest.update(data)
+                have = end
+                tick(len(data))
+
+
+def _resume_size(part: str, size: int) -> int:
+    try:
+        have = os.path.getsize(part)
+    except FileNotFoundError:
+        return 0
+    if have > size:
+        os.unlink(part)
+        return 0
+    return have
+
+
+def _hash_file(path: str) -> Any:
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest
+
+
+def link(dest: str, target: str, cache: str) -> str:
+    """Make ``dest`` a symlink to the unpacked ``target`` (atomically); return ``dest``."""
+    dest = os.path.abspath(os.path.expanduser(dest))
+    if os.path.islink(dest):
+        if not os.readlink(dest).startswith(cache + os.sep):
+            raise ArchiveError(
+                f"{dest} is a symlink to {os.readlink(dest)}, not to tlaunch's data cache; "
+                "remove it or choose another destination"
+            )
+    elif os.path.isdir(dest) and not os.listdir(dest):
+        os.rmdir(dest)
+    elif os.path.lexists(dest):
+        raise ArchiveError(
+            f"{dest} already exists; choose a new path (tlaunch makes it a link to the "
+            "unpacked data) or remove it"
+        )
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    tmp = f"{dest}.tlaunch-tmp-{os.getpid()}-{threading.get_ident()}"
+    os.symlink(target, tmp)
+    os.replace(tmp, dest)
+    return dest

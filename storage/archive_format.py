@@ -1,0 +1,271 @@
+"""The data-archive format: manifest, content ids, tar headers, and the zstd binding.
+
+An archive at ``URL`` is::
+
+    URL/MANIFEST.json                 written last; only its presence makes the archive exist
+    URL/shards/<key>.tar.zst          one zstd frame holding a plain tar stream of regular files
+
+``MANIFEST.json`` lists every directory, every file (path, size, mode, sha256) in path
+order, and every shard (which contiguous run of files it holds, and the sha256 and size of
+its compressed bytes). A shard's name is its *key*: the sha256 of the level and of its files'
+(path, size, mode, sha256), so packing unchanged files again finds the shard already there
+and neither compresses nor uploads it. The archive *id* hashes only the directories and
+files -- the content, not how it was compressed -- and keys the unpacked copy in the local
+cache, so a re-pack at another level or shard size still hits the cache.
+
+Modes are stored as tarfile's ``data`` filter will restore them (no setuid/setgid/sticky,
+no group/other write, owner always read+write), so the manifest says what lands on disk.
+Mtimes are not stored (always 0; unpacked files get the time of unpacking): they would make
+identical content look different. A shard is a plain ``.tar.zst``: ``zstd -dc S | tar x``
+reads it without tlaunch.
+
+zstd binding
+------------
+``backports.zstd`` (the PEP 784 ``compression.zstd`` API; on Python 3.14 the stdlib module
+itself) rather than ``zstandard``. Both wrap the same libzstd (1.5.7 here) and release the
+GIL, and on this project's 2-core machine they measured within noise of each other
+(200 MB of mixed text/floats/random, level 3, best of 7 interleaved runs; backports vs
+zstandard): one thread 303 vs 314 MB/s, one stream with 2 workers (``nb_workers=2`` vs
+``threads=2``) 572 vs 594 MB/s, decompression 568 vs 593 MB/s. Speed does not decide it;
+the API does: it is the stdlib's from 3.14, so the dependency disappears there, and it is
+the one pyproject already declares. Multithreading is libzstd's own (``nb_workers``); the
+packing thread only reads, hashes and frames the files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import re
+import stat
+from dataclasses import dataclass
+
+from tlaunch.storage.store import StorageError
+
+try:  # Python 3.14+
+    from compression import zstd  # type: ignore[import-not-found]
+except ImportError:
+    from backports import zstd  # type: ignore[no-redef]
+
+__all__ = ["zstd"]
+
+FORMAT = "tlaunch-data/1"
+MANIFEST_NAME = "MANIFEST.json"
+SHARDS_DIR = "shards"
+SHARD_SUFFIX = ".tar.zst"
+DEFAULT_LEVEL = 3  # zstd's own default: the fair point for its speed/ratio trade-off
+DEFAULT_SHARD_SIZE = 1_000_000_000
+BLOCK = 512
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+RECORD = 10240  # tar pads the end of an archive to a multiple of this
+
+
+class ArchiveError(StorageError):
+    """An archive was refused or is damaged; the message names what and what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    path: str  # relative, "/"-separated, normalized
+    size: int
+    mode: int  # permission bits as the tarfile "data" filter restores them
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class ShardEntry:
+    key: str  # sha256 of level + files: the shard's object name is f"{key}{SHARD_SUFFIX}"
+    sha256: str  # of the compressed bytes, checked on download and on unpack
+    size: int  # compressed bytes
+    tar_size: int  # uncompressed tar stream bytes
+    first: int  # index of its first file in Manifest.files
+    count: int
+
+    @property
+    def name(self) -> str:
+        return self.key + SHARD_SUFFIX
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    id: str
+    level: int
+    dirs: tuple[str, ...]
+    files: tuple[FileEntry, ...]
+    shards: tuple[ShardEntry, ...]
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def compressed_size(self) -> int:
+        return sum(s.size for s in self.shards)
+
+    def shard_files(self, shard: ShardEntry) -> tuple[FileEntry, ...]:
+        return self.files[shard.first : shard.first + shard.count]
+
+    def to_json(self) -> bytes:
+        doc = {
+            "format": FORMAT,
+            "id": self.id,
+            "level": self.level,
+            "dirs": list(self.dirs),
+            "files": [
+                {"path": f.path, "size": f.size, "mode": f.mode, "sha256": f.sha256}
+                for f in self.files
+            ],
+            "shards": [
+                {"key": s.key, "sha256": s.sha256, "size": s.size, "tar_size": s.tar_size,
+                 "first": s.first, "count": s.count}
+                for s in self.shards
+            ],
+        }  # fmt: skip
+        return json.dumps(doc, indent=1, ensure_ascii=False).encode() + b"\n"
+
+
+def data_mode(st_mode: int) -> int:
+    """The permission bits tarfile's ``data`` filter leaves on an extracted regular file."""
+    mode = stat.S_IMODE(st_mode) & 0o755
+    if not mode & 0o100:
+        mode &= ~0o111
+    return mode | 0o600
+
+
+def unsafe_path_reason(path: str) -> str | None:
+    """Why ``path`` may not name a file inside an archive, or None when it may."""
+    if not path or "\0" in path:
+        return "is empty or contains a NUL byte"
+    if path.startswith("/"):
+        return "is an absolute path"
+    parts = path.split("/")
+    if ".." in parts:
+        return "leaves the destination ('..' in its path)"
+    if "" in parts or "." in parts:
+        return "is not a normalized relative path"
+    return None
+
+
+def _digest(doc: object) -> str:
+    return hashlib.sha256(json.dumps(doc, separators=(",", ":")).encode()).hexdigest()
+
+
+def _file_rows(files: tuple[FileEntry, ...] | list[FileEntry]) -> list[list]:
+    return [[f.path, f.size, f.mode, f.sha256] for f in files]
+
+
+def content_id(
+    dirs: tuple[str, ...] | list[str], files: tuple[FileEntry, ...] | list[FileEntry]
+) -> str:
+    """The archive id: a hash of what unpacks, independent of level and sharding."""
+    return _digest({"dirs": list(dirs), "files": _file_rows(files)})
+
+
+def shard_key(level: int, files: tuple[FileEntry, ...] | list[FileEntry]) -> str:
+    """A shard's name: everything that decides its bytes (format, level, files)."""
+    return _digest({"format": FORMAT, "level": level, "files": _file_rows(files)})
+
+
+def ustar_header(path: str, size: int, mode: int) -> bytes:
+    """A tar header for a regular file, byte-identical to ``TarInfo.tobuf(USTAR_FORMAT)``.
+
+    tarfile spends ~40 us building one header; this takes ~2 us, which is a tenth of a
+    second per 6,000 small files. Names that do not fit ustar's 100 bytes (or are not
+    ASCII), and sizes of 8 GiB or more, go through tarfile's PAX writer instead.
+    """
+    name = path.encode("utf-8")
+    if len(name) > 100 or not name.isascii() or size >= 8**11:
+        import tarfile
+
+        info = tarfile.TarInfo(path)
+        info.size, info.mode, info.mtime, info.uname, info.gname = size, mode, 0, "", ""
+        return info.tobuf(format=tarfile.PAX_FORMAT, encoding="utf-8", errors="strict")
+    head = b"%s%07o\x000000000\x000000000\x00%011o\x0000000000000\x00" % (
+        name.ljust(100, b"\0"),
+        mode,
+        size,
+    )
+    tail = _USTAR_TAIL
+    checksum = sum(head) + _USTAR_TAIL_SUM + 8 * 32
+    return head + b"%06o\x00 " % checksum + tail
+
+
+# typeflag "0", empty linkname, magic "ustar\0" + version "00", empty uname/gname/dev/prefix
+_USTAR_TAIL = b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * (32 + 32 + 8 + 8 + 155 + 12)
+_USTAR_TAIL_SUM = sum(_USTAR_TAIL)
+
+
+def tar_padding(size: int) -> bytes:
+    return b"\0" * (-size % BLOCK)
+
+
+def tar_end(tar_size: int) -> bytes:
+    """Two zero blocks, then zeros up to a whole record, as tar itself ends an archive."""
+    end = tar_size + 2 * BLOCK
+    return b"\0" * (2 * BLOCK + (-end % RECORD))
+
+
+def parse_manifest(data: bytes, where: str) -> Manifest:
+    """Parse and check ``MANIFEST.json`` bytes; ``where`` names the archive in errors."""
+    try:
+        doc = json.loads(data)
+        if doc.get("format") != FORMAT:
+            raise ArchiveError(
+                f"{where} is not a {FORMAT} archive (format {doc.get('format')!r}); "
+                "pack it again with this tlaunch or fetch it with the tlaunch that packed it"
+            )
+        files = tuple(
+            FileEntry(str(f["path"]), int(f["size"]), int(f["mode"]), str(f["sha256"]))
+            for f in doc["files"]
+        )
+        shards = tuple(
+            ShardEntry(str(s["key"]), str(s["sha256"]), int(s["size"]), int(s["tar_size"]),
+                       int(s["first"]), int(s["count"]))
+            for s in doc["shards"]
+        )  # fmt: skip
+        dirs = tuple(str(d) for d in doc["dirs"])
+        manifest = Manifest(str(doc["id"]), int(doc["level"]), dirs, files, shards)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ArchiveError(
+            f"{where} has an unreadable manifest ({type(e).__name__}: {e}); pack it again"
+        ) from None
+    _check_manifest(manifest, where)
+    return manifest
+
+
+def _check_manifest(m: Manifest, where: str) -> None:
+    for path in (*m.dirs, *(f.path for f in m.files)):
+        reason = unsafe_path_reason(path)
+        if reason:
+            raise ArchiveError(f"refusing {where}: its manifest lists {path!r}, which {reason}")
+    digests = [m.id, *(s.key for s in m.shards), *(s.sha256 for s in m.shards)]
+    if not all(_HEX64.fullmatch(d) for d in digests + [f.sha256 for f in m.files]):
+        # shard keys become file names here and in the download cache: never a path
+        raise ArchiveError(
+            f"refusing {where}: its manifest holds a malformed digest; pack it again"
+        )
+    if len({f.path for f in m.files}) != len(m.files):
+        raise ArchiveError(f"refusing {where}: its manifest lists a file twice; pack it again")
+    expected = 0
+    for shard in m.shards:
+        if shard.first != expected or shard.count < 0:
+            raise ArchiveError(
+                f"refusing {where}: its manifest's shards do not cover the file list in order; "
+                "pack it again"
+            )
+        expected += shard.count
+    if expected != len(m.files) or content_id(m.dirs, m.files) != m.id:
+        raise ArchiveError(
+            f"refusing {where}: its manifest does not match its own id or file list; pack it again"
+        )
+
+
+def parent_dirs(path: str) -> list[str]:
+    """``a/b/c.txt`` -> ``["a", "a/b"]``."""
+    out = []
+    head = posixpath.dirname(path)
+    while head:
+        out.append(head)
+        head = posixpath.dirname(head)
+    return out[::-1]

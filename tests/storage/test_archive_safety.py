@@ -1,0 +1,190 @@
+"""Hostile archives, built by hand with tarfile: each is refused, named, and leaves no trace.
+
+Every archive here has a correct shard checksum and a manifest that lists one harmless
+file per member, so the refusal comes from unpacking itself, not from earlier checks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+import pytest
+from tlaunch.storage import archive_unpack
+from tlaunch.storage.archive import ArchiveError, stage
+from tlaunch.storage.archive_format import (
+    FORMAT,
+    MANIFEST_NAME,
+    SHARDS_DIR,
+    FileEntry,
+    content_id,
+    zstd,
+)
+
+
+def member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", **attrs) -> tuple:
+    info = tarfile.TarInfo(name)
+    info.type, info.size, info.mode = kind, len(data), attrs.pop("mode", 0o644)
+    for key, value in attrs.items():
+        setattr(info, key, value)
+    return info, data
+
+
+def write_archive(url: str, members: list[tuple], listed: list[FileEntry] | None = None) -> str:
+    """A one-shard archive at ``url`` holding exactly ``members``; returns its id."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    shard = zstd.compress(raw.getvalue())
+    import hashlib
+
+    digest = hashlib.sha256(shard).hexdigest()
+    if listed is None:  # one harmless regular file per member
+        listed = [FileEntry(f"ok{i}.txt", 0, 0o644, "0" * 64) for i in range(len(members))]
+    os.makedirs(os.path.join(url, SHARDS_DIR))
+    key = "ab" * 32
+    with open(os.path.join(url, SHARDS_DIR, key + ".tar.zst"), "wb") as f:
+        f.write(shard)
+    archive_id = content_id([], listed)
+    doc = {
+        "format": FORMAT,
+        "id": archive_id,
+        "level": 3,
+        "dirs": [],
+        "files": [{"path": e.path, "size": e.size, "mode": e.mode, "sha256": e.sha256} for e in listed],
+        "shards": [{"key": key, "sha256": digest, "size": len(shard), "tar_size": len(raw.getvalue()),
+                    "first": 0, "count": len(listed)}],
+    }  # fmt: skip
+    with open(os.path.join(url, MANIFEST_NAME), "w") as f:
+        json.dump(doc, f)
+    return archive_id
+
+
+def assert_refused(url: str, cache: str, archive_id: str, *fragments: str) -> str:
+    with pytest.raises(ArchiveError) as err:
+        stage(url, cache_dir=cache, progress=False)
+    message = str(err.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message
+    # nothing in the final location, no half-unpacked temp directory left behind
+    assert not os.path.exists(os.path.join(cache, archive_id))
+    assert [n for n in os.listdir(cache) if ".unpack-" in n] == []
+    return message
+
+
+@pytest.fixture
+def places(tmp_path):
+    """(archive url, cache dir, a path outside both that a hostile member aims at)."""
+    return str(tmp_path / "evil.tlar"), str(tmp_path / "cache"), tmp_path / "outside"
+
+
+HOSTILE = {
+    "traversal": (lambda out: [member("../outside", data=b"x")],
+                  "'../outside'", "leaves the destination ('..' in its path)"),
+    "absolute": (lambda out: [member(str(out), data=b"x")],
+                 "is an absolute path", ""),
+    "symlink escape": (lambda out: [member("link", tarfile.SYMTYPE, linkname="../../../outside"),
+                                    member("link/x", data=b"x")],
+                       "'link'", "is a symlink to '../../../outside', which leaves the destination"),
+    "absolute symlink": (lambda out: [member("link", tarfile.SYMTYPE, linkname=str(out))],
+                         "'link'", "which leaves the destination"),
+    "hardlink escape": (lambda out: [member("hard", tarfile.LNKTYPE, linkname="../outside")],
+                        "'hard'", "is a hard link to '../outside', which leaves the destination"),
+    "device node": (lambda out: [member("dev", tarfile.CHRTYPE, devmajor=1, devminor=3)],
+                    "'dev'", "is a character device; special files are refused"),
+    "block device": (lambda out: [member("disk", tarfile.BLKTYPE, devmajor=8, devminor=0)],
+                     "'disk'", "is a block device"),
+    "fifo": (lambda out: [member("pipe", tarfile.FIFOTYPE)],
+             "'pipe'", "is a FIFO; special files are refused"),
+    "inner symlink": (lambda out: [member("ln", tarfile.SYMTYPE, linkname="ok0.txt")],
+                      "'ln'", "tlaunch archives hold regular files only"),
+    "directory member": (lambda out: [member("sub", tarfile.DIRTYPE, mode=0o755)],
+                         "'sub'", "is a directory"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_member_is_refused_and_nothing_is_written(case, places):
+    url, cache, outside = places
+    build, *fragments = HOSTILE[case]
+    archive_id = write_archive(url, build(outside))
+
+    message = assert_refused(url, cache, archive_id, *fragments)
+
+    assert message.startswith(f"refusing {url} (shard 1/1): member ")
+    assert not os.path.lexists(outside)
+
+
+def test_tarfile_data_filter_stands_behind_our_checks(places, monkeypatch):
+    # With our own member checks switched off, tarfile's "data" filter still refuses.
+    url, cache, outside = places
+    monkeypatch.setattr(archive_unpack, "member_refusal", lambda member, expected: None)
+    archive_id = write_archive(url, [member("../outside", data=b"x")])
+    assert_refused(url, cache, archive_id, "'../outside'", "refused by tarfile's data filter")
+    assert not os.path.lexists(outside)
+
+
+def test_manifest_with_a_path_for_a_shard_key_is_refused(places):
+    url, cache, _ = places
+    archive_id = write_archive(url, [member("a.txt", data=b"x")])
+    manifest = os.path.join(url, MANIFEST_NAME)
+    with open(manifest) as f:
+        doc = json.load(f)
+    doc["shards"][0]["key"] = "../../../../tmp/owned"
+    with open(manifest, "w") as f:
+        json.dump(doc, f)
+    assert_refused(url, cache, archive_id, "malformed digest")
+
+
+def test_manifest_listing_an_unsafe_path_is_refused(places):
+    url, cache, _ = places
+    listed = [FileEntry("../escape.txt", 1, 0o644, "0" * 64)]
+    archive_id = write_archive(url, [member("../escape.txt", data=b"x")], listed)
+    assert_refused(
+        url, cache, archive_id, "its manifest lists '../escape.txt'", "leaves the destination"
+    )
+
+
+MISMATCH = {
+    "other name": ([member("a.txt", data=b"abc")], [FileEntry("b.txt", 3, 0o644, "0" * 64)],
+                   "member 'a.txt' is not the file the manifest lists next ('b.txt')"),
+    "other size": ([member("a.txt", data=b"abc")], [FileEntry("a.txt", 4, 0o644, "0" * 64)],
+                   "member 'a.txt' has 3 bytes where the manifest says 4"),
+    "other mode": ([member("a.txt", data=b"abc", mode=0o755)], [FileEntry("a.txt", 3, 0o644, "0" * 64)],
+                   "member 'a.txt' has mode 755 where the manifest says 644"),
+    "extra member": ([member("a.txt", data=b"abc"), member("b.txt", data=b"x")],
+                     [FileEntry("a.txt", 3, 0o644, "0" * 64)], "member 'b.txt' is not in the manifest"),
+    "missing member": ([member("a.txt", data=b"abc")],
+                       [FileEntry("a.txt", 3, 0o644, "0" * 64), FileEntry("b.txt", 1, 0o644, "0" * 64)],
+                       "the shard ends before 'b.txt'"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(MISMATCH))
+def test_manifest_mismatch_is_refused(case, places):
+    url, cache, _ = places
+    members, listed, fragment = MISMATCH[case]
+    archive_id = write_archive(url, members, listed)
+    assert_refused(url, cache, archive_id, fragment)
+
+
+def test_garbage_shard_with_matching_checksum_is_refused(places):
+    url, cache, _ = places
+    archive_id = write_archive(url, [member("a.txt", data=b"abc")])
+    shard = os.path.join(url, SHARDS_DIR, "ab" * 32 + ".tar.zst")
+    with open(shard, "wb") as f:
+        f.write(zstd.compress(b"this is not a tar stream" * 40))
+    with open(os.path.join(url, MANIFEST_NAME)) as f:
+        doc = json.load(f)
+    import hashlib
+
+    with open(shard, "rb") as f:
+        data = f.read()
+    doc["shards"][0].update(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    with open(os.path.join(url, MANIFEST_NAME), "w") as f:
+        json.dump(doc, f)
+    assert_refused(url, cache, archive_id, "not a valid tar.zst shard")
