@@ -28,6 +28,7 @@ import tempfile
 import time
 
 import numpy as np
+
 from tlaunch.storage.archive import pack, stage
 
 SMALL_FILES = 6000

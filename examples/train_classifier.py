@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 
-import tlaunch
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+import tlaunch
 
 
 def make_data(n: int = 512, features: int = 16, classes: int = 4) -> TensorDataset:

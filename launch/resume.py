@@ -278,8 +278,9 @@ def _config_hash(config_dict: dict) -> str:
 
 def _versions() -> dict[str, str]:
     import accelerate
-    import tlaunch
     import torch
+
+    import tlaunch
 
     return {
         "tlaunch": tlaunch.__version__,

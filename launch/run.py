@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+
 from tlaunch.config import LaunchConfig
 from tlaunch.launcher import CONTROL_DIR_ENV, RUN_DIR_ENV
 from tlaunch.resume import ResumeState, apply_checkpoint, check_drift, open_resume

@@ -12,40 +12,33 @@ committed step is used, with a :class:`CheckpointWarning` naming both.
 
 from __future__ import annotations
 
-import re
+import threading
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from tlaunch.storage import serialize
 from tlaunch.storage.commit import build_commit_protocol
+from tlaunch.storage.discovery import StepDir, scan
 from tlaunch.storage.manifest import (
     COMMIT,
     MANIFEST,
     QUARANTINED,
-    STATE,
-    TMP_PREFIX,
     CheckpointError,
-    build_commit,
     build_manifest,
+    commit_record,
     encode_json,
     hash_problems,
     manifest_files,
-    object_file,
-    parse_record,
-    parse_step_dir,
     read_chunks,
-    rng_file,
     sha256,
     sha256_stream,
     size_problems,
     step_dir,
-    tensors_file,
 )
-from tlaunch.storage.snapshot import cpu_snapshot
 from tlaunch.storage.store import (
     Location,
     RetryPolicy,
@@ -54,6 +47,7 @@ from tlaunch.storage.store import (
     resolve,
     storage_error,
 )
+from tlaunch.storage.writer import cpu_snapshot
 
 __all__ = [
     "CheckpointError",
@@ -65,12 +59,48 @@ __all__ = [
     "cpu_snapshot",
 ]
 
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _MAX_STEP = 10**9 - 1
+_UPLOADS_IN_FLIGHT = 2
 
 
 class CorruptCheckpointError(CheckpointError):
-    """A committed step whose bytes do not match its MANIFEST (it has been quarantined)."""
+    """A committed step whose bytes do not match its MANIFEST; it is quarantined."""
+
+    def __init__(self, step: int, url: str, detail: str) -> None:
+        super().__init__(
+            f"checkpoint step {step} at {redact(url)} failed verification ({detail}); quarantined it"
+        )
+        self.step = step
+        self.detail = detail
+
+
+class _InThread:
+    """``fn(*args)`` running in a plain thread; :meth:`result` returns its value or raises.
+
+    Not an executor: executors refuse work once interpreter shutdown has begun, and the async
+    writer's last save may run exactly then.
+    """
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), name="tlaunch-ckpt-io")
+        self._thread.start()
+
+    def _run(self, fn: Callable[..., Any], args: tuple) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as e:  # handed to whoever asks for the result
+            self._error = e
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> Any:
+        self.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 class CheckpointWarning(UserWarning):
@@ -102,57 +132,6 @@ class LoadedCheckpoint:
     rng: dict[int, Any]
 
 
-@dataclass(slots=True)
-class _Step:
-    """A step directory from one listing: its files (name -> size) and its COMMIT record."""
-
-    step: int
-    path: str
-    files: dict[str, int] = field(default_factory=dict)
-    record: dict[str, Any] | None = None
-    problem: str | None = None  # why the COMMIT could not be read
-
-    @property
-    def committed(self) -> bool:
-        return COMMIT in self.files
-
-    @property
-    def quarantined(self) -> bool:
-        return QUARANTINED in self.files
-
-
-def _check_name(kind: str, name: Any) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise CheckpointError(
-            f"{kind} name {name!r} cannot be a file name; use letters, digits, '_', '-', '.'"
-        )
-    return name
-
-
-def _file_plan(
-    tensors: Mapping[str, Any], objects: Mapping[str, Any], rng: Mapping[int, Any], state: Mapping
-) -> list[tuple[str, Callable[[], bytes]]]:
-    """(file name, serializer) for every file of a save, validated before anything is written."""
-    plan: list[tuple[str, Callable[[], bytes]]] = []
-    for name, sd in tensors.items():
-        label = f"tensors[{_check_name('tensors', name)!r}]"
-        plan.append((tensors_file(name), lambda label=label, sd=sd: serialize.tensors_to_bytes(label, sd)))
-    for name, obj in objects.items():
-        label = f"objects[{_check_name('objects', name)!r}]"
-        plan.append((object_file(name), lambda label=label, obj=obj: serialize.object_to_bytes(label, obj)))
-    for rank, obj in sorted(rng.items()):
-        if not isinstance(rank, int) or rank < 0:
-            raise CheckpointError(f"rng= keys are ranks (ints >= 0), got {rank!r}")
-        plan.append((rng_file(rank), lambda rank=rank, obj=obj: serialize.object_to_bytes(f"rng[{rank}]", obj)))
-    state_bytes = serialize.state_to_bytes(state)
-    plan.append((STATE, lambda: state_bytes))
-    names = [name for name, _ in plan]
-    clash = {n for n in names if names.count(n) > 1} | ({MANIFEST, COMMIT, QUARANTINED} & set(names))
-    if clash:
-        raise CheckpointError(f"two things would be saved as {sorted(clash)[0]}; rename one of them")
-    return plan
-
-
 class CheckpointStore:
     """Committed checkpoints under one URL (a path, ``gs://``, ``s3://``, ``drive://``, ``memory://``)."""
 
@@ -162,7 +141,6 @@ class CheckpointStore:
         self._root = self.location.path.rstrip("/")
         self._retry = retry or RetryPolicy()
         self._protocol = build_commit_protocol(self.location, self._retry)
-        self._hasher: ThreadPoolExecutor | None = None
         # Steps this process found bad, in case writing their QUARANTINED marker failed too.
         self._bad: set[int] = set()
 
@@ -177,45 +155,10 @@ class CheckpointStore:
 
     # -- discovery ---------------------------------------------------------------------------
 
-    def _scan(self) -> tuple[dict[int, _Step], list[str]]:
-        """Step directories (by step) and stale temp directories, from one recursive listing."""
-        fs = self.location.fs
-        fs.invalidate_cache(self._root)  # gcsfs/s3fs cache listings; another process may have saved
-        try:
-            listing = self._call(fs.find, self._root, withdirs=True, detail=True, action="listing", where=self.url)
-        except FileNotFoundError:
-            return {}, []
-        steps: dict[int, _Step] = {}
-        stale: set[str] = set()
-        for path, meta in listing.items():
-            if not path.startswith(self._root + "/"):
-                continue
-            top, _, rest = path[len(self._root) + 1 :].partition("/")
-            if top.startswith(TMP_PREFIX):
-                stale.add(f"{self._root}/{top}")
-            elif (step := parse_step_dir(top)) is not None:
-                entry = steps.setdefault(step, _Step(step, f"{self._root}/{top}"))
-                if rest and "/" not in rest and meta.get("type") == "file":
-                    entry.files[rest] = meta["size"]
-        self._read_records([s for s in steps.values() if s.committed])
-        return steps, sorted(stale)
+    def _scan(self) -> tuple[dict[int, StepDir], list[str]]:
+        return scan(self.location, self._retry)
 
-    def _read_records(self, steps: list[_Step]) -> None:
-        """Fill in COMMIT records; ``fs.cat`` of a list fetches them concurrently on object stores."""
-        if not steps:
-            return
-        paths = {f"{s.path}/{COMMIT}": s for s in steps}
-        found = self._call(self.location.fs.cat, list(paths), on_error="return", action="reading", where=self.url)
-        for path, s in paths.items():
-            data = found.get(path, FileNotFoundError(path))
-            try:
-                if isinstance(data, BaseException):
-                    raise ValueError(f"{COMMIT} cannot be read ({type(data).__name__})")
-                s.record = parse_record(data, COMMIT)
-            except ValueError as e:
-                s.problem = str(e)
-
-    def _info(self, s: _Step) -> CheckpointInfo:
+    def _info(self, s: StepDir) -> CheckpointInfo:
         record = s.record or {}
         metrics = record.get("metrics")
         return CheckpointInfo(
@@ -239,44 +182,57 @@ class CheckpointStore:
 
     def get(self, step: int) -> CheckpointInfo:
         """The committed ``step``; CheckpointError naming what exists when it is not."""
-        infos = self.all_steps()
-        match = [i for i in infos if i.step == step]
-        if match and match[0].quarantined:
+        steps, _ = self._scan()
+        return self._info(self._require(steps, step))
+
+    def _usable(self, s: StepDir) -> bool:
+        return s.committed and not s.quarantined and s.step not in self._bad
+
+    def _candidates(self, steps: dict[int, StepDir]) -> list[StepDir]:
+        return [s for _, s in sorted(steps.items()) if self._usable(s)]
+
+    def _require(self, steps: dict[int, StepDir], step: int) -> StepDir:
+        s = steps.get(step)
+        if s is not None and self._usable(s):
+            return s
+        if s is not None and s.committed:
             raise CheckpointError(
                 f"step {step} at {redact(self.url)} is quarantined (it failed verification); "
                 f"inspect it with: tlaunch ckpt verify {redact(self.url)} --step {step}"
             )
-        if not match or not match[0].committed:
-            have = ", ".join(str(i.step) for i in infos if i.committed and not i.quarantined)
-            raise CheckpointError(
-                f"step {step} is not committed at {redact(self.url)} (committed steps: {have or 'none'})"
-            )
-        return match[0]
+        have = ", ".join(str(c.step) for c in self._candidates(steps)) or "none"
+        raise CheckpointError(
+            f"step {step} is not committed at {redact(self.url)} (committed steps: {have})"
+        )
 
     def latest(self) -> CheckpointInfo | None:
         """The highest committed step whose files have their recorded sizes.
 
         Steps that fail are quarantined, with a warning naming the step used instead.
         """
-        steps, _ = self._scan()
-        candidates = [s for _, s in sorted(steps.items()) if s.committed and not s.quarantined and s.step not in self._bad]
+        candidates = self._candidates(self._scan()[0])
         for i in range(len(candidates) - 1, -1, -1):
-            problems = self._cheap_problems(candidates[i])
+            problems = self._problems(candidates[i], full=False)
             if not problems:
                 return self._info(candidates[i])
             self._fall_back(candidates[i].step, problems, candidates[i - 1].step if i else None)
         return None
 
-    def _cheap_problems(self, s: _Step) -> list[str]:
+    def _problems(self, s: StepDir, *, full: bool) -> list[str]:
+        """Sizes against the listing; with ``full`` also every byte against its sha256."""
         if s.problem:
             return [s.problem]
         try:
             files = self._manifest(s)
         except CheckpointError as e:
             return [str(e)]
-        return size_problems(files, s.files)
+        problems = size_problems(files, s.files)
+        if problems or not full:
+            return problems
+        fs = self.location.fs
+        return hash_problems(files, lambda name: sha256_stream(read_chunks(fs, f"{s.path}/{name}")))
 
-    def _manifest(self, s: _Step) -> dict[str, dict[str, Any]]:
+    def _manifest(self, s: StepDir) -> dict[str, dict[str, Any]]:
         path = f"{s.path}/{MANIFEST}"
         try:
             data = self._call(self.location.fs.cat_file, path, action="reading", where=path)
@@ -304,7 +260,11 @@ class CheckpointStore:
 
     def _fall_back(self, bad: int, problems: list[str], fallback: int | None) -> None:
         self.quarantine(bad, "; ".join(problems))
-        instead = f"using step {fallback} instead" if fallback is not None else "no earlier committed step remains"
+        instead = (
+            f"using step {fallback} instead"
+            if fallback is not None
+            else "no earlier committed step remains"
+        )
         warnings.warn(
             f"checkpoint step {bad} at {redact(self.url)} failed verification "
             f"({'; '.join(problems)}); quarantined it, {instead}",
@@ -336,9 +296,8 @@ class CheckpointStore:
         metrics = state.get("metrics") or {}
         if not isinstance(metrics, dict):
             raise CheckpointError(f"state['metrics'] must be a dict, got {type(metrics).__name__}")
-        plan = _file_plan(tensors or {}, objects or {}, rng or {}, state)
-        steps, _ = self._scan()
-        if step in steps and steps[step].committed and not steps[step].quarantined:
+        plan = serialize.plan_files(tensors or {}, objects or {}, rng or {}, state)
+        if self._is_committed(step):
             raise CheckpointError(
                 f"step {step} is already committed at {redact(self.url)}; committed checkpoints are "
                 "never rewritten: delete it first (CheckpointStore.delete) or save another step"
@@ -350,7 +309,10 @@ class CheckpointStore:
         except Exception as e:
             if staging is not None:
                 self._protocol.abort(staging)
-            raise self._save_error(e, step) from e
+            err = self._save_error(e, step)
+            if err is e:
+                raise
+            raise err from e
         finally:
             self.location.fs.invalidate_cache(self._root)
         self._bad.discard(step)
@@ -359,37 +321,75 @@ class CheckpointStore:
     def _write_step(
         self, step: int, staging: str, plan: list[tuple[str, Callable[[], bytes]]], metrics: dict
     ) -> CheckpointInfo:
-        files = {name: self._write_hashed(f"{staging}/{name}", make()) for name, make in plan}
+        files = self._write_files(staging, plan)
         manifest = build_manifest(files)
         self._protocol.write(f"{staging}/{MANIFEST}", manifest)
-        when = time.time()
-        record = build_commit(step, when, files, manifest, metrics)
-        self._protocol.commit(staging, step, record)
-        size = parse_record(record, COMMIT)["size"]
-        return CheckpointInfo(step, self.step_url(step), True, when, size, dict(metrics))
+        record = commit_record(step, time.time(), files, manifest, metrics)
+        self._protocol.commit(staging, step, encode_json(record))
+        return CheckpointInfo(
+            step, self.step_url(step), True, record["time"], record["size"], dict(metrics)
+        )
 
-    def _write_hashed(self, path: str, data: bytes) -> dict[str, Any]:
-        """Write ``data`` while a helper thread hashes it: the hash costs no wall time."""
-        if self._hasher is None:
-            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="tlaunch-ckpt-hash")
-        digest = self._hasher.submit(sha256, data)
-        self._protocol.write(path, data)
-        return {"size": len(data), "sha256": digest.result()}
+    def _write_files(
+        self, staging: str, plan: list[tuple[str, Callable[[], bytes]]]
+    ) -> dict[str, dict[str, Any]]:
+        """Write every file, serializing each next one while earlier ones upload and hash.
+
+        Two uploads may run at once, as in fsspec's own bulk put: object stores move two
+        streams faster than one, and the store stays busy while the next file serializes. The
+        only serialization nothing hides is that of the first large file. Peak memory: the
+        bytes of three files (two uploading, one ready).
+        """
+        files: dict[str, dict[str, Any]] = {}
+        uploads: deque[_InThread] = deque()
+        try:
+            for name, make in plan:
+                data = make()
+                if len(uploads) == _UPLOADS_IN_FLIGHT:
+                    files.update(uploads.popleft().result())
+                uploads.append(_InThread(self._write_hashed, name, f"{staging}/{name}", data))
+            while uploads:
+                files.update(uploads.popleft().result())
+        finally:
+            for upload in uploads:
+                upload.wait()  # the caller may delete the staging dir: never under an upload
+        return files
+
+    def _write_hashed(self, name: str, path: str, data: bytes) -> dict[str, dict[str, Any]]:
+        """Write ``data`` while another thread hashes it (hashlib drops the GIL)."""
+        digest = _InThread(sha256, data)
+        try:
+            self._protocol.write(path, data)
+        finally:
+            digest.wait()
+        return {name: {"size": len(data), "sha256": digest.result()}}
+
+    def _is_committed(self, step: int) -> bool:
+        """One listing of the step's own directory: cheaper than a full scan on object stores."""
+        path = self._protocol.final_path(step)
+        self.location.fs.invalidate_cache(path)
+        try:
+            names = self._call(
+                self.location.fs.ls, path, detail=False, action="listing", where=path
+            )
+        except FileNotFoundError:
+            return False
+        names = {n.rstrip("/").rsplit("/", 1)[-1] for n in names}
+        return COMMIT in names and QUARANTINED not in names and step not in self._bad
 
     def _save_error(self, e: Exception, step: int) -> Exception:
-        if isinstance(e, CheckpointError):
+        """A one-line StorageError for storage faults; anything else (a bug) keeps its type."""
+        if isinstance(e, StorageError) and not isinstance(e, CheckpointError):
+            detail = str(e)
+        elif isinstance(e, OSError):
+            detail = str(storage_error(e, "writing", self.step_url(step)))
+        else:
             return e
-        err = e if isinstance(e, StorageError) else storage_error(e, "writing checkpoint to", self.step_url(step))
-        if not isinstance(e, (StorageError, OSError)):
-            return e  # a bug, not a storage fault: keep its type and traceback
-        return StorageError(f"saving step {step} failed: {err}; earlier checkpoints are intact")
+        return StorageError(
+            f"saving checkpoint step {step} failed: {detail}; earlier checkpoints are intact"
+        )
 
     # -- loading and verifying ------------------------------------------------------------------
-
-    def _committed_step(self, step: int) -> _Step:
-        self.get(step)  # raises with the list of what exists
-        steps, _ = self._scan()
-        return steps[step]
 
     def load(self, info_or_step: CheckpointInfo | int, *, verify: bool = True) -> LoadedCheckpoint:
         """Read a committed step, checking every file's sha256 first when ``verify``.
@@ -397,66 +397,73 @@ class CheckpointStore:
         A step that fails is quarantined and CorruptCheckpointError names it.
         """
         step = info_or_step.step if isinstance(info_or_step, CheckpointInfo) else info_or_step
-        s = self._committed_step(step)
+        s = self._require(self._scan()[0], step)
         try:
             return self._load(s, verify)
         except CorruptCheckpointError as e:
-            self.quarantine(step, str(e))
+            self.quarantine(step, e.detail)
             raise
 
     def load_latest(self) -> LoadedCheckpoint | None:
-        """The newest committed step that loads, walking back loudly over corrupt ones."""
-        steps, _ = self._scan()
-        candidates = [s for _, s in sorted(steps.items()) if s.committed and not s.quarantined and s.step not in self._bad]
+        """The newest committed step that loads, walking back loudly over corrupt ones.
+
+        Only corruption walks back: a file refused as unsafe, or unreadable by this torch,
+        raises CheckpointError, because every older step would very likely fail the same way.
+        """
+        candidates = self._candidates(self._scan()[0])
         for i in range(len(candidates) - 1, -1, -1):
             try:
                 return self._load(candidates[i], verify=True)
             except CorruptCheckpointError as e:
-                self._fall_back(candidates[i].step, [e.args[0]], candidates[i - 1].step if i else None)
+                self._fall_back(e.step, [e.detail], candidates[i - 1].step if i else None)
         return None
 
-    def _load(self, s: _Step, verify: bool) -> LoadedCheckpoint:
-        where = f"step {s.step} at {redact(self.url)}"
+    def _load(self, s: StepDir, verify: bool) -> LoadedCheckpoint:
+        if s.problem:
+            raise CorruptCheckpointError(s.step, self.url, s.problem)
         try:
-            files = self._manifest(s) if s.problem is None else None
+            files = self._manifest(s)
         except CheckpointError as e:
-            raise CorruptCheckpointError(f"{where}: {e}") from None
-        if files is None:
-            raise CorruptCheckpointError(f"{where}: {s.problem}")
+            raise CorruptCheckpointError(s.step, self.url, str(e)) from None
         out = LoadedCheckpoint(self._info(s), {}, {}, {}, {})
+        slots = {"tensors": out.tensors, "objects": out.objects, "rng": out.rng}
+        # One file at a time, checked before it is parsed: peak memory is the loaded state plus
+        # one file's bytes, and no parser ever sees bytes that fail their checksum.
         for name in sorted(files):
-            data = self._read_file(s, name, files[name] if verify else None, where)
-            _place(out, name, data, f"{where}: {name}")
+            data = self._read_file(s, name, files[name] if verify else None)
+            label = f"step {s.step} at {redact(self.url)}: {name}"
+            kind, key, value = serialize.load_file(name, data, label)
+            if kind == "state":
+                out.state = value
+            elif kind in slots:
+                slots[kind][key] = value
         return out
 
-    def _read_file(self, s: _Step, name: str, expect: dict | None, where: str) -> bytes:
+    def _read_file(self, s: StepDir, name: str, expect: dict | None) -> bytes:
         path = f"{s.path}/{name}"
         try:
             data = self._call(self.location.fs.cat_file, path, action="reading", where=path)
         except FileNotFoundError:
-            raise CorruptCheckpointError(f"{where}: {name} is missing") from None
+            raise CorruptCheckpointError(s.step, self.url, f"{name} is missing") from None
         if expect is not None:
-            if len(data) != expect["size"]:
-                raise CorruptCheckpointError(f"{where}: {name} has {len(data)} bytes, expected {expect['size']}")
-            if sha256(data) != expect["sha256"]:
-                raise CorruptCheckpointError(f"{where}: {name} fails its sha256 check")
+            problems = hash_problems({name: expect}, lambda _: (len(data), sha256(data)))
+            if problems:
+                raise CorruptCheckpointError(s.step, self.url, problems[0])
         return data
 
-    def verify(self, step: int, *, full: bool = True) -> list[str]:
-        """Problems with committed ``step`` (empty when sound); never quarantines or deletes.
+    def verify(self, step: int | None = None, *, full: bool = True) -> dict[int, list[str]]:
+        """{step: problems} for ``step`` or every committed step (quarantined ones included).
 
-        ``full`` reads every byte and checks sha256; otherwise sizes only.
+        An empty list means sound. ``full`` reads every byte and checks sha256, otherwise sizes
+        only. Never quarantines or deletes: this is what ``tlaunch ckpt`` uses to inspect.
         """
         steps, _ = self._scan()
-        s = steps.get(step)
-        if s is None or not s.committed:
-            return [f"step {step} is not committed"]
-        problems = self._cheap_problems(s)
-        if problems or not full:
-            return problems
-        files = self._manifest(s)
-        fs = self.location.fs
-        return hash_problems(files, lambda name: sha256_stream(read_chunks(fs, f"{s.path}/{name}")))
+        if step is not None:
+            s = steps.get(step)
+            if s is None or not s.committed:
+                self._require(steps, step)  # raises, naming the steps that are committed
+            return {step: self._problems(s, full=full)}
+        return {k: self._problems(s, full=full) for k, s in sorted(steps.items()) if s.committed}
 
     # -- deleting ---------------------------------------------------------------------------
 
@@ -469,7 +476,10 @@ class CheckpointStore:
             pass
         except OSError as e:
             raise storage_error(e, "deleting", path) from e
-        self._protocol.remove(path)
+        try:
+            self._protocol.remove(path)
+        except FileNotFoundError:
+            pass  # deleting is idempotent, so a retry after a half-done delete just finishes it
         self.location.fs.invalidate_cache(self._root)
 
     def apply_retention(self, policy: Any) -> list[int]:
@@ -494,15 +504,3 @@ class CheckpointStore:
             removed.append(self.url + path[len(self._root) :])
         self.location.fs.invalidate_cache(self._root)
         return removed
-
-
-def _place(out: LoadedCheckpoint, name: str, data: bytes, label: str) -> None:
-    """Deserialize file ``name`` into the slot of ``out`` its name says it belongs to."""
-    if name == STATE:
-        out.state = serialize.bytes_to_state(label, data)
-    elif name.endswith(".safetensors"):
-        out.tensors[name[: -len(".safetensors")]] = serialize.bytes_to_tensors(label, data)
-    elif name.startswith("rng-rank") and name.endswith(".pt"):
-        out.rng[int(name[len("rng-rank") : -3])] = serialize.bytes_to_object(label, data)
-    elif name.endswith(".pt"):
-        out.objects[name[:-3]] = serialize.bytes_to_object(label, data)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 from typing import Any
 
 from tlaunch.storage.manifest import COMMIT, TMP_PREFIX, step_dir
@@ -91,6 +90,9 @@ class RenameCommit(CommitProtocol):
         return staging
 
     def write(self, path: str, data: bytes) -> None:
+        self.retry.call(self._write_durably, path, data, action="writing", where=path)
+
+    def _write_durably(self, path: str, data: bytes) -> None:
         # Through fs.open, not open(): the one seam where tests inject a full or read-only disk.
         with self.fs.open(path, "wb") as f:
             f.write(data)
@@ -102,9 +104,9 @@ class RenameCommit(CommitProtocol):
         _fsync_dir(staging)
         final = self.final_path(step)
         if os.path.lexists(final):
-            # An uncommitted leftover (the caller refuses committed steps): rename cannot
-            # replace a non-empty directory.
-            shutil.rmtree(final)
+            # A killed save's leftovers or a quarantined step (the caller refuses sound committed
+            # ones): rename cannot replace a non-empty directory. COMMIT goes first, as always.
+            self.abort(final)
         os.rename(staging, final)
         _fsync_dir(self.location.path)
 

@@ -54,8 +54,11 @@ def parse_step_dir(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+RNG_PREFIX = "rng-rank"
+
+
 def rng_file(rank: int) -> str:
-    return f"rng-rank{rank:05d}.pt"
+    return f"{RNG_PREFIX}{rank:05d}.pt"
 
 
 def tensors_file(name: str) -> str:
@@ -95,20 +98,18 @@ def build_manifest(files: dict[str, dict[str, Any]]) -> bytes:
     return encode_json({"format": FORMAT_VERSION, "hash": HASH_NAME, "files": files})
 
 
-def build_commit(
+def commit_record(
     step: int, when: float, files: dict[str, dict[str, Any]], manifest: bytes, metrics: dict
-) -> bytes:
-    """COMMIT bytes: everything discovery needs, so listing N steps reads N tiny files."""
-    size = sum(entry["size"] for entry in files.values()) + len(manifest)
-    record = {
+) -> dict[str, Any]:
+    """The COMMIT record: everything discovery needs, so listing N steps reads N tiny files."""
+    return {
         "format": FORMAT_VERSION,
         "step": step,
         "time": when,
-        "size": size,
+        "size": sum(entry["size"] for entry in files.values()) + len(manifest),
         "metrics": metrics,
         "manifest_sha256": sha256(manifest),
     }
-    return encode_json(record)
 
 
 def parse_record(data: bytes, what: str) -> dict[str, Any]:

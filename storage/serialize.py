@@ -14,13 +14,74 @@ from __future__ import annotations
 import io
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from tlaunch.storage.manifest import CheckpointError
+from tlaunch.storage.manifest import (
+    RNG_PREFIX,
+    STATE,
+    CheckpointError,
+    object_file,
+    rng_file,
+    tensors_file,
+)
 from tlaunch.storage.store import one_line
 
 _REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+)")
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_TENSORS_SUFFIX = ".safetensors"
+
+
+def _check_name(kind: str, name: Any) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise CheckpointError(
+            f"{kind} name {name!r} cannot be a file name; use letters, digits, '_', '-', '.'"
+        )
+    if name.startswith(RNG_PREFIX):
+        raise CheckpointError(f"{kind} name {name!r} is reserved for rng= files; rename it")
+    return name
+
+
+def plan_files(
+    tensors: Mapping[str, Any], objects: Mapping[str, Any], rng: Mapping[int, Any], state: Mapping
+) -> list[tuple[str, Callable[[], bytes]]]:
+    """(file name, serializer) for every file of a save, validated before anything is written.
+
+    Serializers run later, one at a time, while the previous file uploads. The suffixes keep
+    the kinds apart: no two inputs can map to the same file name.
+    """
+    # Smallest kinds first: the save pipeline hides each file's serialization behind earlier
+    # files' uploads, and tiny files hide nothing.
+    state_bytes = state_to_bytes(state)
+    plan: list[tuple[str, Callable[[], bytes]]] = [(STATE, lambda: state_bytes)]
+    for rank, obj in sorted(rng.items()):
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise CheckpointError(f"rng= keys are ranks (ints >= 0), got {rank!r}")
+        label = f"rng[{rank}]"
+        plan.append((rng_file(rank), lambda label=label, obj=obj: object_to_bytes(label, obj)))
+    for name, sd in tensors.items():
+        label = f"tensors[{_check_name('tensors', name)!r}]"
+        plan.append((tensors_file(name), lambda label=label, sd=sd: tensors_to_bytes(label, sd)))
+    for name, obj in objects.items():
+        label = f"objects[{_check_name('objects', name)!r}]"
+        plan.append((object_file(name), lambda label=label, obj=obj: object_to_bytes(label, obj)))
+    return plan
+
+
+def load_file(name: str, data: bytes, label: str) -> tuple[str, Any, Any]:
+    """(kind, key, value) for one checkpoint file: the inverse of :func:`plan_files`.
+
+    kind is "tensors", "objects", "rng" or "state"; files of another kind give ("other", ...).
+    """
+    if name == STATE:
+        return "state", None, bytes_to_state(label, data)
+    if name.endswith(_TENSORS_SUFFIX):
+        return "tensors", name[: -len(_TENSORS_SUFFIX)], bytes_to_tensors(label, data)
+    if name.startswith(RNG_PREFIX) and name.endswith(".pt"):
+        return "rng", int(name[len(RNG_PREFIX) : -3]), bytes_to_object(label, data)
+    if name.endswith(".pt"):
+        return "objects", name[:-3], bytes_to_object(label, data)
+    return "other", name, data
 
 
 def _prepare_tensors(label: str, tensors: Mapping[str, Any]) -> dict[str, Any]:
@@ -91,7 +152,9 @@ def bytes_to_tensors(label: str, data: bytes) -> dict[str, Any]:
     try:
         return safetensors.torch.load(data)
     except Exception as e:  # SafetensorError is not importable from a stable place
-        raise CheckpointError(f"{label} is not a readable safetensors file: {one_line(e)}") from None
+        raise CheckpointError(
+            f"{label} is not a readable safetensors file: {one_line(e)}"
+        ) from None
 
 
 def bytes_to_object(label: str, data: bytes) -> Any:

@@ -17,6 +17,7 @@ Supported URLs:
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import random
@@ -124,9 +125,11 @@ def resolve(url: str) -> Location:
     if protocol == "file":
         path = os.path.abspath(rest or url_for_fs)
         return Location(fsspec.filesystem("file"), path, url, atomic_rename=True)
+    # Options first: they set gcsfs's environment switch, which gcsfs reads once, at import.
+    options = _storage_options(protocol)
     _import_backend(protocol)
     try:
-        fs, path = fsspec.core.url_to_fs(url_for_fs, **_storage_options(protocol))
+        fs, path = fsspec.core.url_to_fs(url_for_fs, **options)
     except ValueError as e:
         raise StorageError(f"unsupported storage URL {redact(url)!r}: {e}") from None
     # memory:// paths are rooted at "/": keep them so, whatever the fsspec version strips.
@@ -184,7 +187,7 @@ def is_transient(exc: BaseException) -> bool:
     """True for errors worth retrying: timeouts, dropped connections, HTTP 408/429/5xx."""
     aiohttp = sys.modules.get("aiohttp")
     for e in _causes(exc):
-        if isinstance(e, (ConnectionError, TimeoutError)):
+        if isinstance(e, (ConnectionError, TimeoutError, asyncio.TimeoutError)):  # distinct in 3.10
             return True
         if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
             return True

@@ -41,7 +41,9 @@ def choose(
     else:
         found = gpu.cuda_device_count() if gpus in (None, "all") else None
         if gpus == "all" and not found:
-            raise StrategyUnavailable("--gpus all requested but this machine has no CUDA GPU; use --cpus N")
+            raise StrategyUnavailable(
+                "--gpus all requested but this machine has no CUDA GPU; use --cpus N"
+            )
         n = int(gpus) if gpus not in (None, "all") else (found or 1)
         device = "cuda" if (gpus is not None or found) else "cpu"
         name = ("gpu" if device == "cuda" else "cpu") if n == 1 and nnodes == 1 else "ddp"

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+
 from tlaunch.cli import main, parse_args
 from tlaunch.config import LaunchConfig, UsageError, parse_duration
 

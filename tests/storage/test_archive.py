@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+
 from tlaunch.storage import archive as archive_mod
 from tlaunch.storage import archive_fetch, archive_pack
 from tlaunch.storage.archive import ArchiveError, info, pack, read_manifest, stage

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from tlaunch.storage.archive import read_manifest
 from tlaunch.storage.archive_cli import main, parse_size
 from tlaunch.storage.archive_format import MANIFEST_NAME, SHARDS_DIR

@@ -12,6 +12,7 @@ import os
 import tarfile
 
 import pytest
+
 from tlaunch.storage import archive_unpack
 from tlaunch.storage.archive import ArchiveError, stage
 from tlaunch.storage.archive_format import (

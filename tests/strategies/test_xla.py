@@ -18,6 +18,7 @@ import sys
 import textwrap
 
 import pytest
+
 from tlaunch.strategies import DIRECT, ELASTIC, StrategyUnavailable, choose
 
 HAS_TORCH_XLA = importlib.util.find_spec("torch_xla") is not None

@@ -7,11 +7,12 @@ import argparse
 import hashlib
 import json
 
-import tlaunch
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+import tlaunch
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--n", type=int, default=320)

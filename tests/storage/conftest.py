@@ -1,0 +1,20 @@
+"""Fixtures for the checkpoint tests; helpers live in ckpt_helpers.py."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from ckpt_helpers import NO_WAIT  # noqa: E402
+
+from tlaunch.storage.checkpoint import CheckpointStore  # noqa: E402
+
+
+@pytest.fixture
+def store(any_store_url) -> CheckpointStore:
+    """A checkpoint store on each backend: local disk, memory://, fake-gcs-server, moto S3."""
+    return CheckpointStore(any_store_url, retry=NO_WAIT)

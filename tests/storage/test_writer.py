@@ -1,0 +1,209 @@
+"""The async writer: one save in flight, failures surface, flush and exit commit; cpu_snapshot."""
+
+from __future__ import annotations
+
+import collections
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+import torch
+from ckpt_helpers import make_state
+
+from tlaunch.storage.checkpoint import CheckpointInfo, CheckpointStore, cpu_snapshot
+from tlaunch.storage.retention import RetentionPolicy
+from tlaunch.storage.store import StorageError
+from tlaunch.storage.writer import AsyncCheckpointWriter
+
+
+class GatedStore:
+    """A fake store whose save of step N blocks until the test opens gate N."""
+
+    def __init__(self) -> None:
+        self.gates: dict[int, threading.Event] = collections.defaultdict(threading.Event)
+        self.entered: dict[int, threading.Event] = collections.defaultdict(threading.Event)
+        self.failures: dict[int, BaseException] = {}
+        self.retention_calls: list[object] = []
+        self.active = self.max_active = 0
+        self._lock = threading.Lock()
+
+    def save(self, step, **kwargs) -> CheckpointInfo:
+        with self._lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        self.entered[step].set()
+        try:
+            assert self.gates[step].wait(10), f"test never opened gate {step}"
+            if step in self.failures:
+                raise self.failures[step]
+            return CheckpointInfo(step, f"memory://fake/step-{step:09d}", True, 1.0, 1)
+        finally:
+            with self._lock:
+                self.active -= 1
+
+    def apply_retention(self, policy) -> list[int]:
+        self.retention_calls.append(policy)
+        if policy == "broken":
+            raise StorageError("retention exploded")
+        return []
+
+
+@pytest.fixture
+def gated():
+    store = GatedStore()
+    writer = AsyncCheckpointWriter(store)
+    yield store, writer
+    for gate in list(store.gates.values()):
+        gate.set()
+    writer.close() if writer._error is None else None
+
+
+def _submit_in_thread(writer, step) -> threading.Event:
+    returned = threading.Event()
+
+    def run():
+        writer.submit(step)
+        returned.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    return returned
+
+
+def test_second_submit_blocks_until_the_first_commits(gated):
+    store, writer = gated
+    writer.submit(1)
+    assert store.entered[1].wait(5)
+    assert writer.in_flight == 1
+    second = _submit_in_thread(writer, 2)
+    assert not second.wait(0.2), "submit(2) returned while step 1 was still in flight"
+    assert not store.entered[2].is_set()
+    store.gates[1].set()
+    assert second.wait(5) and store.entered[2].wait(5)
+    store.gates[2].set()
+    writer.flush(5)
+    assert store.max_active == 1
+    assert writer.last_committed.step == 2 and len(writer.save_durations) == 2
+
+
+def test_a_failure_is_raised_by_the_next_submit_and_only_once(gated):
+    store, writer = gated
+    store.failures[1] = StorageError("disk full while writing x; free space")
+    writer.submit(1)
+    store.gates[1].set()
+    with pytest.raises(StorageError, match="disk full"):
+        writer.submit(2)
+    assert not store.entered[2].is_set()  # the failed save's error stopped this one
+    store.gates[2].set()
+    writer.submit(2)
+    writer.flush(5)
+    assert writer.last_committed.step == 2 and len(writer.save_durations) == 1
+
+
+def test_flush_and_check_raise_a_failure(gated):
+    store, writer = gated
+    store.failures[1] = StorageError("boom")
+    writer.submit(1)
+    writer.check()  # still in flight: nothing to report yet, and no blocking
+    store.gates[1].set()
+    with pytest.raises(StorageError, match="boom"):
+        writer.flush(5)
+    writer.flush(5)  # reported once
+    store.failures[2] = StorageError("bang")
+    store.gates[2].set()
+    writer.submit(2)
+    writer._thread.join(5)
+    with pytest.raises(StorageError, match="bang"):
+        writer.check()
+
+
+def test_flush_times_out_naming_the_step(gated):
+    store, writer = gated
+    writer.submit(7)
+    with pytest.raises(TimeoutError, match="step 7 still running after 0.05 s"):
+        writer.flush(0.05)
+    store.gates[7].set()
+    writer.flush(5)
+
+
+def test_retention_runs_after_each_commit_and_its_failure_is_not_fatal(caplog):
+    store = GatedStore()
+    writer = AsyncCheckpointWriter(store, retention="broken")
+    store.gates[1].set()
+    writer.submit(1)
+    writer.flush(5)
+    assert store.retention_calls == ["broken"]
+    assert "retention after step 1 failed" in caplog.text
+    writer.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        writer.submit(2)
+
+
+def test_real_store_with_retention(memory_url):
+    store = CheckpointStore(memory_url)
+    writer = AsyncCheckpointWriter(store, RetentionPolicy(keep_last=2))
+    for step in (1, 2, 3, 4):
+        writer.submit(step, **cpu_snapshot(make_state(step)))
+    writer.close()
+    assert [i.step for i in store.committed()] == [3, 4]
+    assert writer.last_committed.step == 4 and len(writer.save_durations) == 4
+
+
+@pytest.mark.timeout(60)
+def test_a_save_in_flight_at_exit_still_commits(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import time
+        from tlaunch.storage.checkpoint import CheckpointStore
+        from tlaunch.storage.writer import AsyncCheckpointWriter
+
+        class Slow(CheckpointStore):
+            def save(self, step, **kw):
+                time.sleep(0.5)  # still running when the main thread returns
+                return super().save(step, **kw)
+
+        writer = AsyncCheckpointWriter(Slow({str(tmp_path)!r}))
+        writer.submit(5, state={{"step": 5}})
+        print("submitted", flush=True)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=50
+    )
+    assert done.returncode == 0, done.stderr
+    assert [i.step for i in CheckpointStore(str(tmp_path)).committed()] == [5]
+
+
+class TestCpuSnapshot:
+    def test_tensors_are_detached_contiguous_copies(self):
+        param = torch.randn(3, 4, requires_grad=True)
+        view = torch.randn(4, 3).t()
+        snap = cpu_snapshot({"p": param, "v": view, "bf": param.detach().bfloat16()})
+        assert not snap["p"].requires_grad and snap["v"].is_contiguous()
+        assert torch.equal(snap["p"], param.detach()) and torch.equal(snap["v"], view)
+        assert snap["bf"].dtype == torch.bfloat16
+        with torch.no_grad():
+            param.add_(1)
+        assert not torch.equal(snap["p"], param.detach())  # a copy, not a view
+
+    def test_containers_keep_their_types_and_other_leaves_stay(self):
+        Pair = collections.namedtuple("Pair", "a b")
+        marker = object()
+        tree = {
+            "od": collections.OrderedDict(x=torch.ones(1)),
+            "dd": collections.defaultdict(list, {"k": [torch.zeros(2)]}),
+            "pair": Pair(torch.ones(2), 3),
+            "tuple": (torch.ones(1), "s"),
+            "leaf": marker,
+        }
+        snap = cpu_snapshot(tree)
+        assert (
+            type(snap["od"]) is collections.OrderedDict
+            and type(snap["dd"]) is collections.defaultdict
+        )
+        assert snap["dd"]["missing"] == []
+        assert isinstance(snap["pair"], Pair) and snap["pair"].b == 3
+        assert isinstance(snap["tuple"], tuple) and snap["tuple"][1] == "s"
+        assert snap["leaf"] is marker
+        assert snap["od"]["x"] is not tree["od"]["x"]
