@@ -268,7 +268,10 @@ class Run:
         self._saved_step = self.step
 
     def finish(self) -> None:
-        """Flush pending saves and close the progress bar and logs."""
+        """Flush pending saves, close the progress bar and logs, and end the process group.
+
+        Call it once, after training; collectives are no longer possible afterwards.
+        """
         global _CURRENT
         if self.resume.enabled:
             self.save()
@@ -277,8 +280,14 @@ class Run:
                 self.resume.writer.close()
         if self._metrics_log is not None:
             self._metrics_log.close()
-        self.accelerator.wait_for_everyone()
+        self._end_process_group()
         _CURRENT = None
+
+    def _end_process_group(self) -> None:
+        # Without it a rank whose peer already exited can abort in gloo's teardown
+        # ("terminate called without an active exception").
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
 
     # -- internals -----------------------------------------------------------------------------
     def _to_device(self, batch: Any) -> Any:
@@ -348,6 +357,7 @@ class Run:
                 else "no --checkpoint-dir, nothing saved"
             )
             print(f"tlaunch: stop requested; {what}", file=sys.stderr, flush=True)
+        self._end_process_group()
         # Under the launcher the report file carries "preempted"; exit 0 keeps torch's elastic
         # agent from treating the stop as a failure to restart from.
         raise SystemExit(0 if self._control_dir else (EXIT_PREEMPTED if committed else 1))

@@ -7,11 +7,11 @@ from helpers import run_tlaunch
 
 pytestmark = pytest.mark.timeout(200)
 
-READER = """
+READER = r"""
 import os, hashlib, sys
 root = os.environ["TLAUNCH_DATA_DIR"]
 digest = hashlib.sha256(open(os.path.join(root, "shard", "a.bin"), "rb").read()).hexdigest()
-print(f"RESULT rank={os.environ.get('RANK', '0')} dir={root} digest={digest}", flush=True)
+sys.stdout.write(f"RESULT rank={os.environ.get('RANK', '0')} dir={root} digest={digest}\n")  # one write per line
 """
 
 

@@ -15,4 +15,5 @@ if world > 1:
     dist.destroy_process_group()
 else:
     rank, total = 0, 1.0
-print(f"RESULT rank={rank} world={world} sum={total:g} args={sys.argv[1:]}", flush=True)
+# One write per line: the ranks share one pipe, and print() writes the newline separately.
+sys.stdout.write(f"RESULT rank={rank} world={world} sum={total:g} args={sys.argv[1:]}\n")
