@@ -85,7 +85,9 @@ class Run:
         self._sync_now = True
         self._step_counted = False
         self._window = 1
+        #: Agreed by every rank; ``_stop_requested`` is this rank's own (signal) request.
         self._stop_flag = False
+        self._stop_requested = False
         self._first_signal_at: float | None = None
         self._saved_step = -1
         self._started = time.monotonic()
@@ -226,13 +228,14 @@ class Run:
     def backward(self, loss: torch.Tensor) -> None:
         """Backward with scaling (fp16), accumulation averaging and clipping (after unscaling)."""
         self.accelerator.backward(loss / self._window)
-        if not self._sync_now:
+        clip_norm, clip_value = self.config.clip_grad_norm, self.config.clip_grad_value
+        if not self._sync_now or (clip_norm is None and clip_value is None):
             return
         params = [p for m in self._models for p in m.parameters()]
-        if self.config.clip_grad_norm is not None:
-            self.accelerator.clip_grad_norm_(params, self.config.clip_grad_norm)
-        if self.config.clip_grad_value is not None:
-            self.accelerator.clip_grad_value_(params, self.config.clip_grad_value)
+        if clip_norm is not None:
+            self.accelerator.clip_grad_norm_(params, clip_norm)
+        if clip_value is not None:
+            self.accelerator.clip_grad_value_(params, clip_value)
 
     def log(self, reduce: bool = False, **metrics: Any) -> None:
         """Record metrics (numbers or tensors); ``reduce=True`` averages them over ranks first."""
@@ -244,7 +247,7 @@ class Run:
                     value = self.accelerator.reduce(
                         value.float().to(self.accelerator.device), reduction="mean"
                     )
-                value = value.float().mean().item()
+                value = value.item() if value.dim() == 0 else value.float().mean().item()
             values[key] = float(value)
         self.metrics.update(values)
         if self._metrics_log is not None:
@@ -253,7 +256,7 @@ class Run:
     @property
     def should_stop(self) -> bool:
         """True once a stop was requested (signal, cloud notice, deadline) on any rank."""
-        return self._stop_flag
+        return self._stop_flag or (self.world_size == 1 and self._stop_requested)
 
     # -- saving --------------------------------------------------------------------------------
     def save(self) -> None:
@@ -286,6 +289,7 @@ class Run:
     def _end_process_group(self) -> None:
         # Without it a rank whose peer already exited can abort in gloo's teardown
         # ("terminate called without an active exception").
+        self.strategy.finish_collectives()
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
 
@@ -315,7 +319,7 @@ class Run:
         self.strategy.end_step(self.accelerator)
         self.resume.check_writer(self)
         local_stop = (
-            self._stop_flag
+            self._stop_requested
             or self._clock.deadline_near()
             or (
                 self._control_dir is not None
@@ -324,7 +328,7 @@ class Run:
         )
         # Stop and timed saves depend on clocks and signals that differ between ranks; every
         # rank must take the same decision before anyone saves: one tiny all-reduce per step.
-        stop, save_due = self.strategy.any_rank(
+        stop, save_due = self.strategy.any_rank_lagged(
             self.accelerator, [local_stop, self._clock.save_due()]
         )
         if stop:
@@ -378,7 +382,7 @@ class Run:
                 os.kill(os.getpid(), signum)
                 return
             self._first_signal_at = self._first_signal_at or now
-            self._stop_flag = True
+            self._stop_requested = True
 
         for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(s, handle)

