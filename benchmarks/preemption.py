@@ -51,10 +51,11 @@ def build(hidden: int):
 
 
 def worker(hidden: int, step_file: str) -> None:
-    import tlaunch
     import torch
     import torch.nn.functional as F
     from torch.utils.data import DataLoader, TensorDataset
+
+    import tlaunch
 
     run = tlaunch.init(hparams={"hidden": hidden})
     g = torch.Generator().manual_seed(1)
