@@ -245,8 +245,6 @@ def check_drift(run: Run, loaded: Any) -> None:
 
 def apply_checkpoint(run: Run, loaded: Any) -> None:
     """Load saved state into everything prepared so far (called at each ``prepare``)."""
-    from accelerate.utils import send_to_device  # noqa: F401  (keeps device moves in Accelerate)
-
     for i, model in enumerate(run._models):
         weights = loaded.tensors.get("model" if i == 0 else f"model_{i}")
         if weights is not None:

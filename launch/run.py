@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from accelerate.utils import send_to_device
 
 from tlaunch.config import LaunchConfig
 from tlaunch.launcher import CONTROL_DIR_ENV, RUN_DIR_ENV
@@ -295,8 +296,6 @@ class Run:
 
     # -- internals -----------------------------------------------------------------------------
     def _to_device(self, batch: Any) -> Any:
-        from accelerate.utils import send_to_device
-
         return send_to_device(batch, self.accelerator.device)
 
     def _batches_per_epoch(self, resumable: ResumableLoader) -> int:

@@ -113,7 +113,8 @@ class Supervisor:
     def run(self) -> int:
         attempt = 0
         while True:
-            self._enter(RunState.RUNNING) if self.state == RunState.STARTING else None
+            if self.state == RunState.STARTING:
+                self._enter(RunState.RUNNING)
             result = self._start(attempt)
             if self.stop_signal is not None:
                 return self._finish_stop(result)
