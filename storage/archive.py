@@ -213,7 +213,7 @@ class _PackJob:
         except Exception as e:
             raise StorageError(f"cannot write to {where}: {_fetch.one_line(e)}") from e
         try:
-            entries, sha, size, tar_size = _pack.write_shard(
+            entries, sha, size, tar_size, frames = _pack.write_shard(
                 group, self.level, self.threads, sink, on_bytes, digests
             )
             key = key or shard_key(self.level, entries)
@@ -225,7 +225,7 @@ class _PackJob:
             raise StorageError(f"writing {where} failed: {_fetch.one_line(e)}") from e
         self.written += 1
         self.bytes_written += size
-        return entries, ShardEntry(key, sha, size, tar_size, first, len(entries))
+        return entries, ShardEntry(key, sha, size, tar_size, first, len(entries), frames)
 
     def _path(self, key: str | None) -> str:
         return self.loc.join(SHARDS_DIR, f"{key}{SHARD_SUFFIX}")

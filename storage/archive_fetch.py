@@ -38,7 +38,7 @@ from tlaunch.storage.archive_format import (
     ShardEntry,
     parse_manifest,
 )
-from tlaunch.storage.archive_unpack import ShardCorrupt, extract_shard
+from tlaunch.storage.archive_unpack import Aborted, ShardCorrupt, unpack_shard
 from tlaunch.storage.store import Location, StorageError, redact
 
 log = logging.getLogger(__name__)
@@ -157,10 +157,6 @@ def _remove_stale_unpacks(cache: str, archive_id: str) -> None:
             shutil.rmtree(os.path.join(cache, name), ignore_errors=True)
 
 
-class _Aborted(Exception):
-    """Another shard failed: stop this one at the next chunk or file."""
-
-
 class _Job:
     """One fill of the cache: parallel downloads feeding parallel unpacks, two progress bars."""
 
@@ -190,7 +186,7 @@ class _Job:
     def _tick(self, bar: Any) -> Callable[[int], None]:
         def update(n: int) -> None:
             if self.abort.is_set():
-                raise _Aborted
+                raise Aborted
             with self.lock:
                 bar.update(n)
 
@@ -198,38 +194,41 @@ class _Job:
 
     def run(self) -> None:
         shards = self.manifest.shards
-        unpackers = ThreadPoolExecutor(max(1, min(len(shards), self.threads // 2)))
+        # Frames of every shard share one pool; a thread per shard (up to _DOWNLOADERS)
+        # waits for its download, hands its frames to the pool and hashes it meanwhile.
+        frames = ThreadPoolExecutor(max(1, self.threads), thread_name_prefix="tlaunch-unpack")
+        shard_threads = ThreadPoolExecutor(max(1, min(len(shards), _DOWNLOADERS)))
         downloaders = ThreadPoolExecutor(max(1, min(len(shards), _DOWNLOADERS)))
         futures: list[Future] = []
         try:
             if not self.local:
                 os.makedirs(self.downloads, exist_ok=True)
             for i, shard in enumerate(shards):
-                if self.local:
-                    futures.append(unpackers.submit(self._unpack, i, shard, None))
-                else:
-                    got = downloaders.submit(self._download, shard)
-                    futures.append(unpackers.submit(self._unpack, i, shard, got))
+                got = None if self.local else downloaders.submit(self._download, shard)
+                futures.append(shard_threads.submit(self._unpack, i, shard, got, frames))
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             errors = [f.exception() for f in done if f.exception() is not None]
             if errors:  # report the failure itself, not a shard it stopped
-                raise next((e for e in errors if not isinstance(e, _Aborted)), errors[0])
+                raise next((e for e in errors if not isinstance(e, Aborted)), errors[0])
         except BaseException:
             self.abort.set()
             raise
         finally:
             downloaders.shutdown(wait=True, cancel_futures=True)
-            unpackers.shutdown(wait=True, cancel_futures=True)
+            shard_threads.shutdown(wait=True, cancel_futures=True)
+            frames.shutdown(wait=True, cancel_futures=True)
             for bar in self.bars:
                 bar.close()
 
-    def _unpack(self, index: int, shard: ShardEntry, got: Future | None) -> None:
+    def _unpack(
+        self, index: int, shard: ShardEntry, got: Future | None, frames: ThreadPoolExecutor
+    ) -> None:
         # Unpacks start in shard order as downloads finish, overlapping the two.
-        path = got.result() if got is not None else self.loc.join(SHARDS_DIR, shard.name)
+        path, verified = got.result() if got is not None else (self._local_path(shard), False)
         where = f"{self.where} (shard {index + 1}/{len(self.manifest.shards)})"
         try:
-            extract_shard(path, shard, self.manifest.shard_files(shard), self.tmp, where,
-                          self._tick(self.bars[-1]))  # fmt: skip
+            unpack_shard(path, shard, self.manifest.shard_files(shard), self.tmp, where,
+                         self._tick(self.bars[-1]), frames, self.abort, verify=not verified)  # fmt: skip
         except FileNotFoundError:
             raise ArchiveError(
                 f"{where}: shard {shard.name} is missing; pack the archive again"
@@ -242,12 +241,16 @@ class _Job:
                 ) from None
             raise ShardCorrupt(f"{e}: the archive is damaged; pack it again") from None
 
-    def _download(self, shard: ShardEntry) -> str:
+    def _local_path(self, shard: ShardEntry) -> str:
+        return self.loc.join(SHARDS_DIR, shard.name)
+
+    def _download(self, shard: ShardEntry) -> tuple[str, bool]:
+        """(the local copy, whether it was verified here); hashed as the bytes arrive."""
         final = os.path.join(self.downloads, shard.name)
         tick = self._tick(self.bars[0])
         if os.path.exists(final) and os.path.getsize(final) == shard.size:
             tick(shard.size)  # complete from an earlier run; re-verified while unpacking
-            return final
+            return final, False
         part = final + ".part"
         resumed = _resume_size(part, shard.size)
         digest = _hash_file(part) if resumed else hashlib.sha256()
@@ -255,7 +258,7 @@ class _Job:
         self._download_rest(shard, part, resumed, digest, tick)
         if digest.hexdigest() == shard.sha256:
             os.replace(part, final)
-            return final
+            return final, True
         os.unlink(part)
         tick(-shard.size)
         if resumed:  # the kept part may be what was damaged: once more from the start
@@ -279,7 +282,7 @@ class _Job:
                         f"{self.where}: shard {shard.name} is missing; pack the archive again"
                     ) from None
                 except Exception as e:
-                    if isinstance(e, (StorageError, _Aborted)):
+                    if isinstance(e, (StorageError, Aborted)):
                         raise
                     raise StorageError(
                         f"downloading {self.where} failed ({one_line(e)}); "

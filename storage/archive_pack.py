@@ -18,26 +18,28 @@ import os
 import queue
 import stat
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any
 
 from tlaunch.storage.archive_format import (
     BLOCK,
+    FRAME_SIZE,
+    RECORD,
     ArchiveError,
     FileEntry,
+    Frame,
     data_mode,
     tar_end,
-    tar_padding,
     ustar_header,
     zstd,
 )
 
 _SMALL = 1 << 20  # files up to this size are read whole and batched with their neighbours
-_FEED = 4 << 20  # bytes per compressor call: large enough that per-call overhead vanishes
 _CHUNK = 4 << 20  # read size for large files
+_ZEROS = memoryview(bytes(BLOCK))
 _HASH_BATCH = 8 << 20  # bytes of small files one hashing task takes, to amortize task overhead
 
 
@@ -141,42 +143,44 @@ def _is_cut_point(path: str, bits: int) -> bool:
     return int.from_bytes(hashlib.sha256(path.encode()).digest()[:8], "big") >> (64 - bits) == 0
 
 
-@contextmanager
-def _open_unchanged(src: Source) -> Iterator[BinaryIO]:
+def _open(src: Source) -> int:
     try:
-        f = open(src.abspath, "rb", buffering=0)  # noqa: SIM115 -- closed by the with below
+        return os.open(src.abspath, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:  # only the open: errors writing the archive must not be blamed here
         raise ArchiveError(
             f"cannot read {src.abspath}: {e.strerror}; fix its permissions"
         ) from None
-    with f:
-        st = os.fstat(f.fileno())
-        if st.st_size != src.size or st.st_mtime_ns != src.mtime_ns:
-            raise _changed(src)
-        yield f
 
 
-def _changed(src: Source) -> ArchiveError:
-    return ArchiveError(
-        f"{src.abspath} changed while packing; pack again once nothing writes to the folder"
-    )
+def _read_into(fd: int, room: memoryview) -> int:
+    """Fill ``room`` from ``fd``; fewer bytes only at the end of the file."""
+    got = 0
+    while got < len(room) and (n := os.readv(fd, [room[got:]])):
+        got += n
+    return got
+
+
+def _check_unchanged(fd: int, src: Source, got: int) -> None:
+    """After reading: the file still has the size and mtime it was listed with."""
+    st = os.fstat(fd)
+    if got != src.size or st.st_size != src.size or st.st_mtime_ns != src.mtime_ns:
+        raise ArchiveError(
+            f"{src.abspath} changed while packing; pack again once nothing writes to the folder"
+        )
 
 
 def _sha256_file(src: Source, buf: bytearray) -> str:
     digest = hashlib.sha256()
-    seen = 0
-    with _open_unchanged(src) as f:
-        if src.size <= _SMALL:
-            data = f.read()
-            digest.update(data)
-            seen = len(data)
-        else:
-            view = memoryview(buf)
-            while n := f.readinto(buf):
-                digest.update(view[:n])  # hashlib releases the GIL on large updates
-                seen += n
-    if seen != src.size:
-        raise _changed(src)
+    view = memoryview(buf)
+    fd = _open(src)
+    try:
+        seen = 0
+        while seen < src.size and (n := _read_into(fd, view[: min(len(buf), src.size - seen)])):
+            digest.update(view[:n])  # hashlib releases the GIL on large updates
+            seen += n
+        _check_unchanged(fd, src, seen)
+    finally:
+        os.close(fd)
     return digest.hexdigest()
 
 
@@ -210,64 +214,148 @@ def write_shard(
     sink: Any,
     on_bytes: Callable[[int], None],
     digests: list[str] | None = None,
-) -> tuple[list[FileEntry], str, int, int]:
-    """Tar ``files`` straight into a zstd compressor and ``sink``.
+) -> tuple[list[FileEntry], str, int, int, tuple[Frame, ...]]:
+    """Tar ``files`` into independent zstd frames, compressed in parallel, and into ``sink``.
 
     Returns (the files' entries, sha256 of the compressed bytes, their size, tar stream
-    size). Without ``digests`` each file is hashed as it is read, in this one pass. One
-    zstd frame with ``nb_workers`` threads inside libzstd: this thread only reads files,
-    hashes and builds headers -- no tar process, pipe or extra copy on the way.
+    size, the frame table). Without ``digests`` each file is hashed as it is read, in this
+    one pass. This thread only reads files, hashes them and lays out the tar stream, into
+    frame buffers that ``threads`` compressor threads take in turn (libzstd releases the
+    GIL) -- no tar process, pipe or extra copy on the way.
     """
-    options = {zstd.CompressionParameter.compression_level: level,
-               zstd.CompressionParameter.checksum_flag: 1}  # fmt: skip
-    if threads > 1:
-        options[zstd.CompressionParameter.nb_workers] = threads
-    compressor = zstd.ZstdCompressor(options=options)
     out = _Output(sink)
+    frames = _Framer(level, threads, out)
     entries: list[FileEntry] = []
-    pending = bytearray()
     tar_size = 0
-    for i, src in enumerate(files):
-        header = ustar_header(src.path, src.size, src.mode)
-        pending += header
-        with _open_unchanged(src) as f:
-            if src.size <= _SMALL:
-                data = f.read()
-                if len(data) != src.size:
-                    raise _changed(src)
-                digest = digests[i] if digests else hashlib.sha256(data).hexdigest()
-                pending += data
-            else:
-                out.write(compressor.compress(pending))
-                pending = bytearray()
-                computed = _compress_large(f, src, compressor, out, hashing=digests is None)
-                digest = digests[i] if digests else computed
-        entries.append(FileEntry(src.path, src.size, src.mode, digest))
-        pending += tar_padding(src.size)
-        tar_size += len(header) + src.size + (-src.size % BLOCK)
-        if len(pending) >= _FEED:
-            out.write(compressor.compress(pending))
-            pending = bytearray()
-        on_bytes(src.size)
-    end = tar_end(tar_size)
-    out.write(compressor.compress(pending + end))
-    out.write(compressor.flush())
-    return entries, out.digest.hexdigest(), out.size, tar_size + len(end)
+    try:
+        for i, src in enumerate(files):
+            header = ustar_header(src.path, src.size, src.mode)
+            padded = src.size + (-src.size % BLOCK)
+            if frames.fill and frames.fill + len(header) + padded > FRAME_SIZE:
+                frames.cut((i, 0))  # a file that fits in one frame is never split
+            frames.add(header)
+            fd = _open(src)
+            try:
+                if src.size <= _SMALL:
+                    data = frames.written(_read_into(fd, frames.room(src.size)))
+                    _check_unchanged(fd, src, len(data))
+                    digest = digests[i] if digests else hashlib.sha256(data).hexdigest()
+                else:
+                    computed = _copy_large(fd, src, i, frames, hashing=digests is None)
+                    digest = digests[i] if digests else computed
+            finally:
+                os.close(fd)
+            frames.pad(src.size)
+            entries.append(FileEntry(src.path, src.size, src.mode, digest))
+            tar_size += len(header) + padded
+            on_bytes(src.size)
+        end = tar_end(tar_size)
+        frames.add(end)  # the buffer has room for it past FRAME_SIZE
+        table = frames.finish()
+    finally:
+        frames.close()
+    return entries, out.digest.hexdigest(), out.size, tar_size + len(end), table
 
 
-def _compress_large(f: BinaryIO, src: Source, compressor: Any, out: _Output, hashing: bool) -> str:
+def _copy_large(fd: int, src: Source, index: int, frames: _Framer, hashing: bool) -> str:
+    """Read a file into the frames, cutting one wherever it fills up (at a BLOCK multiple)."""
     digest = hashlib.sha256()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
     seen = 0
-    while n := f.readinto(buf):
+    while seen < src.size:
+        want = min(_CHUNK, FRAME_SIZE - frames.fill, src.size - seen)
+        if want <= 0:
+            frames.cut((index, seen))
+            continue
+        n = _read_into(fd, frames.room(want))
+        if not n:
+            break
+        chunk = frames.written(n)
         if hashing:
-            digest.update(view[:n])
-        out.write(compressor.compress(view[:n]))
+            digest.update(chunk)  # hashlib releases the GIL on large updates
         seen += n
-    if seen != src.size:
-        raise _changed(src)
+    _check_unchanged(fd, src, seen)
     return digest.hexdigest()
+
+
+class _Framer:
+    """Frame buffers filled by the packing thread, compressed by a pool, written in order.
+
+    At most ``2 * threads`` frames are in flight; their buffers are reused, so steady state
+    allocates nothing.
+    """
+
+    _CAPACITY = FRAME_SIZE + 4 * RECORD  # room for the tar end after a full frame
+
+    def __init__(self, level: int, threads: int, out: _Output) -> None:
+        self.out = out
+        self.level = level
+        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="tlaunch-zstd")
+        self.limit = 2 * max(1, threads)
+        self.local = threading.local()
+        self.inflight: deque[tuple[tuple[int, int], bytearray, Future]] = deque()
+        self.spare: list[bytearray] = []
+        self.table: list[Frame] = []
+        self.buf = bytearray(self._CAPACITY)
+        self.view = memoryview(self.buf)
+        self.fill = 0
+        self.start = (0, 0)
+
+    def add(self, data: bytes) -> None:
+        self.view[self.fill : self.fill + len(data)] = data
+        self.fill += len(data)
+
+    def pad(self, size: int) -> None:
+        """Zeros up to the next BLOCK after a file's ``size`` bytes (buffers are reused)."""
+        n = -size % BLOCK
+        self.view[self.fill : self.fill + n] = _ZEROS[:n]
+        self.fill += n
+
+    def room(self, n: int) -> memoryview:
+        return self.view[self.fill : self.fill + n]
+
+    def written(self, n: int) -> memoryview:
+        self.fill += n
+        return self.view[self.fill - n : self.fill]
+
+    def cut(self, next_start: tuple[int, int]) -> None:
+        """End the current frame (hand it to the pool); the next one starts at ``next_start``."""
+        if self.fill:
+            job = self.pool.submit(self._compress, self.view[: self.fill])
+            self.inflight.append((self.start, self.buf, job))
+            self.buf = self.spare.pop() if self.spare else bytearray(self._CAPACITY)
+            self.view, self.fill = memoryview(self.buf), 0
+            self._drain(block=len(self.inflight) >= self.limit)
+        self.start = next_start
+
+    def finish(self) -> tuple[Frame, ...]:
+        self.cut(self.start)
+        while self.inflight:
+            self._drain(block=True)
+        return tuple(self.table)
+
+    def close(self) -> None:
+        for _, _, job in self.inflight:
+            job.cancel()
+        self.pool.shutdown(wait=True)
+
+    def _compress(self, data: memoryview) -> bytes:
+        compressor = getattr(self.local, "compressor", None)
+        if compressor is None:  # one context per thread, reused frame after frame
+            options = {zstd.CompressionParameter.compression_level: self.level,
+                       zstd.CompressionParameter.checksum_flag: 1}  # fmt: skip
+            compressor = self.local.compressor = zstd.ZstdCompressor(options=options)
+        # One call with the whole frame: libzstd compresses straight from the buffer (fed in
+        # pieces it copies everything into its window first: measured +20% CPU).
+        return compressor.compress(data, mode=zstd.ZstdCompressor.FLUSH_FRAME)
+
+    def _drain(self, block: bool) -> None:
+        while self.inflight and (block or self.inflight[0][2].done()):
+            start, buf, job = self.inflight.popleft()
+            data = job.result()
+            self.out.write(data)
+            self.table.append(Frame(len(data), *start))
+            self.spare.append(buf)
+            block = False
 
 
 class _Output:

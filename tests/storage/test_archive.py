@@ -15,9 +15,9 @@ import time
 import pytest
 
 from tlaunch.storage import archive as archive_mod
-from tlaunch.storage import archive_fetch, archive_pack
+from tlaunch.storage import archive_fetch, archive_pack, archive_unpack
 from tlaunch.storage.archive import ArchiveError, info, pack, read_manifest, stage
-from tlaunch.storage.archive_format import MANIFEST_NAME, SHARDS_DIR, ustar_header
+from tlaunch.storage.archive_format import MANIFEST_NAME, SHARDS_DIR, ustar_header, zstd
 from tlaunch.storage.store import StorageError, resolve
 
 MB = 1 << 20
@@ -100,17 +100,104 @@ def test_one_shard_with_worker_threads_round_trips(memory_url, tree, cache):
     assert snapshot(stage(url, cache_dir=cache, threads=2, progress=False)) == snapshot(tree)
 
 
-def test_shards_are_plain_tar_zst(tmp_path, tree):
-    # Anyone can read a shard with `zstd -d | tar x`; here tarfile stands in for tar.
+def test_shards_are_plain_tar_zst(tmp_path, tree, small_frames):
+    # Anyone can read a shard with `zstd -d | tar x`, frames and all; tarfile stands in for tar.
     url = str(tmp_path / "plain.tlar")
     pack(tree, url, progress=False)
     manifest = read_manifest(url)
+    assert len(manifest.shards[0].frames) > 1
     shard = os.path.join(url, SHARDS_DIR, manifest.shards[0].name)
-    from tlaunch.storage.archive_format import zstd
 
     with zstd.open(shard, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
         names = [m.name for m in tar]
     assert names == [f.path for f in manifest.files]
+
+
+# -- frames ---------------------------------------------------------------------------------
+
+FRAME = 64 << 10
+
+
+@pytest.fixture
+def small_frames(monkeypatch) -> int:
+    """Frames of 64 KiB, so the test tree's large files span many of them."""
+    monkeypatch.setattr(archive_pack, "FRAME_SIZE", FRAME)
+    monkeypatch.setattr(archive_pack, "_SMALL", 4096)  # files read whole: < 1/16 of a frame
+    return FRAME
+
+
+def test_frames_are_independent_and_split_large_files_at_block_multiples(
+    tmp_path, tree, small_frames
+):
+    url = str(tmp_path / "framed.tlar")
+    pack(tree, url, threads=3, progress=False)
+    manifest = read_manifest(url)
+    (shard,) = manifest.shards
+    files = manifest.shard_files(shard)
+    starts = [(f.file, f.offset) for f in shard.frames]
+    assert len(starts) > 100 and starts[0] == (0, 0)
+    assert any(offset for _, offset in starts)  # large files span frames
+    assert all(offset % 512 == 0 and offset < files[j].size for j, offset in starts)
+    with open(os.path.join(url, SHARDS_DIR, shard.name), "rb") as f:
+        data = f.read()
+    assert sum(f.size for f in shard.frames) == len(data) == shard.size
+    pos, tar_bytes = 0, 0
+    for frame in shard.frames:  # each one decompresses on its own, at the offset the table says
+        out = zstd.decompress(data[pos : pos + frame.size])
+        assert 0 < len(out) <= FRAME + 11264  # a full frame, plus the tar end in the last
+        pos += frame.size
+        tar_bytes += len(out)
+    assert tar_bytes == shard.tar_size
+
+
+def test_frames_unpack_in_any_order(tmp_path, tree, cache, small_frames, monkeypatch):
+    # One thread taking the frames last to first: a frame that continues a file comes
+    # before the one that holds its header, and every file still ends up whole.
+    url = str(tmp_path / "framed.tlar")
+    pack(tree, url, progress=False)
+    real = archive_unpack.frame_tasks
+    monkeypatch.setattr(archive_unpack, "frame_tasks", lambda shard: real(shard)[::-1])
+    assert snapshot(stage(url, cache_dir=cache, threads=1, progress=False)) == snapshot(tree)
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_files_at_every_frame_boundary_round_trip(tmp_path, cache, small_frames, threads):
+    # Sizes around the frame size, with headers of one block (short names) and of three (PAX).
+    root = tmp_path / "edges"
+    root.mkdir()
+    rng = random.Random(1)
+    sizes = [0, 1, 511, 512, FRAME - 1024, FRAME - 512, FRAME - 1, FRAME, FRAME + 1,
+             2 * FRAME - 512, 2 * FRAME, 3 * FRAME + 700, 5]  # fmt: skip
+    for i, size in enumerate(sizes):
+        (root / f"f{i:02d}").write_bytes(rng.randbytes(size))
+        (root / ("L" * 110 + f"{i:02d}")).write_bytes(rng.randbytes(size))
+    url = str(tmp_path / "edges.tlar")
+    pack(str(root), url, threads=threads, progress=False)
+    frames = read_manifest(url).shards[0].frames
+    assert len(frames) > len(sizes) and sum(1 for f in frames if f.offset) > 10
+    assert snapshot(stage(url, cache_dir=cache, threads=threads, progress=False)) == snapshot(
+        str(root)
+    )
+
+
+class RecordingBar:
+    def __init__(self) -> None:
+        self.updates: list[int] = []
+
+    def update(self, n: int) -> None:
+        self.updates.append(n)
+
+    def close(self) -> None:
+        pass
+
+
+def test_unpack_progress_counts_every_byte_once(tmp_path, tree, cache, small_frames, monkeypatch):
+    url = str(tmp_path / "framed.tlar")
+    pack(tree, url, progress=False)
+    bar = RecordingBar()
+    monkeypatch.setattr(archive_fetch._Job, "_bars", lambda self, progress: [bar])
+    stage(url, cache_dir=cache, threads=2, progress=False)
+    assert sum(bar.updates) == read_manifest(url).total_size
 
 
 def test_empty_folder_round_trips(tmp_path, cache):

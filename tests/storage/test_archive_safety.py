@@ -189,3 +189,91 @@ def test_garbage_shard_with_matching_checksum_is_refused(places):
     with open(os.path.join(url, MANIFEST_NAME), "w") as f:
         json.dump(doc, f)
     assert_refused(url, cache, archive_id, "not a valid tar.zst shard")
+
+
+def write_framed(url: str, members: list[tuple], listed: list[FileEntry], cuts: list[str],
+                 starts: list[list[int]]) -> str:  # fmt: skip
+    """Like write_archive, but cut into zstd frames before the members named in ``cuts``."""
+    archive_id = write_archive(url, members, listed)
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data))
+    tar_bytes = raw.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+        offsets = {m.name: m.offset for m in tar.getmembers()}
+    bounds = [0, *(offsets[name] for name in cuts), len(tar_bytes)]
+    frames = [zstd.compress(tar_bytes[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
+    shard = b"".join(frames)
+    with open(os.path.join(url, SHARDS_DIR, "ab" * 32 + ".tar.zst"), "wb") as f:
+        f.write(shard)
+    with open(os.path.join(url, MANIFEST_NAME)) as f:
+        doc = json.load(f)
+    import hashlib
+
+    doc["shards"][0].update(
+        sha256=hashlib.sha256(shard).hexdigest(), size=len(shard),
+        frames=[[len(fr), *start] for fr, start in zip(frames, starts, strict=True)],
+    )  # fmt: skip
+    with open(os.path.join(url, MANIFEST_NAME), "w") as f:
+        json.dump(doc, f)
+    return archive_id
+
+
+def listed_for(*names_sizes: tuple[str, int]) -> list[FileEntry]:
+    return [FileEntry(name, size, 0o644, "0" * 64) for name, size in names_sizes]
+
+
+def test_a_member_hidden_inside_an_earlier_frame_is_refused(places):
+    # a.txt is exactly what tlaunch writes (the fast path takes it); x.txt follows it in
+    # the first frame, where the table says that frame ends: tarfile and our checks judge it.
+    url, cache, _ = places
+    members = [member("a.txt", data=b"abc"), member("x.txt", data=b"x"), member("b.txt", data=b"b")]
+    listed = listed_for(("a.txt", 3), ("b.txt", 1))
+    archive_id = write_framed(url, members, listed, cuts=["b.txt"], starts=[[0, 0], [1, 0]])
+    assert_refused(url, cache, archive_id, "member 'x.txt' is not in the manifest")
+
+
+def test_a_framed_archive_from_another_writer_unpacks(places):
+    # Headers tlaunch would not write (an mtime, an owner) go the general way, frame by frame.
+    url, cache, _ = places
+    members = [member("a.txt", data=b"abc", mtime=1_700_000_000, uname="alice"),
+               member("b.txt", data=b"defg", mtime=1_700_000_001)]  # fmt: skip
+    listed = listed_for(("a.txt", 3), ("b.txt", 4))
+    archive_id = write_framed(url, members, listed, cuts=["b.txt"], starts=[[0, 0], [1, 0]])
+    path = stage(url, cache_dir=cache, progress=False)
+    assert path.endswith(archive_id)
+    assert open(os.path.join(path, "a.txt"), "rb").read() == b"abc"
+    assert open(os.path.join(path, "b.txt"), "rb").read() == b"defg"
+
+
+BAD_TABLES = {
+    "sizes do not add up": lambda frames: [[frames[0][0] + 1, 0, 0], frames[1]],
+    "starts out of order": lambda frames: [frames[0], [frames[1][0], 0, 0]],
+    "offset past the file": lambda frames: [frames[0], [frames[1][0], 1, 9]],
+    "file past the shard": lambda frames: [frames[0], [frames[1][0], 3, 0]],
+    "first frame not at the start": lambda frames: [[frames[0][0], 0, 1], frames[1]],
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TABLES))
+def test_a_frame_table_that_does_not_fit_is_refused(case, places):
+    url, cache, _ = places
+    members = [member("a.txt", data=b"abc"), member("b.txt", data=b"b")]
+    archive_id = write_framed(url, members, listed_for(("a.txt", 3), ("b.txt", 1)),
+                              cuts=["b.txt"], starts=[[0, 0], [1, 0]])  # fmt: skip
+    manifest = os.path.join(url, MANIFEST_NAME)
+    with open(manifest) as f:
+        doc = json.load(f)
+    doc["shards"][0]["frames"] = BAD_TABLES[case](doc["shards"][0]["frames"])
+    with open(manifest, "w") as f:
+        json.dump(doc, f)
+    assert_refused(url, cache, archive_id, "frame table", "does not fit the shard")
+
+
+def test_a_manifest_mode_the_data_filter_would_not_leave_is_refused(places):
+    # Modes are compared to headers byte for byte, so the manifest's own must be safe ones.
+    url, cache, _ = places
+    listed = [FileEntry("a.txt", 3, 0o4755, "0" * 64)]
+    archive_id = write_archive(url, [member("a.txt", data=b"abc", mode=0o4755)], listed)
+    assert_refused(url, cache, archive_id, "'a.txt' size 3 and mode 4755")
