@@ -40,6 +40,7 @@ from tlaunch.storage.archive_format import (
 _SMALL = 1 << 20  # files up to this size are read whole and batched with their neighbours
 _CHUNK = 4 << 20  # read size for large files
 _ZEROS = memoryview(bytes(BLOCK))
+_MAX_INFLIGHT = 32  # frames being compressed or waiting to be written
 _HASH_BATCH = 8 << 20  # bytes of small files one hashing task takes, to amortize task overhead
 
 
@@ -280,8 +281,8 @@ def _copy_large(fd: int, src: Source, index: int, frames: _Framer, hashing: bool
 class _Framer:
     """Frame buffers filled by the packing thread, compressed by a pool, written in order.
 
-    At most ``2 * threads`` frames are in flight; their buffers are reused, so steady state
-    allocates nothing.
+    At most ``2 * threads`` frames are in flight, and never more than ``_MAX_INFLIGHT`` (512
+    MiB of buffers on a many-core VM); buffers are reused, so steady state allocates nothing.
     """
 
     _CAPACITY = FRAME_SIZE + 4 * RECORD  # room for the tar end after a full frame
@@ -290,7 +291,7 @@ class _Framer:
         self.out = out
         self.level = level
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="tlaunch-zstd")
-        self.limit = 2 * max(1, threads)
+        self.limit = min(2 * max(1, threads), _MAX_INFLIGHT)
         self.local = threading.local()
         self.inflight: deque[tuple[tuple[int, int], bytearray, Future]] = deque()
         self.spare: list[bytearray] = []
