@@ -317,7 +317,7 @@ def snapshot_and_submit(run: Run) -> None:
         "samples_seen": run.samples_seen,
         "world_size": run.world_size,
         "hparams": run.hparams,
-        "metrics": run.metrics,
+        "metrics": dict(run.metrics),  # the writer serializes it while training logs on
         "config": config,
         "config_hash": _config_hash(config),
         "batch_size": loaders[0].batch_size if loaders else None,

@@ -24,6 +24,7 @@ Rules that make resume exact (bitwise, on the same machine):
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -77,7 +78,6 @@ class Run:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.samples_seen = 0
-        self.metrics: dict[str, float] = {}
         self._models: list[torch.nn.Module] = []
         self._optimizers: list[Any] = []
         self._schedulers: list[Any] = []
@@ -96,7 +96,11 @@ class Run:
         self.run_dir = os.environ.get(RUN_DIR_ENV) or os.path.join(
             os.getcwd(), "tlaunch-runs", "local"
         )
-        self._metrics_log = MetricsLog(self.run_dir) if self.is_main else None
+        self._metrics = MetricsLog(self.run_dir if self.is_main else None)
+        atexit.register(self._metrics.close)  # a script that dies of an exception keeps its log
+        self._stop_file = os.path.join(self._control_dir, STOP_FILE) if self._control_dir else None
+        # Batches from a DataLoader are on the CPU already: moving them there is a no-op.
+        self._move_batches = self.accelerator.device.type != "cpu"
         self._progress = Progress(enabled=self.is_main, mode=config.progress)
         self._clock = StopWatch(config)
         self._install_signal_handlers()
@@ -201,7 +205,7 @@ class Run:
             yield self._to_device(batch)
             self.batch_in_epoch = i + 1
             self.samples_seen += _batch_len(batch) * self.world_size
-            bar.update(self.step, self.metrics)
+            bar.update(self.step, self._metrics)
             if self._sync_now:
                 if not self._step_counted:  # a loop without run.accumulate
                     self.step += 1
@@ -228,7 +232,7 @@ class Run:
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward with scaling (fp16), accumulation averaging and clipping (after unscaling)."""
-        self.accelerator.backward(loss / self._window)
+        self.strategy.backward(self.accelerator, loss / self._window if self._window > 1 else loss)
         clip_norm, clip_value = self.config.clip_grad_norm, self.config.clip_grad_value
         if not self._sync_now or (clip_norm is None and clip_value is None):
             return
@@ -239,20 +243,41 @@ class Run:
             self.accelerator.clip_grad_value_(params, clip_value)
 
     def log(self, reduce: bool = False, **metrics: Any) -> None:
-        """Record metrics (numbers or tensors); ``reduce=True`` averages them over ranks first."""
-        values: dict[str, float] = {}
+        """Record metrics (numbers or tensors); ``reduce=True`` averages them over ranks first.
+
+        A tensor on a GPU or TPU is not read here, which would make every step wait for the
+        device: it is read at the next flush of the metrics (:class:`tlaunch.run_io.MetricsLog`),
+        at the latest when ``run.metrics`` is next read.
+        """
+        values: dict[str, Any] = {}
         for key, value in metrics.items():
-            if isinstance(value, torch.Tensor):
-                value = value.detach()
-                if reduce and self.world_size > 1:
-                    value = self.accelerator.reduce(
-                        value.float().to(self.accelerator.device), reduction="mean"
-                    )
-                value = value.item() if value.dim() == 0 else value.float().mean().item()
-            values[key] = float(value)
-        self.metrics.update(values)
-        if self._metrics_log is not None:
-            self._metrics_log.write(step=self.step, epoch=self.epoch, **values)
+            values[key] = (
+                self._metric_value(value, reduce)
+                if isinstance(value, torch.Tensor)
+                else float(value)
+            )
+        self._metrics.add(self.step, self.epoch, values)
+
+    def _metric_value(self, value: torch.Tensor, reduce: bool) -> Any:
+        if reduce and self.world_size > 1:
+            value = self.accelerator.reduce(
+                value.detach().float().to(self.accelerator.device), reduction="mean"
+            )
+        if value.dim():
+            value = value.detach().float().mean()
+        if value.device.type == "cpu":  # read without waiting for anything
+            return float(value.item())
+        # Kept unread; a copy, since the script may change its tensor in place before the flush.
+        return value.detach().clone()
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The last value logged for each metric (reading it waits for logged device values)."""
+        return self._metrics.latest()
+
+    @metrics.setter
+    def metrics(self, values: dict[str, float]) -> None:
+        self._metrics.replace(values)
 
     @property
     def should_stop(self) -> bool:
@@ -266,6 +291,7 @@ class Run:
 
         if not self.resume.enabled or self._saved_step == self.step:
             return
+        self._metrics.flush()  # the lines logged so far are on disk when the checkpoint is
         started = time.monotonic()
         snapshot_and_submit(self)
         self._clock.record_save(time.monotonic() - started)
@@ -282,8 +308,8 @@ class Run:
             self.resume.flush(self)
             if self.resume.writer is not None:
                 self.resume.writer.close()
-        if self._metrics_log is not None:
-            self._metrics_log.close()
+        self._metrics.close()
+        atexit.unregister(self._metrics.close)
         self._end_process_group()
         _CURRENT = None
 
@@ -296,7 +322,7 @@ class Run:
 
     # -- internals -----------------------------------------------------------------------------
     def _to_device(self, batch: Any) -> Any:
-        return send_to_device(batch, self.accelerator.device)
+        return send_to_device(batch, self.accelerator.device) if self._move_batches else batch
 
     def _batches_per_epoch(self, resumable: ResumableLoader) -> int:
         total = len(resumable)
@@ -317,19 +343,17 @@ class Run:
         """Runs after each optimizer step. Returns True when the epoch loop must end."""
         self.strategy.end_step(self.accelerator)
         self.resume.check_writer(self)
-        local_stop = (
-            self._stop_requested
-            or self._clock.deadline_near()
-            or (
-                self._control_dir is not None
-                and os.path.exists(os.path.join(self._control_dir, STOP_FILE))
+        local_stop, save_due = self._stop_requested, False
+        if self._clock.poll_due():  # a stat and clock reads: a few times a second, not every step
+            local_stop = (
+                local_stop
+                or self._clock.deadline_near()
+                or (self._stop_file is not None and os.path.exists(self._stop_file))
             )
-        )
+            save_due = self._clock.save_due()
         # Stop and timed saves depend on clocks and signals that differ between ranks; every
         # rank must take the same decision before anyone saves: one tiny all-reduce per step.
-        stop, save_due = self.strategy.any_rank_lagged(
-            self.accelerator, [local_stop, self._clock.save_due()]
-        )
+        stop, save_due = self.strategy.any_rank_lagged(self.accelerator, [local_stop, save_due])
         if stop:
             self._stop_flag = True
             self._stop_with_checkpoint()
@@ -344,6 +368,7 @@ class Run:
 
         if self._control_dir and int(os.environ.get("LOCAL_RANK", "0")) == 0:
             open(os.path.join(self._control_dir, WORKERS_STOPPING), "w").close()
+        self._metrics.close()  # everything logged is on disk before the process leaves
         if self.resume.enabled:
             self._saved_step = -1
             self.save()

@@ -99,6 +99,16 @@ class Strategy(ABC):
             kwargs["gradient_accumulation_plugin"] = GradientAccumulationPlugin(num_steps=1)
         return Accelerator(**kwargs)
 
+    def backward(self, accelerator: Accelerator, loss: Any) -> None:
+        """Backward of a loss the caller has already divided for accumulation. Accelerate's
+        own ``backward`` is needed only for fp16's loss scaling; elsewhere it divides by its
+        accumulation count, which ``own_accumulation`` keeps at 1 — an extra op and autograd
+        node per step that change nothing."""
+        if accelerator.scaler is not None:
+            accelerator.backward(loss)
+        else:
+            loss.backward()
+
     def any_rank(self, accelerator: Accelerator, flags: list[bool]) -> list[bool]:
         """For each flag: True on every rank if it is true on any rank (one tiny all-reduce)."""
         if accelerator.num_processes == 1:

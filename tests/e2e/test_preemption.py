@@ -85,6 +85,36 @@ def test_sigterm_at_a_random_step_commits_there_and_resumes_bitwise(tmp_path, re
     finish_and_compare(tmp_path, ckpt, out, expected)
 
 
+def test_a_stop_file_seen_by_one_rank_stops_every_rank_at_the_same_step(tmp_path, ref_root):
+    expected = reference(ref_root, FLAGS[:4])
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "final.pt")
+    result = subprocess.run(
+        tlaunch_cmd(
+            SCRIPT,
+            *FLAGS,
+            "--checkpoint-dir",
+            ckpt,
+            "--",
+            "--out",
+            out,
+            "--stop-file-at-batch",
+            "5",
+        ),
+        cwd=tmp_path,
+        env=clean_env(RESUME_TEST_STEP_DELAY="0.05"),
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
+    assert result.returncode == 75, result.stderr[-3000:]
+    (step,) = committed(ckpt)
+    # Rank 1 writes the file in step 5 and polls it at most 0.1 s (two >= 50 ms steps) later;
+    # the agreement comes one step after that, on both ranks (or the resume would differ).
+    assert 6 <= step <= 8, step
+    assert f"checkpoint at step {step} committed" in result.stderr
+    finish_and_compare(tmp_path, ckpt, out, expected)
+
+
 def processes_mentioning(text: str) -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):

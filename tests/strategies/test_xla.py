@@ -171,6 +171,33 @@ RESUME_SCRIPT = textwrap.dedent(
 )
 
 
+# run.log keeps device tensors unread until a flush; the script changes one in place after
+# logging it, and the value logged must be the one recorded.
+LOG_SCRIPT = textwrap.dedent(
+    """
+    import json, os
+    import torch
+    import tlaunch
+
+    run = tlaunch.init()
+    total = torch.zeros((), device=run.accelerator.device)
+    for step in range(1, 4):
+        total += step
+        run.log(total=total, mean=torch.full((3,), float(step), device=total.device))
+    pending = len(run._metrics._pending)
+    total += 100
+    latest = dict(run.metrics)
+    run.finish()
+    with open(os.path.join(run.run_dir, "metrics.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    print("XLA_REPORT " + json.dumps({
+        "device": total.device.type, "pending": pending, "latest": latest,
+        "totals": [r["total"] for r in lines], "means": [r["mean"] for r in lines],
+    }), flush=True)
+    """
+)
+
+
 def tlaunch_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "tlaunch", *args]
 
@@ -231,6 +258,13 @@ class TestXLA:
         assert r["reduces"] == r["optimizer_steps"], r
         assert r["initial_xla_seed"] == 0, r
         assert r["rng_replays"] and r["rng_gathered"]
+
+    @pytest.mark.timeout(300)
+    def test_logged_device_values_are_read_later_as_they_were_logged(self, tmp_path):
+        r = report(launch_on_xla_cpu(tmp_path, LOG_SCRIPT))
+        assert r["device"] == "xla" and r["pending"] == 3, "device values wait for a flush"
+        assert r["latest"] == {"total": 6.0, "mean": 3.0}
+        assert r["totals"] == [1.0, 3.0, 6.0] and r["means"] == [1.0, 2.0, 3.0]
 
     @pytest.mark.timeout(600)
     def test_killed_run_resumes_bitwise_on_the_xla_device(self, tmp_path):

@@ -2,6 +2,8 @@
 
 ``--signal-at-batch B``: on rank 0, after micro-batch B (global count), send SIGTERM to the
 launcher and to this process — a real preemption arriving at a known point.
+``--stop-file-at-batch B``: on the last rank only, create the launcher's STOP file instead (no
+signal anywhere): the other ranks learn of the stop only through the Run's agreement.
 """
 
 import argparse
@@ -25,6 +27,7 @@ parser.add_argument("--batch-size", type=int, default=16)
 parser.add_argument("--lr", type=float, default=1e-2)
 parser.add_argument("--signal-at-batch", type=int, default=-1)
 parser.add_argument("--out", required=True)
+parser.add_argument("--stop-file-at-batch", type=int, default=-1)
 parser.add_argument("--crash-at-batch", type=int, default=-1, help="rank 1 exits 13 there, once")
 args = parser.parse_args()
 
@@ -57,6 +60,8 @@ for _epoch in run.epochs(args.epochs):
         if micro == args.signal_at_batch and run.rank == 0:
             os.kill(os.getppid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)
+        if micro == args.stop_file_at_batch and run.rank == run.world_size - 1:
+            open(os.path.join(os.environ["TLAUNCH_CONTROL_DIR"], "STOP"), "w").close()
         crash_marker = args.out + ".crashed"
         if micro == args.crash_at_batch and run.rank == 1 and not os.path.exists(crash_marker):
             open(crash_marker, "w").close()
