@@ -93,6 +93,7 @@ class Strategy(ABC):
 
         for key, value in self.plan().env.items():
             os.environ.setdefault(key, value)
+        _probe_lomo_once()
         kwargs = self.accelerator_kwargs()
         if own_accumulation:
             del kwargs["gradient_accumulation_steps"]
@@ -208,6 +209,20 @@ class Strategy(ABC):
 
     def set_device_rng_state(self, state: dict[str, Any]) -> None:
         return None
+
+
+def _probe_lomo_once() -> None:
+    """Accelerate's prepared optimizer asks importlib twice per ``step()`` whether the
+    ``lomo_optim`` package is installed: a ``find_spec`` over ``sys.path`` and the installed
+    metadata, ~30 µs each (measured), about 1% of a 6 ms step. What is installed does not change
+    while a run trains, so the answer is computed once; the wrapper still behaves as before."""
+    import functools
+
+    import accelerate.optimizer
+
+    probe = getattr(accelerate.optimizer, "is_lomo_available", None)
+    if probe is not None and not hasattr(probe, "cache_info"):
+        accelerate.optimizer.is_lomo_available = functools.cache(probe)
 
 
 _REGISTRY: dict[str, type[Strategy]] = {}
