@@ -21,13 +21,14 @@ reads it without tlaunch.
 
 Frames
 ------
-A shard's tar stream is cut into independent zstd frames of about ``FRAME_SIZE``
-uncompressed bytes (like ``pzstd``'s output): concatenated frames are one valid zstd
-stream to every other tool, and tlaunch compresses and unpacks them in parallel. Cuts fall
-between members, and inside the data of a file larger than a frame at multiples of
-``BLOCK``, never inside a header. The frame table records each frame's compressed size and
-where it starts: ``[size, file, offset]``, the shard-local index of a file and a byte
-offset into its data (0: at its header). A shard without a table is read as one frame.
+A shard's tar stream is cut into independent zstd frames of up to ``FRAME_SIZE``
+uncompressed bytes, smaller at both ends of a shard (``archive_pack.frame_cap``), like
+``pzstd``'s output: concatenated frames are one valid zstd stream to every other tool, and
+tlaunch compresses and unpacks them in parallel. Cuts fall between members, and inside the
+data of a file larger than a frame at multiples of ``BLOCK``, never inside a header. The
+frame table records each frame's compressed size and where it starts: ``[size, file,
+offset]``, the shard-local index of a file and a byte offset into its data (0: at its header).
+A shard without a table is read as one frame.
 
 zstd binding
 ------------

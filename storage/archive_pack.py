@@ -225,14 +225,14 @@ def write_shard(
     GIL) -- no tar process, pipe or extra copy on the way.
     """
     out = _Output(sink)
-    frames = _Framer(level, threads, out)
+    frames = _Framer(level, threads, out, sum(BLOCK + s.size + (-s.size % BLOCK) for s in files))
     entries: list[FileEntry] = []
     tar_size = 0
     try:
         for i, src in enumerate(files):
             header = ustar_header(src.path, src.size, src.mode)
             padded = src.size + (-src.size % BLOCK)
-            if frames.fill and frames.fill + len(header) + padded > FRAME_SIZE:
+            if frames.fill and frames.fill + len(header) + padded > frames.cap:
                 frames.cut((i, 0))  # a file that fits in one frame is never split
             frames.add(header)
             fd = _open(src)
@@ -251,7 +251,7 @@ def write_shard(
             tar_size += len(header) + padded
             on_bytes(src.size)
         end = tar_end(tar_size)
-        frames.add(end)  # the buffer has room for it past FRAME_SIZE
+        frames.add(end)  # the buffer has room for it past a full frame
         table = frames.finish()
     finally:
         frames.close()
@@ -263,7 +263,7 @@ def _copy_large(fd: int, src: Source, index: int, frames: _Framer, hashing: bool
     digest = hashlib.sha256()
     seen = 0
     while seen < src.size:
-        want = min(_CHUNK, FRAME_SIZE - frames.fill, src.size - seen)
+        want = min(_CHUNK, frames.cap - frames.fill, src.size - seen)
         if want <= 0:
             frames.cut((index, seen))
             continue
@@ -278,6 +278,20 @@ def _copy_large(fd: int, src: Source, index: int, frames: _Framer, hashing: bool
     return digest.hexdigest()
 
 
+def frame_cap(index: int, left: int) -> int:
+    """How many tar bytes frame ``index`` of a shard may hold, with ``left`` bytes to go.
+
+    ``FRAME_SIZE``, except at both ends: the first frames ramp up from 1 MiB, so compressor
+    threads start after a millisecond rather than after 16 MiB of reading, and the last ones
+    shrink to a quarter of what is left, so no core sits idle while one finishes a big frame
+    -- on unpacking as well as packing. Always a multiple of 64 KiB; depends only on the
+    files, so the same files give the same frames.
+    """
+    low = min(FRAME_SIZE, 1 << 20)
+    tail = left // 4 >> 16 << 16
+    return max(low, min(FRAME_SIZE, low << min(index, 16), tail))
+
+
 class _Framer:
     """Frame buffers filled by the packing thread, compressed by a pool, written in order.
 
@@ -287,8 +301,9 @@ class _Framer:
 
     _CAPACITY = FRAME_SIZE + 4 * RECORD  # room for the tar end after a full frame
 
-    def __init__(self, level: int, threads: int, out: _Output) -> None:
+    def __init__(self, level: int, threads: int, out: _Output, total: int) -> None:
         self.out = out
+        self.total, self.done = total, 0  # planned tar bytes, and those in cut frames
         self.level = level
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="tlaunch-zstd")
         self.limit = min(2 * max(1, threads), _MAX_INFLIGHT)
@@ -300,6 +315,7 @@ class _Framer:
         self.view = memoryview(self.buf)
         self.fill = 0
         self.start = (0, 0)
+        self.cap = frame_cap(0, total)
 
     def add(self, data: bytes) -> None:
         self.view[self.fill : self.fill + len(data)] = data
@@ -320,6 +336,7 @@ class _Framer:
 
     def cut(self, next_start: tuple[int, int]) -> None:
         """End the current frame (hand it to the pool); the next one starts at ``next_start``."""
+        self.done += self.fill
         if self.fill:
             job = self.pool.submit(self._compress, self.view[: self.fill])
             self.inflight.append((self.start, self.buf, job))
@@ -327,6 +344,7 @@ class _Framer:
             self.view, self.fill = memoryview(self.buf), 0
             self._drain(block=len(self.inflight) >= self.limit)
         self.start = next_start
+        self.cap = frame_cap(len(self.table) + len(self.inflight), self.total - self.done)
 
     def finish(self) -> tuple[Frame, ...]:
         self.cut(self.start)
