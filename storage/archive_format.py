@@ -131,22 +131,33 @@ class Manifest:
         return self.files[shard.first : shard.first + shard.count]
 
     def to_json(self) -> bytes:
-        """Indented, one file or shard per line (json's C encoder only runs without indent)."""
-        head = {"format": FORMAT, "id": self.id, "level": self.level, "dirs": list(self.dirs)}
-        files = [{"path": f.path, "size": f.size, "mode": f.mode, "sha256": f.sha256}
-                 for f in self.files]  # fmt: skip
-        shards = [{"key": s.key, "sha256": s.sha256, "size": s.size, "tar_size": s.tar_size,
-                   "first": s.first, "count": s.count,
-                   "frames": [[f.size, f.file, f.offset] for f in s.frames]}
-                  for s in self.shards]  # fmt: skip
+        """Indented, one file or shard per line.
 
-        def rows(items: list) -> str:
-            if not items:
-                return "[]"
-            return "[\n  " + ",\n  ".join(json.dumps(i, ensure_ascii=False) for i in items) + "\n ]"
+        File rows are formatted directly (json's string encoder for the path; the rest are
+        ints and hex digests): 6,000 ``json.dumps`` calls took 24 ms of a 1 s pack.
+        """
+        head = {"format": FORMAT, "id": self.id, "level": self.level, "dirs": list(self.dirs)}
+        files = [
+            f'{{"path": {_json_str(f.path)}, "size": {f.size:d}, "mode": {f.mode:d}, '
+            f'"sha256": "{f.sha256}"}}'
+            for f in self.files
+        ]
+        shards = [
+            json.dumps({"key": s.key, "sha256": s.sha256, "size": s.size, "tar_size": s.tar_size,
+                        "first": s.first, "count": s.count,
+                        "frames": [[f.size, f.file, f.offset] for f in s.frames]})
+            for s in self.shards
+        ]  # fmt: skip
+
+        def rows(items: list[str]) -> str:
+            return "[\n  " + ",\n  ".join(items) + "\n ]" if items else "[]"
 
         text = json.dumps(head, indent=1, ensure_ascii=False)[:-2]  # reopen the object
         return f'{text},\n "files": {rows(files)},\n "shards": {rows(shards)}\n}}\n'.encode()
+
+
+def _json_str(text: str) -> str:
+    return json.encoder.encode_basestring(text)  # what json.dumps(ensure_ascii=False) uses
 
 
 def data_mode(st_mode: int) -> int:

@@ -545,3 +545,21 @@ def test_ustar_headers_match_tarfile():
     with tarfile.open(fileobj=io.BytesIO(stream)) as tar:
         (member,) = tar.getmembers()
         assert (member.name, tar.extractfile(member).read()) == (LONG_NAME, b"hello")
+
+
+def test_manifest_json_round_trips_awkward_names():
+    # The manifest writes file rows itself; names json must escape come back unchanged.
+    from tlaunch.storage.archive_format import (
+        FileEntry,
+        Frame,
+        Manifest,
+        ShardEntry,
+        content_id,
+        parse_manifest,
+    )
+
+    names = ['quote"d', "back\\slash", "new\nline\ttab", "été/日本", "ctl\x01\x7f", "{a}, {b}"]
+    files = tuple(FileEntry(n, i, 0o644, f"{i:064x}") for i, n in enumerate(sorted(names)))
+    shard = ShardEntry("a" * 64, "b" * 64, 5, 9, 0, len(files), (Frame(5, 0, 0),))
+    manifest = Manifest(content_id(["été"], files), 3, ("été",), files, (shard,))
+    assert parse_manifest(manifest.to_json(), "here") == manifest
