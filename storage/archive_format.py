@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import posixpath
 import re
 import stat
 from dataclasses import dataclass
@@ -231,10 +230,6 @@ _USTAR_TAIL = b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * (32 + 32 + 8 + 8 + 1
 _USTAR_TAIL_SUM = sum(_USTAR_TAIL)
 
 
-def tar_padding(size: int) -> bytes:
-    return b"\0" * (-size % BLOCK)
-
-
 def tar_end(tar_size: int) -> bytes:
     """Two zero blocks, then zeros up to a whole record, as tar itself ends an archive."""
     end = tar_size + 2 * BLOCK
@@ -325,13 +320,3 @@ def _frames_fit(shard: ShardEntry, files: tuple[FileEntry, ...]) -> bool:
 def frame_starts(shard: ShardEntry) -> list[tuple[int, int]]:
     """Where each frame starts and, last, (count, 0): the end of the shard's files."""
     return [(f.file, f.offset) for f in shard.frames] + [(shard.count, 0)]
-
-
-def parent_dirs(path: str) -> list[str]:
-    """``a/b/c.txt`` -> ``["a", "a/b"]``."""
-    out = []
-    head = posixpath.dirname(path)
-    while head:
-        out.append(head)
-        head = posixpath.dirname(head)
-    return out[::-1]

@@ -253,7 +253,7 @@ def _umask() -> int | None:
 def _create(path: str, mode: int, umask: int | None) -> int:
     try:
         fd = os.open(path, _CREATE, mode)
-    except FileNotFoundError:  # a manifest that does not list the directory
+    except FileNotFoundError:  # a directory the manifest does not list
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd = os.open(path, _CREATE, mode)
     if umask is None or mode & umask:
@@ -314,7 +314,7 @@ def _extract_frame(
     if not general:
         general = not _at_end(reader, task.last)
     if general:  # the rest of this frame is for tarfile and our full checks
-        _extract_members(reader, files, j, end[0], dest, where, on_bytes, abort)
+        _extract_members(reader, files, j, end[0], dest, where, on_bytes, abort, umask)
 
 
 def _at_end(reader: FrameReader, last: bool) -> bool:
@@ -337,9 +337,9 @@ def _extract_members(
     where: str,
     on_bytes: Callable[[int], None],
     abort: threading.Event,
+    umask: int | None,
 ) -> None:
     """The general way, through tarfile, for ``files[index:stop]`` and anything unexpected."""
-    made = {dest}  # directories known to exist
     unreported = 0
     with tarfile.open(fileobj=reader, mode="r:") as tar:  # type: ignore[call-overload]
         # Opening reads the first header; asking again after an empty start would seek back.
@@ -357,7 +357,7 @@ def _extract_members(
             if reason is not None:
                 raise ArchiveError(f"refusing {where}: member {member.name!r} {reason}")
             try:
-                _write_file(reader, member, safe, dest, made)
+                _write_file(reader, member, safe, dest, umask)
             except OSError as e:
                 raise ArchiveError(
                     f"cannot write {member.name!r} from {where}: {e.strerror}"
@@ -416,17 +416,12 @@ def _manifest_refusal(member: tarfile.TarInfo, expected: FileEntry | None) -> st
 
 
 def _write_file(
-    reader: FrameReader, member: tarfile.TarInfo, safe: tarfile.TarInfo, dest: str, made: set
-) -> None:
-    path = os.path.join(dest, safe.name)
-    parent = os.path.dirname(path)
-    if parent not in made:
-        os.makedirs(parent, exist_ok=True)
-        made.add(parent)
+    reader: FrameReader, member: tarfile.TarInfo, safe: tarfile.TarInfo, dest: str,
+    umask: int | None,
+) -> None:  # fmt: skip
     reader.seek(member.offset_data)
-    fd = os.open(path, _CREATE, 0o600)
+    fd = _create(os.path.join(dest, safe.name), safe.mode, umask)
     try:
         reader.copy_to(fd, member.size)
-        os.fchmod(fd, safe.mode)
     finally:
         os.close(fd)
