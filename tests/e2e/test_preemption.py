@@ -88,24 +88,10 @@ def test_sigterm_at_a_random_step_commits_there_and_resumes_bitwise(tmp_path, re
 def test_a_stop_file_seen_by_one_rank_stops_every_rank_at_the_same_step(tmp_path, ref_root):
     expected = reference(ref_root, FLAGS[:4])
     ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "final.pt")
-    result = subprocess.run(
-        tlaunch_cmd(
-            SCRIPT,
-            *FLAGS,
-            "--checkpoint-dir",
-            ckpt,
-            "--",
-            "--out",
-            out,
-            "--stop-file-at-batch",
-            "5",
-        ),
-        cwd=tmp_path,
-        env=clean_env(RESUME_TEST_STEP_DELAY="0.05"),
-        capture_output=True,
-        text=True,
-        timeout=200,
-    )
+    result = run_tlaunch(
+        SCRIPT, *FLAGS, "--checkpoint-dir", ckpt, "--", "--out", out, "--stop-file-at-batch", "5",
+        cwd=tmp_path, timeout=200, RESUME_TEST_STEP_DELAY="0.05",
+    )  # fmt: skip
     assert result.returncode == 75, result.stderr[-3000:]
     (step,) = committed(ckpt)
     # Rank 1 writes the file in step 5 and polls it at most 0.1 s (two >= 50 ms steps) later;
@@ -192,16 +178,10 @@ def test_time_limit_stops_with_a_checkpoint_before_the_deadline(tmp_path, ref_ro
     expected = reference(ref_root, FLAGS[:4])
     ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "final.pt")
     # Slow steps so the limit lands mid-run whatever the machine's speed.
-    result = subprocess.run(
-        tlaunch_cmd(
-            SCRIPT, *FLAGS, "--checkpoint-dir", ckpt, "--time-limit", "15s", "--", "--out", out
-        ),
-        cwd=tmp_path,
-        env=clean_env(RESUME_TEST_STEP_DELAY="0.5"),
-        capture_output=True,
-        text=True,
-        timeout=200,
-    )
+    result = run_tlaunch(
+        SCRIPT, *FLAGS, "--checkpoint-dir", ckpt, "--time-limit", "15s", "--", "--out", out,
+        cwd=tmp_path, timeout=200, RESUME_TEST_STEP_DELAY="0.5",
+    )  # fmt: skip
     assert result.returncode == 75, result.stderr[-3000:]
     assert "--time-limit reached" not in result.stderr, (
         "the Run's own deadline must act before the backstop"
