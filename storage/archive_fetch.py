@@ -207,8 +207,14 @@ class _Job:
                 got = None if self.local else downloaders.submit(self._download, shard)
                 futures.append(shard_threads.submit(self._unpack, i, shard, got, frames))
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            errors = [f.exception() for f in done if f.exception() is not None]
-            if errors:  # report the failure itself, not a shard it stopped
+            if any(f.exception() is not None for f in done):
+                # The first to end may be a shard the failure stopped (Aborted) while the
+                # failing one still hashes: stop the rest and wait, to report the failure.
+                self.abort.set()
+                for f in futures:
+                    f.cancel()
+                wait(futures)
+                errors = [e for f in futures if not f.cancelled() and (e := f.exception())]
                 raise next((e for e in errors if not isinstance(e, Aborted)), errors[0])
         except BaseException:
             self.abort.set()

@@ -219,14 +219,13 @@ def write_shard(
     """Tar ``files`` into independent zstd frames, compressed in parallel, and into ``sink``.
 
     Returns (the files' entries, sha256 of the compressed bytes, their size, tar stream
-    size, the frame table). Without ``digests`` each file is hashed as it is read, in this
-    one pass. This thread only reads files, hashes them and lays out the tar stream, into
-    frame buffers that ``threads`` compressor threads take in turn (libzstd releases the
-    GIL) -- no tar process, pipe or extra copy on the way.
+    size, the frame table). Without ``digests`` each file is hashed from the frame buffers
+    it was read into, in this one pass. This thread only reads files and lays out the tar
+    stream, into frame buffers that ``threads`` compressor threads take in turn while one
+    more thread hashes them in order (libzstd and hashlib release the GIL) -- no tar
+    process, pipe or extra copy on the way.
     """
-    out = _Output(sink)
-    frames = _Framer(level, threads, out, sum(BLOCK + s.size + (-s.size % BLOCK) for s in files))
-    entries: list[FileEntry] = []
+    frames = _Framer(level, threads, _Output(sink), files, hashing=digests is None)
     tar_size = 0
     try:
         for i, src in enumerate(files):
@@ -238,16 +237,14 @@ def write_shard(
             fd = _open(src)
             try:
                 if src.size <= _SMALL:
-                    data = frames.written(_read_into(fd, frames.room(src.size)))
-                    _check_unchanged(fd, src, len(data))
-                    digest = digests[i] if digests else hashlib.sha256(data).hexdigest()
+                    got = _read_into(fd, frames.room(src.size))
+                    frames.written(got, i, last=True)
                 else:
-                    computed = _copy_large(fd, src, i, frames, hashing=digests is None)
-                    digest = digests[i] if digests else computed
+                    got = _copy_large(fd, src, i, frames)
+                _check_unchanged(fd, src, got)
             finally:
                 os.close(fd)
             frames.pad(src.size)
-            entries.append(FileEntry(src.path, src.size, src.mode, digest))
             tar_size += len(header) + padded
             on_bytes(src.size)
         end = tar_end(tar_size)
@@ -255,12 +252,14 @@ def write_shard(
         table = frames.finish()
     finally:
         frames.close()
+    digests = digests or frames.digests
+    entries = [FileEntry(s.path, s.size, s.mode, d) for s, d in zip(files, digests, strict=True)]
+    out = frames.out
     return entries, out.digest.hexdigest(), out.size, tar_size + len(end), table
 
 
-def _copy_large(fd: int, src: Source, index: int, frames: _Framer, hashing: bool) -> str:
+def _copy_large(fd: int, src: Source, index: int, frames: _Framer) -> int:
     """Read a file into the frames, cutting one wherever it fills up (at a BLOCK multiple)."""
-    digest = hashlib.sha256()
     seen = 0
     while seen < src.size:
         want = min(_CHUNK, frames.cap - frames.fill, src.size - seen)
@@ -268,14 +267,11 @@ def _copy_large(fd: int, src: Source, index: int, frames: _Framer, hashing: bool
             frames.cut((index, seen))
             continue
         n = _read_into(fd, frames.room(want))
+        seen += n
+        frames.written(n, index, last=not n or seen >= src.size)
         if not n:
             break
-        chunk = frames.written(n)
-        if hashing:
-            digest.update(chunk)  # hashlib releases the GIL on large updates
-        seen += n
-    _check_unchanged(fd, src, seen)
-    return digest.hexdigest()
+    return seen
 
 
 def frame_cap(index: int, left: int) -> int:
@@ -297,25 +293,38 @@ class _Framer:
 
     At most ``2 * threads`` frames are in flight, and never more than ``_MAX_INFLIGHT`` (512
     MiB of buffers on a many-core VM); buffers are reused, so steady state allocates nothing.
+    One more thread does, in stream order, what must see the bytes in order: the sha256 of
+    each file (of the pieces of it in each frame, as the frame is cut) and the writing and
+    hashing of the compressed frames. Taking that off the reading thread keeps the
+    compressors fed: hashed inline, the reading of small files fell behind them.
     """
 
     _CAPACITY = FRAME_SIZE + 4 * RECORD  # room for the tar end after a full frame
 
-    def __init__(self, level: int, threads: int, out: _Output, total: int) -> None:
+    def __init__(
+        self, level: int, threads: int, out: _Output, files: list[Source], hashing: bool
+    ) -> None:
         self.out = out
-        self.total, self.done = total, 0  # planned tar bytes, and those in cut frames
+        self.total = sum(BLOCK + s.size + (-s.size % BLOCK) for s in files)  # planned tar bytes
+        self.done = 0  # tar bytes in frames already cut
         self.level = level
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="tlaunch-zstd")
+        self.serial = ThreadPoolExecutor(1, thread_name_prefix="tlaunch-hash")  # runs in order
         self.limit = min(2 * max(1, threads), _MAX_INFLIGHT)
         self.local = threading.local()
-        self.inflight: deque[tuple[tuple[int, int], bytearray, Future]] = deque()
+        self.inflight: deque[tuple[tuple[int, int], bytearray, Future, Future | None]] = deque()
+        self.writes: deque[Future] = deque()
         self.spare: list[bytearray] = []
         self.table: list[Frame] = []
+        self.hashing = hashing
+        self.digests = [""] * len(files) if hashing else []
+        self.partial: dict[int, Any] = {}  # file index -> sha256 of a file split across frames
+        self.spans: list[tuple[int, int, int, bool]] = []  # (file, start, end, last) this frame
         self.buf = bytearray(self._CAPACITY)
         self.view = memoryview(self.buf)
         self.fill = 0
         self.start = (0, 0)
-        self.cap = frame_cap(0, total)
+        self.cap = frame_cap(0, self.total)
 
     def add(self, data: bytes) -> None:
         self.view[self.fill : self.fill + len(data)] = data
@@ -330,18 +339,22 @@ class _Framer:
     def room(self, n: int) -> memoryview:
         return self.view[self.fill : self.fill + n]
 
-    def written(self, n: int) -> memoryview:
+    def written(self, n: int, index: int, last: bool) -> None:
+        """``n`` bytes of file ``index`` were read into ``room()``; ``last``: its final ones."""
+        if self.hashing:
+            self.spans.append((index, self.fill, self.fill + n, last))
         self.fill += n
-        return self.view[self.fill - n : self.fill]
 
     def cut(self, next_start: tuple[int, int]) -> None:
         """End the current frame (hand it to the pool); the next one starts at ``next_start``."""
         self.done += self.fill
         if self.fill:
-            job = self.pool.submit(self._compress, self.view[: self.fill])
-            self.inflight.append((self.start, self.buf, job))
+            view = self.view[: self.fill]
+            job = self.pool.submit(self._compress, view)
+            hashed = self.serial.submit(self._hash, view, self.spans) if self.spans else None
+            self.inflight.append((self.start, self.buf, job, hashed))
             self.buf = self.spare.pop() if self.spare else bytearray(self._CAPACITY)
-            self.view, self.fill = memoryview(self.buf), 0
+            self.view, self.fill, self.spans = memoryview(self.buf), 0, []
             self._drain(block=len(self.inflight) >= self.limit)
         self.start = next_start
         self.cap = frame_cap(len(self.table) + len(self.inflight), self.total - self.done)
@@ -350,12 +363,18 @@ class _Framer:
         self.cut(self.start)
         while self.inflight:
             self._drain(block=True)
+        while self.writes:
+            self.writes.popleft().result()
         return tuple(self.table)
 
     def close(self) -> None:
-        for _, _, job in self.inflight:
+        """Stop every thread (after an error: before the caller aborts the sink)."""
+        for _, _, job, hashed in self.inflight:
             job.cancel()
+            if hashed:
+                hashed.cancel()
         self.pool.shutdown(wait=True)
+        self.serial.shutdown(wait=True, cancel_futures=True)
 
     def _compress(self, data: memoryview) -> bytes:
         compressor = getattr(self.local, "compressor", None)
@@ -367,12 +386,28 @@ class _Framer:
         # pieces it copies everything into its window first: measured +20% CPU).
         return compressor.compress(data, mode=zstd.ZstdCompressor.FLUSH_FRAME)
 
+    def _hash(self, view: memoryview, spans: list[tuple[int, int, int, bool]]) -> None:
+        for index, start, end, last in spans:
+            digest = self.partial.pop(index, None)
+            if digest is None:
+                digest = hashlib.sha256(view[start:end])
+            else:
+                digest.update(view[start:end])
+            if last:
+                self.digests[index] = digest.hexdigest()
+            else:
+                self.partial[index] = digest
+
     def _drain(self, block: bool) -> None:
+        while self.writes and self.writes[0].done():
+            self.writes.popleft().result()  # raises what writing raised
         while self.inflight and (block or self.inflight[0][2].done()):
-            start, buf, job = self.inflight.popleft()
+            start, buf, job, hashed = self.inflight.popleft()
             data = job.result()
-            self.out.write(data)
+            self.writes.append(self.serial.submit(self.out.write, data))
             self.table.append(Frame(len(data), *start))
+            if hashed:
+                hashed.result()  # ahead of that write in the serial queue: done or nearly
             self.spare.append(buf)
             block = False
 
@@ -431,7 +466,8 @@ class StoreSink:
     """
 
     def __init__(self, fs: Any, path: str) -> None:
-        self.path = path
+        self.fs, self.path = fs, path
+        self.existed = fs.exists(path)  # see abort()
         self.file = fs.open(path, "wb")
         self.queue: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
         self.error: BaseException | None = None
@@ -466,4 +502,9 @@ class StoreSink:
             self.file.discard()  # cancels a resumable / multipart upload
             self.file.closed = True  # so garbage collection does not commit a partial object
         except Exception:  # best effort: an unfinished object is never named by a manifest
+            pass
+        try:  # stores that show an object from its open on (memory://): remove it again
+            if not self.existed and self.fs.exists(self.path):
+                self.fs.rm_file(self.path)
+        except Exception:
             pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import random
@@ -268,6 +269,31 @@ def test_a_changed_file_rewrites_only_its_shard(memory_url, tree, cache, monkeyp
     assert snapshot(stage(url, cache_dir=cache, progress=False)) == snapshot(tree)
 
 
+def test_a_failed_write_leaves_the_previous_archive_whole(any_store_url, tree, cache, monkeypatch):
+    url = any_store_url + "/ds.tlar"
+    pack(tree, url, shard_size=MB, progress=False)
+    before, packed = listing(url), snapshot(tree)
+    with open(os.path.join(tree, "big_text.bin"), "ab") as f:
+        f.write(b"one more line\n")
+    sink = archive_pack.LocalSink if "://" not in url else archive_pack.StoreSink
+    real_write, writes = sink.write, []
+
+    def full_disk_on_the_second_write(self, data):
+        writes.append(len(data))
+        if len(writes) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(self, data)
+
+    with monkeypatch.context() as m:
+        m.setattr(sink, "write", full_disk_on_the_second_write)  # on the frame-writing thread
+        with pytest.raises(StorageError, match="No space left on device") as err:
+            pack(tree, url, shard_size=MB, progress=False)
+
+    assert "\n" not in str(err.value)
+    assert listing(url) == before  # no partial shard, no temp file, the old manifest
+    assert snapshot(stage(url, cache_dir=cache, progress=False)) == packed
+
+
 def test_shard_cuts_depend_on_paths_so_an_insert_moves_few():
     rng = random.Random(0)
     sizes = {f"f{i:05d}": rng.randint(1000, 80_000) for i in range(3000)}
@@ -390,6 +416,33 @@ def test_a_missing_shard_is_reported(memory_url, tree, cache):
     loc = resolve(url)
     loc.fs.rm(loc.join(SHARDS_DIR, read_manifest(url).shards[1].name))
     with pytest.raises(ArchiveError, match="is missing; pack the archive again"):
+        stage(url, cache_dir=cache, progress=False)
+
+
+def test_the_damaged_shard_is_reported_not_a_shard_it_stopped(tmp_path, tree, cache, monkeypatch):
+    # Shard 1 is damaged; shard 0 stops when the failure sets the abort flag and ends first,
+    # while shard 1 is still hashing: the error must still name the damage, not "Aborted".
+    url = str(tmp_path / "ds.tlar")
+    pack(tree, url, shard_size=MB, progress=False)
+    first, damaged = read_manifest(url).shards[:2]
+    flip_byte(url, damaged.name)
+    stopped = threading.Event()
+    real_unpack, real_sha256 = archive_fetch.unpack_shard, archive_unpack._sha256
+
+    def unpack(path, shard, files, dest, where, on_bytes, pool, abort, verify=True):
+        if shard.name == first.name:
+            assert abort.wait(30), "the damaged shard never set the abort flag"
+            stopped.set()
+            raise archive_unpack.Aborted
+        return real_unpack(path, shard, files, dest, where, on_bytes, pool, abort, verify)
+
+    def sha256(fd, size):
+        assert stopped.wait(30), "shard 0 did not stop"
+        return real_sha256(fd, size)
+
+    monkeypatch.setattr(archive_fetch, "unpack_shard", unpack)
+    monkeypatch.setattr(archive_unpack, "_sha256", sha256)
+    with pytest.raises(ArchiveError, match=f"{damaged.name} does not match its checksum"):
         stage(url, cache_dir=cache, progress=False)
 
 
