@@ -44,7 +44,7 @@ format: install
 	$(BIN)/ruff check --fix .
 
 bench: install
-	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@for b in benchmarks/[!_]*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) $(XLA_VENV) build *.egg-info

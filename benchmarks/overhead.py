@@ -26,10 +26,11 @@ import argparse
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+
+from _proc import run_group  # benchmarks/, on sys.path when a script here runs
 
 WARMUP, WINDOWS, WINDOW = 10, 30, 5
 BATCH = 64
@@ -166,7 +167,7 @@ def measure(variant: str, nproc: int, args: argparse.Namespace, tmp: str) -> lis
     if variant == "accelerate":
         env["ACCELERATE_USE_CPU"] = "true"
     cmd = [sys.executable, *launcher, HERE, "--worker", variant, "--hidden", str(args.hidden)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_group(cmd, env, timeout=300)
     found = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not found or int(found[0][1]) != nproc:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")

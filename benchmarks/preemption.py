@@ -118,12 +118,15 @@ def preempt_once(nproc: int, hidden: int, tmp: str, warm_steps: int) -> dict:
     cmd = [sys.executable, "-m", "tlaunch", *flags, ckpt, "--run-dir", os.path.join(tmp, "runs")]
     cmd += [HERE, "--worker", "--hidden", str(hidden), "--step-file", step_file]
     log = open(os.path.join(tmp, "launcher.log"), "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # Its own process group: a hung run is killed with its workers, not only the launcher.
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     deadline = time.monotonic() + 300
     seen = [(0, 0.0)]  # (step, time first seen): the last two give the length of a step
     while seen[-1][0] < warm_steps:
         if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             raise SystemExit(f"the training run ended early ({proc.poll()}): see {log.name}")
         step = read_step(step_file)
         if step != seen[-1][0]:
@@ -132,7 +135,11 @@ def preempt_once(nproc: int, hidden: int, tmp: str, warm_steps: int) -> dict:
     at_signal = read_step(step_file)
     signalled = time.time()
     proc.send_signal(signal.SIGTERM)
-    code = proc.wait(timeout=300)
+    try:
+        code = proc.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise SystemExit(f"the run did not stop within 300 s of SIGTERM: see {log.name}") from None
     elapsed = time.time() - signalled
     log.close()
     step, commit_time = committed(ckpt)

@@ -27,10 +27,11 @@ import glob
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+
+from _proc import run_group  # benchmarks/, on sys.path when a script here runs
 
 T0 = time.time()  # before any heavy import: the script's own process start, near enough
 TARGET = 1.3
@@ -116,7 +117,7 @@ def start(cmd: list[str]) -> dict[str, float]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TLAUNCH_", "ACCELERATE_"))}
     env["ACCELERATE_USE_CPU"] = "true"
     started = time.time()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_group(cmd, env, timeout=600)
     marks = {m[0]: float(m[1]) - started for m in re.findall(r"MARK (\w+) ([\d.]+)", proc.stdout)}
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
