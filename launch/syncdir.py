@@ -50,8 +50,10 @@ class SyncDirs:
         with self._lock:
             for m in self.mirrors:
                 try:
-                    n = m.sync(final=True)
-                    self._log(f"flushed {m.local} to {m.url} ({n} file(s) uploaded)")
+                    up, gone = m.sync(final=True)
+                    self._log(
+                        f"flushed {m.local} to {m.url} ({up} file(s) uploaded, {gone} deleted)"
+                    )
                 except Exception as e:
                     self._log(f"final flush of {m.local} to {m.url} failed: {e}")
                     ok = False

@@ -2,9 +2,10 @@
 
 Used by ``--sync-dir LOCAL=URL`` for scripts that write their own checkpoints. A file is
 uploaded only once it is stable (same size and mtime on two scans in a row), so a file still
-being written is not copied half-way. Atomic per file: on object stores a single PUT either
-creates the whole object or nothing; on local disks and Drive mounts the bytes go to a temp
-name first and are renamed.
+being written is not copied half-way; files the script deletes (checkpoint rotation) are
+deleted at the URL once everything else is uploaded. Atomic per file: on object stores a
+single PUT either creates the whole object or nothing; on local disks and Drive mounts the
+bytes go to a temp name first and are renamed.
 """
 
 from __future__ import annotations
@@ -67,10 +68,12 @@ class FolderMirror:
             raise StorageError(f"cannot list {redact(self.url)}: {e}") from None
         local = _local_files(self.local)
         count = 0
+        same: set[str] = set()  # here and at the URL alike: restored or already present
         for path, info in remote.items():
             rel = path[len(root) :].lstrip("/")
             if not rel or os.path.basename(rel).startswith(".") and ".tmp-" in rel:
                 continue
+            same.add(rel)
             if rel in local and local[rel][0] == info.get("size"):
                 continue
             dest = os.path.join(self.local, *rel.split("/"))
@@ -79,13 +82,23 @@ class FolderMirror:
             fs.get_file(path, tmp)
             os.replace(tmp, dest)
             count += 1
-        self.uploaded = _local_files(self.local)  # what is here now is what the URL has
+        # What the URL has: files only here are uploaded by the first sync.
+        self.uploaded = {r: st for r, st in _local_files(self.local).items() if r in same}
         return count
 
-    def sync(self, *, final: bool = False) -> int:
-        """Upload new and changed files; before ``final``, only those stable since the last scan."""
-        scan = _local_files(self.local) if os.path.isdir(self.local) else {}
-        count = 0
+    def sync(self, *, final: bool = False) -> tuple[int, int]:
+        """Upload new and changed files (before ``final``, only those stable since the last
+        scan), then delete from the URL what the script deleted here. Returns the counts.
+
+        Deletions wait until every file here is uploaded, so the URL always holds a superset
+        of the folder: a script that removes its previous checkpoint before (or while) it
+        writes the next one never leaves the URL without either. A missing folder deletes
+        nothing.
+        """
+        if not os.path.isdir(self.local):
+            return 0, 0
+        scan = _local_files(self.local)
+        uploaded = 0
         for rel, stamp in sorted(scan.items()):
             if self.uploaded.get(rel) == stamp:
                 continue
@@ -96,6 +109,15 @@ class FolderMirror:
             except FileNotFoundError:
                 continue  # the script removed it meanwhile (e.g. checkpoint rotation)
             self.uploaded[rel] = stamp
-            count += 1
+            uploaded += 1
         self._previous_scan = scan
-        return count
+        deleted = 0
+        if all(self.uploaded.get(rel) == stamp for rel, stamp in scan.items()):
+            for rel in [r for r in self.uploaded if r not in scan]:
+                try:
+                    self.loc.fs.rm_file(self.loc.join(*rel.split(os.sep)))
+                except FileNotFoundError:
+                    pass
+                del self.uploaded[rel]
+                deleted += 1
+        return uploaded, deleted
