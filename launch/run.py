@@ -310,15 +310,8 @@ class Run:
                 self.resume.writer.close()
         self._metrics.close()
         atexit.unregister(self._metrics.close)
-        self._end_process_group()
+        self.strategy.end_process_group(self.accelerator)
         _CURRENT = None
-
-    def _end_process_group(self) -> None:
-        # Without it a rank whose peer already exited can abort in gloo's teardown
-        # ("terminate called without an active exception").
-        self.strategy.finish_collectives()
-        self.accelerator.wait_for_everyone()
-        self.accelerator.end_training()
 
     # -- internals -----------------------------------------------------------------------------
     def _to_device(self, batch: Any) -> Any:
@@ -385,7 +378,7 @@ class Run:
                 else "no --checkpoint-dir, nothing saved"
             )
             print(f"tlaunch: stop requested; {what}", file=sys.stderr, flush=True)
-        self._end_process_group()
+        self.strategy.end_process_group(self.accelerator)
         # Under the launcher the report file carries "preempted"; exit 0 keeps torch's elastic
         # agent from treating the stop as a failure to restart from.
         raise SystemExit(0 if self._control_dir else (EXIT_PREEMPTED if committed else 1))
