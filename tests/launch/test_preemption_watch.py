@@ -11,10 +11,10 @@ from __future__ import annotations
 import http.server
 import json
 import threading
-import time
 
 import pytest
 
+from tests.e2e.helpers import wait_for
 from tlaunch.preemption import Watcher, aws_notice
 
 TOKEN = "AQAEAtoken=="
@@ -96,10 +96,8 @@ def test_watcher_triggers_once_from_the_environment(imds, monkeypatch):
 
     watcher = Watcher("aws", trigger, poll=0.01).start()
     try:
-        deadline = time.monotonic() + 10
-        while len(handler.seen_tokens) < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)  # polling for a condition with a bound, not waiting and hoping
-        assert len(handler.seen_tokens) >= 3 and fired == []  # 404s: nothing fired
+        wait_for(lambda: len(handler.seen_tokens) >= 3, 10, "three polls of the metadata server")
+        assert fired == []  # 404s: nothing fired
         handler.action = {"action": "hibernate"}
         assert done.wait(10)
     finally:

@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+from tests.e2e.helpers import wait_for
 from tlaunch.strategies import base
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="re
 PROBE = r"""
 import json, os, tempfile, time
 import torch.distributed as dist
+from tests.e2e.helpers import wait_for
 from tlaunch.strategies import base
 
 store = tempfile.mktemp()
@@ -58,15 +60,6 @@ def _named(name: bytes, work) -> None:
     work()
 
 
-def _eventually(condition, seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.001)
-    return False
-
-
 def test_a_running_thread_of_that_name_is_waited_for_and_a_blocked_one_is_not():
     stop, release = threading.Event(), threading.Event()
     data = bytes(8 << 20)
@@ -79,12 +72,12 @@ def test_a_running_thread_of_that_name_is_waited_for_and_a_blocked_one_is_not():
     thread = threading.Thread(target=_named, args=(base._GLOO_THREAD.encode(), work))
     thread.start()
     try:
-        assert _eventually(base._gloo_threads_running)
+        wait_for(base._gloo_threads_running, 10, "the hashing thread to be seen running")
         started = time.monotonic()
         base._settle_gloo_threads(timeout=0.3)  # busy throughout: waits out its bound
         assert time.monotonic() - started >= 0.3
         stop.set()
-        assert _eventually(lambda: not base._gloo_threads_running())
+        wait_for(lambda: not base._gloo_threads_running(), 10, "it to be seen blocked")
         started = time.monotonic()
         base._settle_gloo_threads()
         assert time.monotonic() - started < 1.0
