@@ -114,6 +114,11 @@ def _stat_target(entry: os.DirEntry, path: str, src: str) -> os.stat_result:
     return st
 
 
+def _tar_bytes(size: int) -> int:
+    """A member's bytes in the tar stream with a one-block header (longer names take more)."""
+    return BLOCK + size + (-size % BLOCK)
+
+
 def plan_shards(files: list[Source], shard_size: int) -> list[slice]:
     """Cut the sorted file list into runs of at most about ``shard_size`` bytes.
 
@@ -131,7 +136,7 @@ def plan_shards(files: list[Source], shard_size: int) -> list[slice]:
     cuts: list[slice] = []
     first = acc = 0
     for i, f in enumerate(files):
-        acc += BLOCK + f.size + (-f.size % BLOCK)
+        acc += _tar_bytes(f.size)
         if acc >= shard_size or (acc >= shard_size // 2 and _is_cut_point(f.path, bits)):
             cuts.append(slice(first, i + 1))
             first, acc = i + 1, 0
@@ -305,7 +310,7 @@ class _Framer:
         self, level: int, threads: int, out: _Output, files: list[Source], hashing: bool
     ) -> None:
         self.out = out
-        self.total = sum(BLOCK + s.size + (-s.size % BLOCK) for s in files)  # planned tar bytes
+        self.total = sum(_tar_bytes(s.size) for s in files)  # planned tar bytes
         self.done = 0  # tar bytes in frames already cut
         self.level = level
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="tlaunch-zstd")
