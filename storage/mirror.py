@@ -32,8 +32,13 @@ def _local_files(root: str) -> dict[str, tuple[int, int]]:
     return found
 
 
+def _remote(loc: Location, rel: str) -> str:
+    """Where the file at ``rel`` (relative, OS separators) lives at the URL."""
+    return loc.join(*rel.split(os.sep))
+
+
 def _put_atomic(loc: Location, local_path: str, rel: str) -> None:
-    target = loc.join(*rel.split(os.sep))
+    target = _remote(loc, rel)
     parent = target.rsplit("/", 1)[0]
     loc.fs.makedirs(parent, exist_ok=True)
     if loc.fs.protocol in ("file", "local") or "file" in (loc.fs.protocol or ()):
@@ -115,7 +120,7 @@ class FolderMirror:
         if all(self.uploaded.get(rel) == stamp for rel, stamp in scan.items()):
             for rel in [r for r in self.uploaded if r not in scan]:
                 try:
-                    self.loc.fs.rm_file(self.loc.join(*rel.split(os.sep)))
+                    self.loc.fs.rm_file(_remote(self.loc, rel))
                 except FileNotFoundError:
                     pass
                 del self.uploaded[rel]
