@@ -12,7 +12,7 @@
 ``pack`` is content-addressed: shards are named by what they hold, so packing an unchanged
 folder again compresses and uploads nothing, and a changed folder uploads only the shards
 its changes touch. ``stage`` downloads shards in parallel with ranged reads (an interrupted
-download resumes where it stopped), verifies every shard's sha256, unpacks into a temp
+download resumes where it stopped), verifies every shard's digest, unpacks into a temp
 directory beside the cache entry and renames it into place; the next ``stage`` of the same
 content on this machine returns at once. Unpacking refuses anything but the regular files
 the manifest lists: see :mod:`tlaunch.storage.archive_unpack`.

@@ -36,6 +36,7 @@ from tlaunch.storage.archive_format import (
     ArchiveError,
     Manifest,
     ShardEntry,
+    hasher,
     parse_manifest,
 )
 from tlaunch.storage.archive_unpack import Aborted, ShardCorrupt, unpack_shard
@@ -259,10 +260,10 @@ class _Job:
             return final, False
         part = final + ".part"
         resumed = _resume_size(part, shard.size)
-        digest = _hash_file(part) if resumed else hashlib.sha256()
+        digest = _hash_file(part) if resumed else hasher()
         tick(resumed)
         self._download_rest(shard, part, resumed, digest, tick)
-        if digest.hexdigest() == shard.sha256:
+        if digest.hexdigest() == shard.digest:
             os.replace(part, final)
             return final, True
         os.unlink(part)
@@ -318,7 +319,7 @@ def _resume_size(part: str, size: int) -> int:
 
 
 def _hash_file(path: str) -> Any:
-    digest = hashlib.sha256()
+    digest = hasher()
     with open(path, "rb", buffering=0) as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)

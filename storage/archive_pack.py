@@ -32,6 +32,7 @@ from tlaunch.storage.archive_format import (
     FileEntry,
     Frame,
     data_mode,
+    hasher,
     tar_end,
     ustar_header,
     zstd,
@@ -175,14 +176,14 @@ def _check_unchanged(fd: int, src: Source, got: int) -> None:
         )
 
 
-def _sha256_file(src: Source, buf: bytearray) -> str:
-    digest = hashlib.sha256()
+def _hash_file(src: Source, buf: bytearray) -> str:
+    digest = hasher()
     view = memoryview(buf)
     fd = _open(src)
     try:
         seen = 0
         while seen < src.size and (n := _read_into(fd, view[: min(len(buf), src.size - seen)])):
-            digest.update(view[:n])  # hashlib releases the GIL on large updates
+            digest.update(view[:n])  # blake3 releases the GIL on large updates
             seen += n
         _check_unchanged(fd, src, seen)
     finally:
@@ -191,7 +192,7 @@ def _sha256_file(src: Source, buf: bytearray) -> str:
 
 
 def hash_files(files: list[Source], threads: int) -> list[str]:
-    """sha256 of every file, in parallel threads; small files go in batches."""
+    """The digest of every file, in parallel threads; small files go in batches."""
     batches: list[list[int]] = [[]]
     acc = 0
     for i, f in enumerate(files):
@@ -205,7 +206,7 @@ def hash_files(files: list[Source], threads: int) -> list[str]:
     def run(batch: list[int]) -> None:
         buf = bytearray(_CHUNK)
         for i in batch:
-            digests[i] = _sha256_file(files[i], buf)
+            digests[i] = _hash_file(files[i], buf)
 
     with ThreadPoolExecutor(max(1, min(threads, len(batches)))) as pool:
         for _ in pool.map(run, batches):
@@ -223,11 +224,11 @@ def write_shard(
 ) -> tuple[list[FileEntry], str, int, int, tuple[Frame, ...]]:
     """Tar ``files`` into independent zstd frames, compressed in parallel, and into ``sink``.
 
-    Returns (the files' entries, sha256 of the compressed bytes, their size, tar stream
+    Returns (the files' entries, the digest of the compressed bytes, their size, tar stream
     size, the frame table). Without ``digests`` each file is hashed from the frame buffers
     it was read into, in this one pass. This thread only reads files and lays out the tar
     stream, into frame buffers that ``threads`` compressor threads take in turn while one
-    more thread hashes them in order (libzstd and hashlib release the GIL) -- no tar
+    more thread hashes them in order (libzstd and blake3 release the GIL) -- no tar
     process, pipe or extra copy on the way.
     """
     frames = _Framer(level, threads, _Output(sink), files, hashing=digests is None)
@@ -298,7 +299,7 @@ class _Framer:
 
     At most ``2 * threads`` frames are in flight, and never more than ``_MAX_INFLIGHT`` (512
     MiB of buffers on a many-core VM); buffers are reused, so steady state allocates nothing.
-    One more thread does, in stream order, what must see the bytes in order: the sha256 of
+    One more thread does, in stream order, what must see the bytes in order: the digest of
     each file (of the pieces of it in each frame, as the frame is cut) and the writing and
     hashing of the compressed frames. Taking that off the reading thread keeps the
     compressors fed: hashed inline, the reading of small files fell behind them.
@@ -323,7 +324,7 @@ class _Framer:
         self.table: list[Frame] = []
         self.hashing = hashing
         self.digests = [""] * len(files) if hashing else []
-        self.partial: dict[int, Any] = {}  # file index -> sha256 of a file split across frames
+        self.partial: dict[int, Any] = {}  # file index -> digest of a file split across frames
         self.spans: list[tuple[int, int, int, bool]] = []  # (file, start, end, last) this frame
         self.buf = bytearray(self._CAPACITY)
         self.view = memoryview(self.buf)
@@ -395,7 +396,7 @@ class _Framer:
         for index, start, end, last in spans:
             digest = self.partial.pop(index, None)
             if digest is None:
-                digest = hashlib.sha256(view[start:end])
+                digest = hasher(view[start:end])
             else:
                 digest.update(view[start:end])
             if last:
@@ -422,7 +423,7 @@ class _Output:
 
     def __init__(self, sink: Any) -> None:
         self.sink = sink
-        self.digest = hashlib.sha256()
+        self.digest = hasher()
         self.size = 0
 
     def write(self, data: bytes) -> None:

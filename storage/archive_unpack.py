@@ -14,14 +14,13 @@ link or over an existing file. The caller renames that directory into place only
 every shard has unpacked and verified.
 
 Frames (see :mod:`tlaunch.storage.archive_format`) unpack in parallel on a thread pool:
-libzstd, ``os.write`` and hashlib release the GIL, and the per-member Python work is a
-header comparison and three system calls. The shard's sha256 is computed meanwhile, as one
+libzstd, ``os.write`` and blake3 release the GIL, and the per-member Python work is a
+header comparison and three system calls. The shard's digest is computed meanwhile, as one
 more task on the same pool; when a frame fails, it tells a damaged shard from a bad archive.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import posixpath
 import tarfile
@@ -32,10 +31,12 @@ from dataclasses import dataclass
 
 from tlaunch.storage.archive_format import (
     BLOCK,
+    DIGEST,
     ArchiveError,
     FileEntry,
     ShardEntry,
     frame_starts,
+    hasher,
     unsafe_path_reason,
     ustar_header,
     zstd,
@@ -188,7 +189,7 @@ def unpack_shard(
 ) -> None:
     """Unpack the shard file at ``path`` into ``dest``, a fresh directory, on ``pool``.
 
-    ``verify``: check the shard's sha256 (False when it was just checked on download).
+    ``verify``: check the shard's digest (False when it was just checked on download).
     A failure sets ``abort``, which stops every other frame at its next member.
     """
     if not hasattr(tarfile, "data_filter"):
@@ -205,7 +206,7 @@ def unpack_shard(
             os.close(_create(f"{dest}/{files[j].path}", files[j].mode, umask))
         # The hash is one more task on the pool, queued first, rather than work for this
         # thread: a third busy thread on two cores cost 13% of the wall time (measured).
-        hashed = pool.submit(_sha256, fd, shard.size) if verify else None
+        hashed = pool.submit(_hash, fd, shard.size) if verify else None
         jobs = [pool.submit(_extract_frame, fd, t, files, dest, where, on_bytes, abort, split,
                             umask) for t in tasks]  # fmt: skip
         for job in jobs:
@@ -216,9 +217,9 @@ def unpack_shard(
         os.close(fd)
     errors = [e for e in map(_error, jobs) if e is not None]
     failure = next((e for e in errors if not isinstance(e, Aborted)), None)
-    if digest is not None and digest != shard.sha256:  # a bit flip can look like a bad member
+    if digest is not None and digest != shard.digest:  # a bit flip can look like a bad member
         raise ShardCorrupt(
-            f"{where}: shard {shard.name} does not match its checksum (sha256 {shard.sha256[:12]}…)"
+            f"{where}: shard {shard.name} does not match its checksum ({DIGEST} {shard.digest[:12]}…)"
         )
     if failure is None and errors:
         raise errors[0]  # stopped because something else failed
@@ -232,11 +233,11 @@ def _error(job: Future) -> BaseException | None:
     return Aborted() if job.cancelled() else job.exception()
 
 
-def _sha256(fd: int, size: int) -> str:
-    digest, pos = hashlib.sha256(), 0
+def _hash(fd: int, size: int) -> str:
+    digest, pos = hasher(), 0
     buf = memoryview(bytearray(_HASH_CHUNK))
     while n := os.preadv(fd, [buf], pos):
-        digest.update(buf[:n])  # hashlib releases the GIL on large updates
+        digest.update(buf[:n])  # blake3 releases the GIL on large updates
         pos += n
     return digest.hexdigest() if pos == size else ""
 

@@ -114,6 +114,37 @@ def test_shards_are_plain_tar_zst(tmp_path, tree, small_frames):
     assert names == [f.path for f in manifest.files]
 
 
+def test_digests_are_blake3_of_the_bytes(tmp_path, tree, small_frames):
+    # What `b3sum FILE` prints: a user can check a file or a shard without tlaunch.
+    from blake3 import blake3
+
+    url = str(tmp_path / "d.tlar")
+    pack(tree, url, progress=False)
+    manifest = read_manifest(url)
+    for entry in manifest.files:  # whole files, also those split across frames
+        with open(os.path.join(tree, entry.path), "rb") as f:
+            assert entry.digest == blake3(f.read()).hexdigest(), entry.path
+    (shard,) = manifest.shards
+    with open(os.path.join(url, SHARDS_DIR, shard.name), "rb") as f:
+        assert shard.digest == blake3(f.read()).hexdigest()
+
+
+def test_a_format_1_archive_is_refused_with_what_to_do(tmp_path, tree, cache):
+    import json
+
+    url = str(tmp_path / "old.tlar")
+    pack(tree, url, progress=False)
+    path = os.path.join(url, MANIFEST_NAME)
+    with open(path) as f:
+        doc = json.load(f)
+    doc["format"] = "tlaunch-data/1"
+    with open(path, "w") as f:
+        json.dump(doc, f)
+    with pytest.raises(ArchiveError, match=r"format 'tlaunch-data/1'.*pack it again"):
+        stage(url, cache_dir=cache, progress=False)
+    assert not os.path.exists(os.path.join(cache, doc["id"]))
+
+
 # -- frames ---------------------------------------------------------------------------------
 
 FRAME = 64 << 10
@@ -427,7 +458,7 @@ def test_the_damaged_shard_is_reported_not_a_shard_it_stopped(tmp_path, tree, ca
     first, damaged = read_manifest(url).shards[:2]
     flip_byte(url, damaged.name)
     stopped = threading.Event()
-    real_unpack, real_sha256 = archive_fetch.unpack_shard, archive_unpack._sha256
+    real_unpack, real_hash = archive_fetch.unpack_shard, archive_unpack._hash
 
     def unpack(path, shard, files, dest, where, on_bytes, pool, abort, verify=True):
         if shard.name == first.name:
@@ -436,13 +467,13 @@ def test_the_damaged_shard_is_reported_not_a_shard_it_stopped(tmp_path, tree, ca
             raise archive_unpack.Aborted
         return real_unpack(path, shard, files, dest, where, on_bytes, pool, abort, verify)
 
-    def sha256(fd, size):
+    def hash_shard(fd, size):
         if damaged.name in os.readlink(f"/proc/self/fd/{fd}"):
             assert stopped.wait(30), "shard 0 did not stop"
-        return real_sha256(fd, size)
+        return real_hash(fd, size)
 
     monkeypatch.setattr(archive_fetch, "unpack_shard", unpack)
-    monkeypatch.setattr(archive_unpack, "_sha256", sha256)
+    monkeypatch.setattr(archive_unpack, "_hash", hash_shard)
     with pytest.raises(ArchiveError, match=f"{damaged.name} does not match its checksum"):
         stage(url, cache_dir=cache, progress=False)
 

@@ -16,11 +16,13 @@ import pytest
 from tlaunch.storage import archive_unpack
 from tlaunch.storage.archive import ArchiveError, stage
 from tlaunch.storage.archive_format import (
+    DIGEST,
     FORMAT,
     MANIFEST_NAME,
     SHARDS_DIR,
     FileEntry,
     content_id,
+    hasher,
     zstd,
 )
 
@@ -40,9 +42,7 @@ def write_archive(url: str, members: list[tuple], listed: list[FileEntry] | None
         for info, data in members:
             tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
     shard = zstd.compress(raw.getvalue())
-    import hashlib
-
-    digest = hashlib.sha256(shard).hexdigest()
+    digest = hasher(shard).hexdigest()
     if listed is None:  # one harmless regular file per member
         listed = [FileEntry(f"ok{i}.txt", 0, 0o644, "0" * 64) for i in range(len(members))]
     os.makedirs(os.path.join(url, SHARDS_DIR))
@@ -55,8 +55,8 @@ def write_archive(url: str, members: list[tuple], listed: list[FileEntry] | None
         "id": archive_id,
         "level": 3,
         "dirs": [],
-        "files": [{"path": e.path, "size": e.size, "mode": e.mode, "sha256": e.sha256} for e in listed],
-        "shards": [{"key": key, "sha256": digest, "size": len(shard), "tar_size": len(raw.getvalue()),
+        "files": [{"path": e.path, "size": e.size, "mode": e.mode, DIGEST: e.digest} for e in listed],
+        "shards": [{"key": key, DIGEST: digest, "size": len(shard), "tar_size": len(raw.getvalue()),
                     "first": 0, "count": len(listed)}],
     }  # fmt: skip
     with open(os.path.join(url, MANIFEST_NAME), "w") as f:
@@ -181,11 +181,9 @@ def test_garbage_shard_with_matching_checksum_is_refused(places):
         f.write(zstd.compress(b"this is not a tar stream" * 40))
     with open(os.path.join(url, MANIFEST_NAME)) as f:
         doc = json.load(f)
-    import hashlib
-
     with open(shard, "rb") as f:
         data = f.read()
-    doc["shards"][0].update(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    doc["shards"][0].update({DIGEST: hasher(data).hexdigest(), "size": len(data)})
     with open(os.path.join(url, MANIFEST_NAME), "w") as f:
         json.dump(doc, f)
     assert_refused(url, cache, archive_id, "not a valid tar.zst shard")
@@ -209,12 +207,10 @@ def write_framed(url: str, members: list[tuple], listed: list[FileEntry], cuts: 
         f.write(shard)
     with open(os.path.join(url, MANIFEST_NAME)) as f:
         doc = json.load(f)
-    import hashlib
-
-    doc["shards"][0].update(
-        sha256=hashlib.sha256(shard).hexdigest(), size=len(shard),
-        frames=[[len(fr), *start] for fr, start in zip(frames, starts, strict=True)],
-    )  # fmt: skip
+    doc["shards"][0].update({
+        DIGEST: hasher(shard).hexdigest(), "size": len(shard),
+        "frames": [[len(fr), *start] for fr, start in zip(frames, starts, strict=True)],
+    })  # fmt: skip
     with open(os.path.join(url, MANIFEST_NAME), "w") as f:
         json.dump(doc, f)
     return archive_id
