@@ -8,10 +8,10 @@ An archive at ``URL`` is::
 ``MANIFEST.json`` lists every directory, every file (path, size, mode, BLAKE3 digest) in
 path order, and every shard (which contiguous run of files it holds, the digest and size of
 its compressed bytes, and its frame table). A shard's name is its *key*: a digest of the
-level and of its files' (path, size, mode, digest), so packing unchanged files again finds the shard already there
-and neither compresses nor uploads it. The archive *id* hashes only the directories and
-files -- the content, not how it was compressed -- and keys the unpacked copy in the local
-cache, so a re-pack at another level or shard size still hits the cache.
+level and of its files' (path, size, mode, digest), so packing unchanged files again finds
+the shard already there and neither compresses nor uploads it. The archive *id* hashes only
+the directories and files -- the content, not how it was compressed -- and keys the unpacked
+copy in the local cache, so a re-pack at another level or shard size still hits the cache.
 
 Modes are stored as tarfile's ``data`` filter will restore them (no setuid/setgid/sticky,
 no group/other write, owner always read+write), so the manifest says what lands on disk.

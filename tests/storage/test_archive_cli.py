@@ -113,6 +113,19 @@ def test_a_corrupted_shard_is_one_line(capsys, tmp_path, folder):
     assert_one_error_line(err, "does not match its checksum", "pack it again")
 
 
+def test_an_archive_of_the_old_format_is_one_line(capsys, tmp_path, folder):
+    # Format 1 held SHA-256 digests: fetching one says to pack it again, in one line.
+    url = str(tmp_path / "ds.tlar")
+    assert run(capsys, "pack", folder, url, "-q")[0] == 0
+    manifest = Path(url, MANIFEST_NAME)
+    doc = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**doc, "format": "tlaunch-data/1"}))
+
+    code, _, err = run(capsys, "fetch", url, "--cache-dir", str(tmp_path / "c"), "-q")
+    assert code == 1
+    assert_one_error_line(err, "not a tlaunch-data/2 archive", "'tlaunch-data/1'", "pack it again")
+
+
 def test_a_hostile_manifest_is_one_line(capsys, tmp_path, folder):
     url = str(tmp_path / "ds.tlar")
     assert run(capsys, "pack", folder, url, "-q")[0] == 0
