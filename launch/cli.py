@@ -28,8 +28,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 from tlaunch import __version__
 from tlaunch.config import LaunchConfig, UsageError
+from tlaunch.contract import EXIT_USAGE, flag_env
 
-EXIT_USAGE = 2
 SUBCOMMANDS = ("data", "ckpt")
 
 # Fields the parser fills from positional words, not from flags.
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name in _POSITIONAL:
             continue
         flag = "--" + f.name.replace("_", "-")
-        env = "TLAUNCH_" + f.name.upper()
+        env = flag_env(f.name)
         help_text = f"{f.metadata['help']} [env {env}]"
         kind = _field_type(f)
         if f.name == "fast_dev_run":
@@ -84,7 +84,7 @@ def _env_defaults() -> dict[str, Any]:
     """``TLAUNCH_<FLAG>`` values, converted to each field's type."""
     values: dict[str, Any] = {}
     for f in dataclasses.fields(LaunchConfig):
-        raw = os.environ.get("TLAUNCH_" + f.name.upper())
+        raw = os.environ.get(flag_env(f.name))
         if raw is None or f.name in ("script_args",):
             continue
         kind = _field_type(f)
@@ -98,9 +98,7 @@ def _env_defaults() -> dict[str, Any]:
             else:
                 values[f.name] = raw
         except ValueError:
-            raise UsageError(
-                f"TLAUNCH_{f.name.upper()}={raw!r} is not a valid {kind.__name__}"
-            ) from None
+            raise UsageError(f"{flag_env(f.name)}={raw!r} is not a valid {kind.__name__}") from None
     return values
 
 
@@ -164,13 +162,9 @@ def parse_args(argv: list[str]) -> LaunchConfig:
 
 
 def _subcommand(name: str, argv: list[str]) -> int:
-    if name == "data":
-        from tlaunch.storage.archive_cli import main as data_main
+    from tlaunch import storage
 
-        return data_main(argv)
-    from tlaunch.storage.checkpoint_cli import main as ckpt_main
-
-    return ckpt_main(argv)
+    return (storage.data_main if name == "data" else storage.ckpt_main)(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
-CONFIG_ENV = "TLAUNCH_CONFIG"
+from tlaunch.contract import CONFIG_ENV
 
 PRECISION_ALIASES = {
     "no": "no",

@@ -21,16 +21,24 @@ import time
 import uuid
 from collections.abc import Callable
 
-from tlaunch.config import CONFIG_ENV, LaunchConfig, UsageError
+from tlaunch.config import LaunchConfig, UsageError
+from tlaunch.contract import (
+    CONFIG_ENV,
+    CONFIG_FILE,
+    CONTROL_DIR_ENV,
+    DATA_DIR_ENV,
+    DATA_DIRS_ENV,
+    EXIT_FILE,
+    EXIT_USAGE,
+    LAUNCH_DIR_ENV,
+    LAUNCHER_LOG,
+    RUN_ID_ENV,
+    START_TIME_ENV,
+)
 from tlaunch.preemption import Deadline, Watcher, detect
-from tlaunch.run_io import START_TIME_ENV
-from tlaunch.storage.store import StorageError
+from tlaunch.storage import StorageError
 from tlaunch.supervisor import Attempt, Supervisor
 from tlaunch.syncdir import SyncDirs
-
-CONTROL_DIR_ENV = "TLAUNCH_CONTROL_DIR"
-RUN_DIR_ENV = "TLAUNCH_RUN_DIR"
-DATA_DIR_ENV = "TLAUNCH_DATA_DIR"
 
 
 def _free_port() -> int:
@@ -46,7 +54,7 @@ def script_command(config: LaunchConfig) -> list[str]:
 
 def make_run_dir(config: LaunchConfig) -> str:
     """A fresh folder for this launch's log, config and metrics (kept across restarts)."""
-    from tlaunch.storage.store import is_remote
+    from tlaunch.storage import is_remote
 
     if config.run_dir:
         base = config.run_dir
@@ -57,7 +65,7 @@ def make_run_dir(config: LaunchConfig) -> str:
     name = time.strftime("%Y%m%d-%H%M%S") + f"-node{config.node_rank}-{os.getpid()}"
     path = os.path.join(base, name)
     os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
+    with open(os.path.join(path, CONFIG_FILE), "w") as f:
         f.write(config.to_json())
     return path
 
@@ -105,7 +113,7 @@ class ElasticWorkers:
         self.config, self.nproc, self.command, self.env = config, nproc, command, env
         self.on_signal = on_signal
         # Every machine of a job must name the same rendezvous: derive it from the endpoint.
-        self.run_id = os.environ.get("TLAUNCH_RUN_ID") or (
+        self.run_id = os.environ.get(RUN_ID_ENV) or (
             "tlaunch-" + config.rdzv_endpoint.replace(":", "-")
             if config.rdzv_endpoint
             else uuid.uuid4().hex[:12]
@@ -203,7 +211,7 @@ def worker_env(
     env = dict(os.environ)
     env.update(plan_env)
     env[CONFIG_ENV] = config.to_json()
-    env[RUN_DIR_ENV] = run_dir
+    env[LAUNCH_DIR_ENV] = run_dir
     env[CONTROL_DIR_ENV] = control_dir
     env.setdefault(START_TIME_ENV, str(time.time()))
     return env
@@ -215,11 +223,11 @@ def launch(config: LaunchConfig) -> int:
         strategy = _check_strategy(config)
     except UsageError as e:
         print(f"tlaunch: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     plan = strategy.plan()
     run_dir = make_run_dir(config)
     control_dir = tempfile.mkdtemp(prefix="tlaunch-control-")
-    log_file = open(os.path.join(run_dir, "launcher.log"), "a")
+    log_file = open(os.path.join(run_dir, LAUNCHER_LOG), "a")
 
     def log(line: str) -> None:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -268,7 +276,7 @@ def launch(config: LaunchConfig) -> int:
         w.close()
     if syncs.mirrors and supervisor.stop_signal is None:
         syncs.flush()
-    with open(os.path.join(run_dir, "exit.json"), "w") as f:
+    with open(os.path.join(run_dir, EXIT_FILE), "w") as f:
         json.dump({"exit_code": code, "states": [s.value for s in supervisor.history]}, f)
     log_file.close()
     return code
@@ -278,15 +286,15 @@ def _stage_data(config: LaunchConfig, log: Callable[[str], None]) -> dict[str, s
     """Fetch every --data archive into the local cache (once per machine) before start."""
     if not config.data:
         return {}
-    from tlaunch.storage.archive import stage
+    from tlaunch.storage import fetch
 
     paths = []
     for spec in config.data:
         url, sep, dest = spec.rpartition("=")
         url, dest = (url, dest) if sep else (spec, "")
-        paths.append(stage(url, dest or None, progress=True))
+        paths.append(fetch(url, dest or None, progress=True))
         log(f"data {url} ready at {paths[-1]}")
-    return {DATA_DIR_ENV: paths[0], DATA_DIR_ENV + "S": os.pathsep.join(paths)}
+    return {DATA_DIR_ENV: paths[0], DATA_DIRS_ENV: os.pathsep.join(paths)}
 
 
 def _start_watchers(config: LaunchConfig, supervisor: Supervisor, started: float) -> list:

@@ -21,8 +21,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 
-GCE_URL_ENV = "TLAUNCH_GCE_METADATA_URL"
-AWS_URL_ENV = "TLAUNCH_AWS_METADATA_URL"
+from tlaunch.contract import AWS_URL_ENV, GCE_URL_ENV
+
 GCE_DEFAULT = "http://metadata.google.internal/computeMetadata/v1"
 AWS_DEFAULT = "http://169.254.169.254/latest"
 POLL_SECONDS = 1.0

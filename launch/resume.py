@@ -17,10 +17,10 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from tlaunch.contract import EXIT_USAGE
+
 if TYPE_CHECKING:
     from tlaunch.run import Run
-
-EXIT_USAGE = 2
 
 #: hparams whose change alters what the run computes: refused on resume unless --resume-force.
 _MEANING_KEYS = re.compile(r"batch|(^|_)lr($|_)|learning_rate|schedul|warmup|accum", re.IGNORECASE)
@@ -102,7 +102,7 @@ def _fail(message: str) -> None:
 
 def _load_target(run: Run) -> Any:
     """Rank 0 picks the checkpoint (verifying it, quarantining bad ones); all ranks load it."""
-    from tlaunch.storage.checkpoint import CheckpointError, CheckpointStore
+    from tlaunch.storage import CheckpointError, CheckpointStore
 
     config, store = run.config, run.resume.store
     choice = config.resume
@@ -157,9 +157,7 @@ def open_resume(run: Run) -> ResumeState:
     state = ResumeState()
     if not config.checkpoint_dir or config.fast_dev_run:
         return state
-    from tlaunch.storage.checkpoint import CheckpointStore
-    from tlaunch.storage.retention import RetentionPolicy
-    from tlaunch.storage.writer import AsyncCheckpointWriter
+    from tlaunch.storage import AsyncCheckpointWriter, CheckpointStore, RetentionPolicy
 
     state.enabled = True
     state.store = CheckpointStore(config.checkpoint_dir)
@@ -290,7 +288,7 @@ def _versions() -> dict[str, str]:
 def snapshot_and_submit(run: Run) -> None:
     """Phase one of a save (what training waits for): copy state into CPU memory, gather the
     ranks' RNG states to rank 0, and hand everything to the background writer there."""
-    from tlaunch.storage.checkpoint import cpu_snapshot
+    from tlaunch.storage import cpu_snapshot
 
     rngs = run.strategy.gather_object(run.accelerator, run.strategy.rng_state())
     if not run.is_main:

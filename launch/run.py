@@ -38,11 +38,17 @@ import torch
 from accelerate.utils import send_to_device
 
 from tlaunch.config import LaunchConfig
-from tlaunch.launcher import CONTROL_DIR_ENV, RUN_DIR_ENV
+from tlaunch.contract import (
+    CONTROL_DIR_ENV,
+    EXIT_PREEMPTED,
+    LAUNCH_DIR_ENV,
+    PREEMPTED_REPORT,
+    STOP_FILE,
+    WORKERS_STOPPING,
+)
 from tlaunch.resume import ResumeState, apply_checkpoint, check_drift, open_resume
 from tlaunch.run_io import MetricsLog, Progress, StopWatch
 from tlaunch.sampling import ResumableLoader
-from tlaunch.supervisor import EXIT_PREEMPTED, PREEMPTED_REPORT, STOP_FILE, WORKERS_STOPPING
 
 _CURRENT: Run | None = None
 
@@ -93,7 +99,7 @@ class Run:
         self._saved_step = -1
         self._started = time.monotonic()
         self._control_dir = os.environ.get(CONTROL_DIR_ENV)
-        self.run_dir = os.environ.get(RUN_DIR_ENV) or os.path.join(
+        self.run_dir = os.environ.get(LAUNCH_DIR_ENV) or os.path.join(
             os.getcwd(), "tlaunch-runs", "local"
         )
         self._metrics = MetricsLog(self.run_dir if self.is_main else None)

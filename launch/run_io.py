@@ -12,9 +12,7 @@ import time
 from typing import Any
 
 from tlaunch.config import LaunchConfig
-
-#: Set by the launcher: wall time (epoch seconds) when this launch began, for --time-limit.
-START_TIME_ENV = "TLAUNCH_START_TIME"
+from tlaunch.contract import START_TIME_ENV
 
 
 class MetricsLog:

@@ -28,16 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-EXIT_OK = 0
-EXIT_PREEMPTED = 75
-
-#: Written by the worker that committed the stop checkpoint (local rank 0 of each machine).
-PREEMPTED_REPORT = "preempted.json"
-#: Touched by the launcher to tell workers a stop was requested; they poll it once a step.
-STOP_FILE = "STOP"
-#: Touched by the workers when they agreed to stop on their own (their deadline, a signal
-#: they received directly); a watcher firing meanwhile has nothing left to add.
-WORKERS_STOPPING = "WORKERS_STOPPING"
+from tlaunch.contract import EXIT_OK, EXIT_PREEMPTED, PREEMPTED_REPORT, STOP_FILE, WORKERS_STOPPING
 
 
 class RunState(str, enum.Enum):

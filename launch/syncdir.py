@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 
-from tlaunch.storage.mirror import FolderMirror
+from tlaunch.storage import FolderMirror
 
 INTERVAL_SECONDS = 2.0
 

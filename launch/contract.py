@@ -1,0 +1,109 @@
+"""The contract between the launcher, its workers, and the world around them.
+
+Every environment variable, control file, run-directory file and exit code tlaunch reads or
+writes is named here and nowhere else; other modules import the names. A test
+(``tests/launch/test_contract.py``) fails when code anywhere spells a ``TLAUNCH_`` name this
+module does not declare. Importing it costs nothing (no torch, no storage backends).
+
+Exit codes (the launcher's, and ``tlaunch.init`` scripts' run without it)
+-----------------------------------------------------------------------
+
+=====  ==================  =====================================================================
+code   name                meaning
+=====  ==================  =====================================================================
+0      ``EXIT_OK``         the run finished
+2      ``EXIT_USAGE``      bad flags, script or checkpoint mismatch: nothing started or changed
+69     ``EXIT_UNAVAILABLE`` storage unreachable after retries: nothing changed; run again later
+                           (sysexits' ``EX_UNAVAILABLE``)
+75     ``EXIT_PREEMPTED``  stopped with everything kept (a committed checkpoint, or nothing to
+                           lose yet): run the same command again (sysexits' ``EX_TEMPFAIL``)
+other                      the script's own code; ``128 + N`` when it died of signal N
+=====  ==================  =====================================================================
+
+Variables the launcher sets for each worker
+-------------------------------------------
+
+Besides torch.distributed's own (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
+``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``, set by torch's elastic agent) and the
+few ``ACCELERATE_*`` / ``PJRT_DEVICE`` variables the chosen strategy's plan names
+(:mod:`tlaunch.strategies`):
+
+``TLAUNCH_CONFIG``        the whole :class:`~tlaunch.config.LaunchConfig` as JSON
+``TLAUNCH_LAUNCH_DIR``    this launch's run directory (log, config, metrics); rank 0 writes it
+``TLAUNCH_CONTROL_DIR``   a node-local folder for the control files below; its presence tells
+                          a worker that it runs under the launcher
+``TLAUNCH_START_TIME``    when the launch began (epoch seconds), for ``--time-limit``
+``TLAUNCH_DATA_DIR``      the local folder of the first ``--data`` archive
+``TLAUNCH_DATA_DIRS``     every ``--data`` folder, joined by ``os.pathsep``
+
+Variables a user (or a test) sets
+---------------------------------
+
+``TLAUNCH_<FLAG>``        a default for each launcher flag (``TLAUNCH_CPUS=2``,
+                          ``TLAUNCH_RUN_DIR=/logs``): see :func:`flag_env`
+``TLAUNCH_RUN_ID``        the rendezvous id shared by the machines of a multi-node job
+``TLAUNCH_GCE_METADATA_URL``, ``TLAUNCH_AWS_METADATA_URL``
+                          the metadata endpoints the preemption watchers poll
+``TLAUNCH_CACHE_DIR``     the data-archive cache (read by :mod:`tlaunch.storage`)
+``TLAUNCH_DRIVE_ROOT``    where Google Drive is mounted (read by :mod:`tlaunch.storage`)
+
+Control files (in ``TLAUNCH_CONTROL_DIR``)
+------------------------------------------
+
+``STOP``                  launcher → workers: a stop was requested; workers poll it
+``WORKERS_STOPPING``      workers → launcher: they agreed to stop on their own trigger
+``preempted.json``        workers → launcher: the stop checkpoint is committed
+                          (``{"step", "epoch", "batch"}``), written by local rank 0
+
+Run-directory files (in ``TLAUNCH_LAUNCH_DIR``)
+-----------------------------------------------
+
+``config.json``, ``launcher.log``, ``exit.json`` (the launcher's), ``metrics.jsonl`` (rank 0's).
+"""
+
+from __future__ import annotations
+
+# -- exit codes ----------------------------------------------------------------------------
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 69
+EXIT_PREEMPTED = 75
+
+# -- launcher -> worker ----------------------------------------------------------------------
+ENV_PREFIX = "TLAUNCH_"
+CONFIG_ENV = "TLAUNCH_CONFIG"
+LAUNCH_DIR_ENV = "TLAUNCH_LAUNCH_DIR"
+CONTROL_DIR_ENV = "TLAUNCH_CONTROL_DIR"
+START_TIME_ENV = "TLAUNCH_START_TIME"
+DATA_DIR_ENV = "TLAUNCH_DATA_DIR"
+DATA_DIRS_ENV = "TLAUNCH_DATA_DIRS"
+
+# -- set by users and tests ------------------------------------------------------------------
+RUN_ID_ENV = "TLAUNCH_RUN_ID"
+GCE_URL_ENV = "TLAUNCH_GCE_METADATA_URL"
+AWS_URL_ENV = "TLAUNCH_AWS_METADATA_URL"
+#: Read inside tlaunch.storage, which cannot import this module; declared here for the table.
+CACHE_DIR_ENV = "TLAUNCH_CACHE_DIR"
+DRIVE_ROOT_ENV = "TLAUNCH_DRIVE_ROOT"
+
+# -- control files -----------------------------------------------------------------------------
+STOP_FILE = "STOP"
+WORKERS_STOPPING = "WORKERS_STOPPING"
+PREEMPTED_REPORT = "preempted.json"
+
+# -- run-directory files -----------------------------------------------------------------------
+CONFIG_FILE = "config.json"
+LAUNCHER_LOG = "launcher.log"
+EXIT_FILE = "exit.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+def flag_env(field_name: str) -> str:
+    """The variable that sets a launcher flag's default: ``cpus`` → ``TLAUNCH_CPUS``."""
+    return ENV_PREFIX + field_name.upper()
+
+
+def declared_names() -> set[str]:
+    """Every fixed ``TLAUNCH_*`` name above (flag variables come from :func:`flag_env`)."""
+    return {v for k, v in globals().items() if k.endswith("_ENV") and isinstance(v, str)}
