@@ -81,11 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _env_defaults() -> dict[str, Any]:
-    """``TLAUNCH_<FLAG>`` values, converted to each field's type."""
+    """``TLAUNCH_<FLAG>`` values, converted to each field's type.
+
+    What to run (script, module, its arguments) always comes from the command line, never from
+    a variable: a stale ``TLAUNCH_MODULE`` must not replace the script the user typed.
+    """
     values: dict[str, Any] = {}
     for f in dataclasses.fields(LaunchConfig):
         raw = os.environ.get(flag_env(f.name))
-        if raw is None or f.name in ("script_args",):
+        if raw is None or f.name in _POSITIONAL:
             continue
         kind = _field_type(f)
         try:

@@ -105,3 +105,10 @@ def test_help_and_version_do_not_import_torch():
     assert (
         "tlaunch 0." in out.stdout and "--grad-accum" in out.stdout and out.stdout.endswith("ok\n")
     )
+
+
+@pytest.mark.parametrize("variable", ["TLAUNCH_SCRIPT", "TLAUNCH_MODULE", "TLAUNCH_SCRIPT_ARGS"])
+def test_what_to_run_comes_from_the_command_line_not_the_environment(script, monkeypatch, variable):
+    monkeypatch.setenv(variable, "other")
+    c = parse_args(["train.py", "--cpus", "1"])
+    assert (c.script, c.module, c.script_args) == ("train.py", None, [])
