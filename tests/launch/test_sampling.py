@@ -1,0 +1,248 @@
+"""The resumable sampler and loader: an epoch's order is a function of (seed, epoch), and a
+resumed epoch yields exactly the tail of the whole one, worker seeds included."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from tlaunch import sampling
+from tlaunch.sampling import ResumableLoader, ResumableSampler
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def order(size: int, *, seed: int, epoch: int, rank: int = 0, world: int = 1, shuffle=True):
+    sampler = ResumableSampler(size, shuffle=shuffle, seed=seed, rank=rank, world=world)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+class Indices(Dataset):
+    """Sample i is i; records which indices were loaded (in this process)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.loaded: list[int] = []
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> int:
+        self.loaded.append(i)
+        return i
+
+
+class WorkerSeeds(Indices):
+    """Sample i is (i, the seed of the worker process that loaded it)."""
+
+    def __getitem__(self, i: int) -> tuple[int, int]:
+        info = torch.utils.data.get_worker_info()
+        return i, (info.seed if info is not None else -1)
+
+
+def batches(iterator) -> list:
+    return [
+        b.tolist() if isinstance(b, torch.Tensor) else [t.tolist() for t in b] for b in iterator
+    ]
+
+
+# -- ResumableSampler -------------------------------------------------------------------------
+
+
+def test_the_order_is_a_function_of_seed_and_epoch_only():
+    a = order(50, seed=3, epoch=2)
+    torch.manual_seed(999)  # the global RNG plays no part
+    assert order(50, seed=3, epoch=2) == a
+    assert sorted(a) == list(range(50)) and a != list(range(50))
+    assert order(50, seed=3, epoch=1) != a
+    assert order(50, seed=3, epoch=3) != a
+    assert order(50, seed=4, epoch=2) != a
+    # seed and epoch do not trade off against each other.
+    assert order(50, seed=4, epoch=1) != a and order(50, seed=2, epoch=3) != a
+    # Going back to an epoch gives its order again: no state carried between epochs.
+    sampler = ResumableSampler(50, shuffle=True, seed=3)
+    sampler.set_epoch(2)
+    first = list(sampler)
+    sampler.set_epoch(5)
+    list(sampler)
+    sampler.set_epoch(2)
+    assert list(sampler) == first == a
+
+
+def test_drawing_the_order_leaves_the_global_rng_alone():
+    before = torch.get_rng_state()
+    order(50, seed=3, epoch=2)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_unshuffled_order_is_the_index_order():
+    assert order(7, seed=3, epoch=4, shuffle=False) == list(range(7))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("size", [1, 10, 12, 13])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_sharding_is_distributed_samplers(world, size, shuffle):
+    seed, epoch = 7, 3
+    ranks = [
+        order(size, seed=seed, epoch=epoch, rank=r, world=world, shuffle=shuffle)
+        for r in range(world)
+    ]
+    # Each rank gets ceil(size / world) samples; every index appears, and only the padding
+    # (the first few of the order, repeated) appears twice.
+    per_rank = math.ceil(size / world)
+    assert [len(r) for r in ranks] == [per_rank] * world
+    counts = Counter(i for r in ranks for i in r)
+    assert set(counts) == set(range(size))
+    assert sum(counts.values()) - size == per_rank * world - size
+    # DistributedSampler seeds its shuffle with seed + epoch; give it the stream ours uses.
+    for r, ours in enumerate(ranks):
+        theirs = DistributedSampler(
+            range(size),
+            num_replicas=world,
+            rank=r,
+            shuffle=shuffle,
+            seed=sampling._mix(seed, epoch),
+        )
+        theirs.set_epoch(0)
+        assert ours == list(theirs), f"rank {r} of {world}"
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_set_epoch_with_start_yields_the_tail_of_the_epoch(world):
+    for rank in range(world):
+        sampler = ResumableSampler(23, shuffle=True, seed=1, rank=rank, world=world)
+        sampler.set_epoch(4)
+        whole = list(sampler)
+        assert len(sampler) == len(whole) == math.ceil(23 / world)
+        for start in range(len(whole) + 1):
+            sampler.set_epoch(4, start=start)
+            assert list(sampler) == whole[start:]
+            assert len(sampler) == len(whole) - start
+        sampler.set_epoch(5)  # a new epoch starts at its beginning
+        assert len(sampler) == len(whole) and list(sampler) != whole
+
+
+# -- ResumableLoader --------------------------------------------------------------------------
+
+
+def build_loader(data: Dataset, *, rank: int = 0, world: int = 1, **kwargs) -> ResumableLoader:
+    loader = DataLoader(data, batch_size=4, shuffle=True, **kwargs)
+    return ResumableLoader(loader, seed=11, rank=rank, world=world)
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_iterate_from_a_batch_yields_the_tail_of_the_whole_epoch(drop_last):
+    data = Indices(30)
+    loader = build_loader(data, drop_last=drop_last)
+    whole = batches(loader.iterate(2))
+    assert len(whole) == len(loader) == (7 if drop_last else 8)
+    assert whole != batches(loader.iterate(3))
+    for start in range(len(whole) + 1):
+        data.loaded.clear()
+        assert batches(loader.iterate(2, start)) == whole[start:]
+        # Skipped batches are neither loaded nor drawn.
+        assert sorted(data.loaded) == sorted(i for b in whole[start:] for i in b)
+
+
+def test_ranks_of_a_loader_split_the_epoch_like_distributed_sampler():
+    ranks = [batches(build_loader(Indices(30), rank=r, world=2).iterate(1)) for r in (0, 1)]
+    seen = [i for r in ranks for b in r for i in b]
+    assert sorted(seen) == list(range(30))
+    for r, got in enumerate(ranks):
+        assert batches(build_loader(Indices(30), rank=r, world=2).iterate(1, 2)) == got[2:]
+
+
+def test_the_loader_leaves_the_global_rng_alone_where_a_plain_one_does_not():
+    data = Indices(30)
+    plain = DataLoader(data, batch_size=4, shuffle=True)
+    before = torch.get_rng_state()
+    list(plain)
+    assert not torch.equal(torch.get_rng_state(), before), "the contrast this test relies on"
+    before = torch.get_rng_state()
+    batches(ResumableLoader(plain, seed=11, rank=0, world=1).iterate(0, 3))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_distributed_sampler_keeps_its_own_shuffle_and_seed():
+    data = Indices(30)
+    loader = DataLoader(data, batch_size=5, sampler=DistributedSampler(data, 1, 0, seed=42))
+    resumable = ResumableLoader(loader, seed=11, rank=0, world=1)
+    assert (resumable.sampler.shuffle, resumable.sampler.seed) == (True, 42)
+    unshuffled = DataLoader(data, batch_size=5, sampler=DistributedSampler(data, 1, 0, False))
+    first = batches(ResumableLoader(unshuffled, seed=11, rank=0, world=1).iterate(3))
+    assert first[0] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.timeout(120)
+def test_two_workers_resume_with_the_same_batches_and_worker_seeds():
+    data = WorkerSeeds(40)
+    loader = build_loader(data, num_workers=2, timeout=60)
+    whole = batches(loader.iterate(1))
+    torch.manual_seed(12345)  # a resumed process's global RNG is elsewhere
+    torch.rand(7)
+    start = 4
+    tail = batches(loader.iterate(1, start))
+    assert [b[0] for b in tail] == [b[0] for b in whole[start:]]
+    whole_seeds = {s for b in whole for s in b[1]}
+    assert len(whole_seeds) == 2 and -1 not in whole_seeds, "two worker processes"
+    assert {s for b in tail for s in b[1]} == whole_seeds
+    other_epoch = batches(loader.iterate(2))
+    assert {s for b in other_epoch for s in b[1]}.isdisjoint(whole_seeds)
+
+
+def test_a_plain_loader_draws_different_worker_seeds_after_the_global_rng_moved():
+    # Why the resumable loader owns a generator: without one, the seeds follow the global RNG.
+    data = WorkerSeeds(8)
+    plain = DataLoader(data, batch_size=4, num_workers=2, timeout=60)
+    torch.manual_seed(0)
+    first = {s for b in batches(plain) for s in b[1]}
+    torch.rand(3)
+    assert {s for b in batches(plain) for s in b[1]} != first
+
+
+# -- loaders tlaunch cannot rebuild -----------------------------------------------------------
+
+
+class EveryOther(Sampler[int]):
+    """A deterministic custom sampler: even indices, then odd ones; remembers set_epoch."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.epochs = size, []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs.append(epoch)
+
+    def __iter__(self):
+        return iter([*range(0, self.size, 2), *range(1, self.size, 2)])
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def test_a_custom_sampler_warns_once_and_replays_the_skipped_batches():
+    data, sampler = Indices(20), EveryOther(20)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loader = ResumableLoader(
+            DataLoader(data, batch_size=4, sampler=sampler), seed=11, rank=0, world=1
+        )
+        whole = batches(loader.iterate(0))
+        data.loaded.clear()
+        tail = batches(loader.iterate(1, 3))
+    assert [str(w.message) for w in caught if "custom sampler" in str(w.message)] == [
+        "this DataLoader has a custom sampler: a resumed run replays the skipped batches "
+        "through it, and resume is exact only if its order is deterministic"
+    ]
+    assert loader.sampler is None
+    assert whole[0] == [0, 2, 4, 6]
+    assert tail == whole[3:]
+    assert sampler.epochs == [0, 1]
+    # Replayed: the skipped batches were loaded, then dropped.
+    assert data.loaded == [i for b in whole for i in b]
