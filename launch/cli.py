@@ -24,29 +24,29 @@ import argparse
 import dataclasses
 import os
 import sys
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import NoReturn
 
 from tlaunch import __version__
-from tlaunch.config import LaunchConfig, UsageError
+from tlaunch.config import POSITIONAL, LaunchConfig, UsageError, cli_flag, field_kind
 from tlaunch.contract import EXIT_USAGE, flag_env
 
 SUBCOMMANDS = ("data", "ckpt")
 
-# Fields the parser fills from positional words, not from flags.
-_POSITIONAL = ("script", "module", "script_args")
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors (bad int, unknown choice) are one-line UsageErrors, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
 
 
-def _field_type(f: dataclasses.Field) -> type:
-    """``int | None`` → ``int``; ``list[str]`` → ``list``."""
-    hint = get_type_hints(LaunchConfig)[f.name]
-    args = [a for a in get_args(hint) if a is not type(None)]
-    base = args[0] if args and get_origin(hint) is not list else hint
-    return get_origin(base) or base
+def _metavar(name: str, kind: type) -> str:
+    return "N" if kind is int else name.split("_")[-1].upper()
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The launcher's flags, generated from ``LaunchConfig`` so help and config never drift."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tlaunch",
         usage="tlaunch [flags] SCRIPT|-m MODULE [script args] [-- verbatim script args]\n"
         "       tlaunch data|ckpt ...",
@@ -58,15 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tlaunch {__version__}")
     for f in dataclasses.fields(LaunchConfig):
-        if f.name in _POSITIONAL:
+        if f.name in POSITIONAL:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        env = flag_env(f.name)
-        help_text = f"{f.metadata['help']} [env {env}]"
-        kind = _field_type(f)
-        if f.name == "fast_dev_run":
-            parser.add_argument(flag, type=int, nargs="?", const=1, metavar="N", help=help_text)
-        elif kind is bool:
+        meta, kind = f.metadata, field_kind(f)
+        flag, help_text = cli_flag(f.name), f"{meta['help']} [env {flag_env(f.name)}]"
+        if kind is bool:
             parser.add_argument(flag, action="store_true", default=None, help=help_text)
         elif kind is list:
             parser.add_argument(flag, action="append", metavar="SPEC", help=help_text)
@@ -74,36 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(
                 flag,
                 type=kind if kind in (int, float) else str,
-                metavar=f.name.split("_")[-1].upper(),
+                nargs=None if meta["const"] is None else "?",
+                const=meta["const"],
+                choices=meta["choices"] or None,
+                metavar=None if meta["choices"] else _metavar(f.name, kind),
                 help=help_text,
             )
     return parser
-
-
-def _env_defaults() -> dict[str, Any]:
-    """``TLAUNCH_<FLAG>`` values, converted to each field's type.
-
-    What to run (script, module, its arguments) always comes from the command line, never from
-    a variable: a stale ``TLAUNCH_MODULE`` must not replace the script the user typed.
-    """
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(LaunchConfig):
-        raw = os.environ.get(flag_env(f.name))
-        if raw is None or f.name in _POSITIONAL:
-            continue
-        kind = _field_type(f)
-        try:
-            if kind is bool:
-                values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
-            elif kind is list:
-                values[f.name] = [v for v in raw.split(",") if v]
-            elif kind in (int, float):
-                values[f.name] = kind(raw)
-            else:
-                values[f.name] = raw
-        except ValueError:
-            raise UsageError(f"{flag_env(f.name)}={raw!r} is not a valid {kind.__name__}") from None
-    return values
 
 
 def _takes_value(parser: argparse.ArgumentParser, word: str) -> bool:
@@ -157,7 +130,7 @@ def parse_args(argv: list[str]) -> LaunchConfig:
         module, target, after = after[0], None, after[1:]
     ns = parser.parse_args(before)
     ns_after, passthrough = parser.parse_known_args(after)
-    values = _env_defaults()
+    values = LaunchConfig.env_defaults()
     for ns_part in (ns, ns_after):
         values.update({k: v for k, v in vars(ns_part).items() if v is not None})
     if target is not None and not os.path.isfile(target):

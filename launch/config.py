@@ -1,8 +1,11 @@
 """``LaunchConfig``: every launcher flag, documented once, validated once.
 
 The CLI builds one ``LaunchConfig``; the launcher hands it to each worker as the JSON in
-``TLAUNCH_CONFIG``; ``tlaunch.init()`` reads it back. Each field's docstring is its ``--help``
-text. This module must stay importable without torch (``tlaunch --help`` uses it).
+``TLAUNCH_CONFIG``; ``tlaunch.init()`` reads it back. Each field carries, in its metadata (see
+``_doc``), its ``--help`` text and its checks (bounds, choices, a parser): the CLI builds its flags
+from that table and ``__post_init__`` validates from it, so help and validation never drift.
+Rules across fields, and a few on a value's shape, are written out by hand. This module must stay
+importable without torch (``tlaunch --help`` uses it).
 """
 
 from __future__ import annotations
@@ -12,10 +15,11 @@ import json
 import os
 import re
 import shlex
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args, get_origin, get_type_hints
 
-from tlaunch.contract import CONFIG_ENV
+from tlaunch.contract import CONFIG_ENV, flag_env
 
 PRECISION_ALIASES = {
     "no": "no",
@@ -28,6 +32,12 @@ PRECISION_ALIASES = {
     "16": "fp16",
     "16-mixed": "fp16",
 }
+
+#: Fields filled from the positional words of the command line: never a flag, never a variable.
+POSITIONAL = ("script", "module", "script_args")
+
+_BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True}
+_BOOL_WORDS |= {"0": False, "false": False, "no": False, "off": False, "": False}
 
 
 class UsageError(ValueError):
@@ -48,9 +58,75 @@ def parse_duration(text: str) -> float:
     return sum(float(n) * scale[u] for n, u in parts)
 
 
-def _doc(text: str, **kw: Any) -> Any:
-    """A dataclass field whose help text travels in its metadata (read by the CLI)."""
-    return field(metadata={"help": text}, **kw)
+def parse_precision(value: str) -> str:
+    """Any accepted spelling (``bf16-mixed``, ``32``, ``FP16``) → ``no``, ``bf16`` or ``fp16``."""
+    key = str(value).lower()
+    if key not in PRECISION_ALIASES:
+        known = ", ".join(sorted(set(PRECISION_ALIASES)))
+        raise UsageError(f"--precision {value!r} is unknown; use one of: {known}")
+    return PRECISION_ALIASES[key]
+
+
+def _time_limit(text: str) -> str:
+    """Refuse a bad ``--time-limit`` now; keep the text the user wrote (shown back in commands)."""
+    parse_duration(text)
+    return text
+
+
+def _gpu_count(value: str | int) -> str:
+    value = str(value)
+    if value != "all" and not (value.isdigit() and int(value) >= 1):
+        raise UsageError(f"--gpus {value} is neither a count >= 1 nor 'all'")
+    return value
+
+
+def _host_port(value: str) -> str:
+    if not re.fullmatch(r"[^:\s]+:\d+", value):
+        raise UsageError(f"--rdzv-endpoint {value!r} must be HOST:PORT, e.g. 10.0.0.2:29400")
+    return value
+
+
+def _doc(
+    text: str,
+    *,
+    min: float | None = None,
+    positive: bool = False,
+    choices: tuple[str, ...] = (),
+    parse: Callable[[Any], Any] | None = None,
+    fix: object = None,
+    const: object = None,
+    **kw: Any,
+) -> Any:
+    """A dataclass field whose help text and checks travel in its metadata.
+
+    One table drives both the CLI and validation. ``help``: the ``--help`` text. ``choices``:
+    the accepted words (argparse lists and enforces them). ``parse``: normalizes the value or
+    raises UsageError. ``min``: inclusive lower bound; ``positive``: must be > 0. ``fix``: the
+    value a corrected command suggests when a check fails (without it the message shows the
+    value given). ``const``: what the bare flag means (``--fast-dev-run`` = ``--fast-dev-run 1``).
+    """
+    checks = {"min": min, "positive": positive, "choices": choices, "parse": parse, "fix": fix}
+    return field(metadata={"help": text, "const": const, **checks}, **kw)
+
+
+def _checked(flag: str, value: Any, meta: Mapping[str, Any]) -> Any:
+    """One field's value after its metadata checks: normalized, or a UsageError naming the flag."""
+    if meta["parse"] is not None:
+        value = meta["parse"](value)
+    if meta["choices"] and value not in meta["choices"]:
+        *rest, last = meta["choices"]
+        raise UsageError(f"{flag} {value!r}: use {', '.join(rest)} or {last}")
+    if meta["min"] is not None and value < meta["min"]:
+        got = "" if meta["fix"] is not None else f", got {value}"
+        raise UsageError(f"{flag} must be at least {meta['min']}{got}")
+    if meta["positive"] and value <= 0:
+        raise UsageError(f"{flag} must be positive, got {value}")
+    return value
+
+
+def cli_flag(name: str) -> str:
+    """The command-line flag of a field: ``grad_accum`` → ``--grad-accum``."""
+    return "--" + name.replace("_", "-")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -64,63 +140,92 @@ class LaunchConfig:
 
     # -- hardware and processes ----------------------------------------------------------
     gpus: str | None = _doc(
-        "GPUs on this machine: a number or 'all'. Default: all GPUs if any.", default=None
+        "GPUs on this machine: a number or 'all'. Default: all GPUs if any.",
+        default=None,
+        parse=_gpu_count,
+        fix=1,
     )
-    cpus: int | None = _doc("Run N CPU processes over gloo.", default=None)
-    tpus: int | None = _doc("TPU cores to use through torch_xla.", default=None)
+    cpus: int | None = _doc("Run N CPU processes over gloo.", default=None, min=1, fix=1)
+    tpus: int | None = _doc("TPU cores to use through torch_xla.", default=None, min=1, fix=1)
     strategy: str | None = _doc(
-        "Override the strategy the hardware flags imply: cpu, gpu, ddp or xla.", default=None
+        "Override the strategy the hardware flags imply: cpu, gpu, ddp or xla.",
+        default=None,
+        parse=str.lower,
     )
-    nnodes: int = _doc("Number of machines in the job.", default=1)
+    nnodes: int = _doc("Number of machines in the job.", default=1, min=1, fix=1)
     node_rank: int = _doc("Rank of this machine, 0..nnodes-1.", default=0)
     rdzv_endpoint: str | None = _doc(
-        "HOST:PORT of the rendezvous (c10d) store; required with --nnodes > 1.", default=None
+        "HOST:PORT of the rendezvous (c10d) store; required with --nnodes > 1.",
+        default=None,
+        parse=_host_port,
     )
-    max_restarts: int = _doc("Restart the job this many times after a worker failure.", default=0)
+    max_restarts: int = _doc(
+        "Restart the job this many times after a worker failure.", default=0, min=0
+    )
     seed: int = _doc("Seed for python, numpy and torch on every rank (offset by rank).", default=0)
 
     # -- numerics ------------------------------------------------------------------------
     precision: str = _doc(
-        "no (fp32), bf16 or fp16; Lightning names like bf16-mixed work too.", default="no"
+        "no (fp32), bf16 or fp16; Lightning names like bf16-mixed work too.",
+        default="no",
+        parse=parse_precision,
     )
-    grad_accum: int = _doc("Micro-batches per optimizer step (gradient accumulation).", default=1)
+    grad_accum: int = _doc(
+        "Micro-batches per optimizer step (gradient accumulation).", default=1, min=1, fix=1
+    )
     clip_grad_norm: float | None = _doc(
-        "Clip the gradient norm to this value before each step.", default=None
+        "Clip the gradient norm to this value before each step.", default=None, positive=True
     )
     clip_grad_value: float | None = _doc(
-        "Clip each gradient to [-X, X] before each step.", default=None
+        "Clip each gradient to [-X, X] before each step.", default=None, positive=True
     )
 
     # -- loop limits and debugging -------------------------------------------------------
-    max_steps: int | None = _doc("Stop after this many optimizer steps.", default=None)
-    max_epochs: int | None = _doc("Stop after this many epochs (caps run.epochs(n)).", default=None)
+    max_steps: int | None = _doc("Stop after this many optimizer steps.", default=None, min=1)
+    max_epochs: int | None = _doc(
+        "Stop after this many epochs (caps run.epochs(n)).", default=None, min=1
+    )
     limit_train_batches: float | None = _doc(
         "Batches per epoch: a count (e.g. 50) or a fraction of the loader (e.g. 0.1).", default=None
     )
-    fast_dev_run: int = _doc("Run N batches of one epoch, save nothing (a smoke test).", default=0)
-    overfit_batches: int = _doc(
-        "Repeat the first N batches every epoch (overfit sanity check).", default=0
+    fast_dev_run: int = _doc(
+        "Run N batches of one epoch, save nothing (a smoke test).", default=0, min=0, const=1
     )
-    progress: str = _doc("Progress bar on rank 0: auto (only on a TTY), on or off.", default="auto")
+    overfit_batches: int = _doc(
+        "Repeat the first N batches every epoch (overfit sanity check).", default=0, min=0
+    )
+    progress: str = _doc(
+        "Progress bar on rank 0: auto (only on a TTY), on or off.",
+        default="auto",
+        choices=("auto", "on", "off"),
+    )
 
     # -- checkpoints ---------------------------------------------------------------------
     checkpoint_dir: str | None = _doc(
         "Where checkpoints go: a path, gs://, s3://, drive:// or memory:// URL.", default=None
     )
-    save_every: int | None = _doc("Save every N optimizer steps.", default=None)
-    save_every_epochs: int | None = _doc("Save every N epochs.", default=None)
-    save_every_minutes: float | None = _doc("Save every M minutes of training.", default=None)
-    keep_last: int | None = _doc("Keep only the N newest checkpoints.", default=None)
-    keep_every: int | None = _doc(
-        "Also keep every checkpoint whose step is a multiple of K.", default=None
+    save_every: int | None = _doc("Save every N optimizer steps.", default=None, min=1)
+    save_every_epochs: int | None = _doc("Save every N epochs.", default=None, min=1)
+    save_every_minutes: float | None = _doc(
+        "Save every M minutes of training.", default=None, positive=True
     )
-    keep_best: int | None = _doc("Also keep the N best checkpoints by --monitor.", default=None)
+    keep_last: int | None = _doc("Keep only the N newest checkpoints.", default=None, min=1)
+    keep_every: int | None = _doc(
+        "Also keep every checkpoint whose step is a multiple of N.", default=None, min=1
+    )
+    keep_best: int | None = _doc(
+        "Also keep the N best checkpoints by --monitor.", default=None, min=1
+    )
     monitor: str | None = _doc(
         "Metric (from run.log) that ranks checkpoints for --keep-best.", default=None
     )
-    mode: str = _doc("min or max: which --monitor values are best.", default="min")
+    mode: str = _doc(
+        "min or max: which --monitor values are best.", default="min", choices=("min", "max")
+    )
     on_save_error: str = _doc(
-        "stop (default) or continue with a warning when a save fails.", default="stop"
+        "stop (default) or continue with a warning when a save fails.",
+        default="stop",
+        choices=("stop", "continue"),
     )
     resume: str = _doc(
         "auto (latest committed checkpoint), never, or a step number or URL.", default="auto"
@@ -131,13 +236,19 @@ class LaunchConfig:
 
     # -- preemption and deadlines ----------------------------------------------------------
     preemption_watch: str = _doc(
-        "Poll a cloud preemption notice: auto, gce, aws or off.", default="auto"
+        "Poll a cloud preemption notice: auto, gce, aws or off.",
+        default="auto",
+        choices=("auto", "gce", "aws", "off"),
     )
     time_limit: str | None = _doc(
-        "Stop with a checkpoint before this much wall time (e.g. 11h30m).", default=None
+        "Stop with a checkpoint before this much wall time (e.g. 11h30m).",
+        default=None,
+        parse=_time_limit,
     )
     grace: float = _doc(
-        "Seconds workers get to save and exit after a stop before being killed.", default=25.0
+        "Seconds workers get to save and exit after a stop before being killed.",
+        default=25.0,
+        min=0,
     )
 
     # -- data and folders ------------------------------------------------------------------
@@ -155,108 +266,49 @@ class LaunchConfig:
     )
 
     def __post_init__(self) -> None:
-        self.precision = self._normalize_precision(self.precision)
-        if self.cpus is not None and self.cpus < 1:
-            raise UsageError(self._fix("--cpus must be at least 1", drop="--cpus", add="--cpus 1"))
-        if self.tpus is not None and self.tpus < 1:
-            raise UsageError(self._fix("--tpus must be at least 1", drop="--tpus", add="--tpus 1"))
-        if (
-            self.gpus is not None
-            and self.gpus != "all"
-            and not (self.gpus.isdigit() and int(self.gpus) >= 1)
-        ):
-            raise UsageError(
-                self._fix(
-                    f"--gpus {self.gpus} is neither a count >= 1 nor 'all'",
-                    drop="--gpus",
-                    add="--gpus 1",
-                )
-            )
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None or f.name in POSITIONAL:
+                continue
+            flag, fix = cli_flag(f.name), f.metadata["fix"]
+            try:
+                setattr(self, f.name, _checked(flag, value, f.metadata))
+            except UsageError as e:
+                if fix is None:
+                    raise
+                raise UsageError(self._fix(str(e), drop=flag, add=f"{flag} {fix}")) from None
+        # What the table cannot say: rules across fields, or on a value's shape.
         if sum(x is not None for x in (self.gpus, self.cpus, self.tpus)) > 1:
             raise UsageError("choose one of --gpus, --cpus and --tpus, not several")
-        if self.nnodes < 1:
-            raise UsageError(
-                self._fix("--nnodes must be at least 1", drop="--nnodes", add="--nnodes 1")
-            )
         if not 0 <= self.node_rank < self.nnodes:
             raise UsageError(
                 f"--node-rank {self.node_rank} is outside 0..{self.nnodes - 1} for --nnodes {self.nnodes}"
             )
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise UsageError(
-                f"--nnodes {self.nnodes} needs a rendezvous address every machine can reach; run: "
-                f"{self._command(add=f'--rdzv-endpoint HOST:29400 --node-rank {self.node_rank}')}"
-            )
-        if self.rdzv_endpoint and not re.fullmatch(r"[^:\s]+:\d+", self.rdzv_endpoint):
-            raise UsageError(
-                f"--rdzv-endpoint {self.rdzv_endpoint!r} must be HOST:PORT, e.g. 10.0.0.2:29400"
-            )
-        if self.grad_accum < 1:
-            raise UsageError(
                 self._fix(
-                    "--grad-accum must be at least 1", drop="--grad-accum", add="--grad-accum 1"
+                    f"--nnodes {self.nnodes} needs a rendezvous address every machine can reach",
+                    drop="--node-rank",
+                    add=f"--rdzv-endpoint HOST:29400 --node-rank {self.node_rank}",
                 )
             )
-        for name in ("clip_grad_norm", "clip_grad_value"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        if self.max_restarts < 0:
-            raise UsageError("--max-restarts must be 0 or more")
-        if self.limit_train_batches is not None and self.limit_train_batches <= 0:
-            raise UsageError("--limit-train-batches must be a count >= 1 or a fraction in (0, 1]")
-        if self.limit_train_batches is not None and 1 < self.limit_train_batches != int(
-            self.limit_train_batches
-        ):
-            raise UsageError(
-                "--limit-train-batches is a whole count (e.g. 50) or a fraction <= 1 (e.g. 0.1)"
-            )
-        for name in (
-            "max_steps",
-            "max_epochs",
-            "save_every",
-            "save_every_epochs",
-            "keep_last",
-            "keep_every",
-            "keep_best",
-        ):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if self.fast_dev_run < 0 or self.overfit_batches < 0:
-            raise UsageError("--fast-dev-run and --overfit-batches take a count >= 1")
-        if self.mode not in ("min", "max"):
-            raise UsageError(f"--mode {self.mode!r}: use --mode min or --mode max")
         if self.keep_best and not self.monitor:
             raise UsageError(
                 self._fix("--keep-best needs the metric to rank by", add="--monitor val_loss")
             )
-        if self.on_save_error not in ("stop", "continue"):
-            raise UsageError(f"--on-save-error {self.on_save_error!r}: use stop or continue")
-        if self.progress not in ("auto", "on", "off"):
-            raise UsageError(f"--progress {self.progress!r}: use auto, on or off")
-        if self.preemption_watch not in ("auto", "gce", "aws", "off"):
+        limit = self.limit_train_batches
+        if limit is not None and (limit <= 0 or 1 < limit != int(limit)):
             raise UsageError(
-                f"--preemption-watch {self.preemption_watch!r}: use auto, gce, aws or off"
+                "--limit-train-batches is a whole count >= 1 (e.g. 50) or a fraction in (0, 1] "
+                f"(e.g. 0.1), got {limit}"
             )
-        if self.time_limit is not None:
-            parse_duration(self.time_limit)
         for spec in self.sync_dir:
             if "=" not in spec or not all(spec.split("=", 1)):
                 raise UsageError(
                     f"--sync-dir {spec!r} must be LOCAL=URL, e.g. --sync-dir ckpts=gs://bucket/run1"
                 )
-        if self.strategy is not None:
-            self.strategy = self.strategy.lower()
 
     # -- helpers ---------------------------------------------------------------------------
-    def _normalize_precision(self, value: str) -> str:
-        key = str(value).lower()
-        if key not in PRECISION_ALIASES:
-            known = ", ".join(sorted(set(PRECISION_ALIASES)))
-            raise UsageError(f"--precision {value!r} is unknown; use one of: {known}")
-        return PRECISION_ALIASES[key]
-
     def _command(self, *, drop: str | None = None, add: str = "") -> str:
         """The command line this config came from, with one flag replaced: for error messages."""
         words = ["tlaunch"]
@@ -265,10 +317,10 @@ class LaunchConfig:
         elif self.script:
             words.append(self.script)
         for f in dataclasses.fields(self):
-            if f.name in ("script", "module", "script_args"):
+            if f.name in POSITIONAL:
                 continue
             value = getattr(self, f.name)
-            flag = "--" + f.name.replace("_", "-")
+            flag = cli_flag(f.name)
             if (
                 value == f.default
                 or (f.default is dataclasses.MISSING and not value)
@@ -305,3 +357,43 @@ class LaunchConfig:
     def from_env(cls) -> LaunchConfig | None:
         text = os.environ.get(CONFIG_ENV)
         return cls.from_json(text) if text else None
+
+    @classmethod
+    def env_defaults(cls, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """Flag defaults from ``TLAUNCH_<FLAG>`` variables, each converted to its field's type.
+
+        What to run (script, module, its arguments) always comes from the command line, never
+        from a variable: a stale ``TLAUNCH_MODULE`` must not replace the script the user typed.
+        A value that does not convert is a one-line UsageError naming the variable.
+        """
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            variable = flag_env(f.name)
+            if f.name not in POSITIONAL and variable in environ:
+                values[f.name] = _from_text(variable, environ[variable], field_kind(f))
+        return values
+
+
+def field_kind(f: dataclasses.Field) -> type:
+    """What a flag's or variable's text becomes: ``int | None`` → ``int``; ``list[str]`` → ``list``."""
+    hint = get_type_hints(LaunchConfig)[f.name]
+    args = [a for a in get_args(hint) if a is not type(None)]
+    base = args[0] if args and get_origin(hint) is not list else hint
+    return get_origin(base) or base
+
+
+def _from_text(variable: str, raw: str, kind: type) -> Any:
+    if kind is list:
+        return [v for v in raw.split(",") if v]
+    if kind is bool:
+        word = raw.strip().lower()
+        if word not in _BOOL_WORDS:
+            raise UsageError(f"{variable}={raw!r} is not a valid bool; use 1 or 0, true or false")
+        return _BOOL_WORDS[word]
+    if kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            raise UsageError(f"{variable}={raw!r} is not a valid {kind.__name__}") from None
+    return raw

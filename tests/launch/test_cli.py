@@ -67,6 +67,8 @@ def test_fast_dev_run_takes_an_optional_count(script):
         (["train.py", "--time-limit", "soon"], "write it like 11h30m"),
         (["train.py", "--keep-best", "2"], "--monitor val_loss"),
         (["train.py", "--cpus", "2", "--gpus", "1"], "choose one of"),
+        (["train.py", "--cpus", "x"], "argument --cpus: invalid int value: 'x'"),
+        (["train.py", "--mode", "best"], "argument --mode: invalid choice: 'best'"),
         ([], "no script given"),
     ],
 )
@@ -112,3 +114,9 @@ def test_what_to_run_comes_from_the_command_line_not_the_environment(script, mon
     monkeypatch.setenv(variable, "other")
     c = parse_args(["train.py", "--cpus", "1"])
     assert (c.script, c.module, c.script_args) == ("train.py", None, [])
+
+
+def test_a_bad_environment_value_is_one_line_naming_the_variable(script, monkeypatch, capsys):
+    monkeypatch.setenv("TLAUNCH_CPUS", "x")
+    assert main(["train.py"]) == 2
+    assert capsys.readouterr().err == "tlaunch: error: TLAUNCH_CPUS='x' is not a valid int\n"

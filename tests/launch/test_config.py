@@ -1,0 +1,82 @@
+"""``LaunchConfig``: checks driven by the field table, the cross-field rules, ``TLAUNCH_<FLAG>``."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tlaunch.cli import build_parser
+from tlaunch.config import LaunchConfig, UsageError
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_steps": 0}, "--max-steps must be at least 1, got 0"),
+        ({"max_restarts": -1}, "--max-restarts must be at least 0, got -1"),
+        ({"clip_grad_value": 0.0}, "--clip-grad-value must be positive, got 0.0"),
+        ({"tpus": 0, "seed": 3}, "--tpus must be at least 1; run: tlaunch t.py --seed 3 --tpus 1"),
+        ({"gpus": "0"}, "--gpus 0 is neither a count >= 1 nor 'all'; run: tlaunch t.py --gpus 1"),
+        ({"mode": "best"}, "--mode 'best': use min or max"),
+        ({"preemption_watch": "azure"}, "--preemption-watch 'azure': use auto, gce, aws or off"),
+        ({"rdzv_endpoint": "host"}, "--rdzv-endpoint 'host' must be HOST:PORT"),
+        ({"limit_train_batches": 2.5}, "--limit-train-batches is a whole count >= 1"),
+        ({"limit_train_batches": 0.0}, "or a fraction in (0, 1]"),
+        ({"sync_dir": ["ckpts"]}, "--sync-dir 'ckpts' must be LOCAL=URL"),
+        ({"node_rank": 1}, "--node-rank 1 is outside 0..0 for --nnodes 1"),
+        (
+            {"nnodes": 2, "node_rank": 1},
+            "run: tlaunch t.py --nnodes 2 --rdzv-endpoint HOST:29400 --node-rank 1",
+        ),
+    ],
+)
+def test_each_bad_value_names_its_flag(kwargs, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        LaunchConfig(script="t.py", **kwargs)
+
+
+def test_values_are_normalized_once_and_survive_json():
+    c = LaunchConfig(precision="BF16-mixed", strategy="DDP", gpus=2, time_limit="1h")
+    assert (c.precision, c.strategy, c.gpus, c.time_limit) == ("bf16", "ddp", "2", "1h")
+    assert LaunchConfig.from_json(c.to_json()) == c
+
+
+def test_help_shows_the_choices_from_the_table():
+    help_text = build_parser().format_help()
+    assert "--progress {auto,on,off}" in help_text and "--mode {min,max}" in help_text
+    assert "--fast-dev-run [N]" in help_text
+
+
+def test_env_defaults_convert_each_variable_to_its_field_type():
+    environ = {
+        "TLAUNCH_CPUS": "2",
+        "TLAUNCH_GRACE": "5.5",
+        "TLAUNCH_RESUME_FORCE": "yes",
+        "TLAUNCH_DATA": "gs://b/a.tlar,gs://b/b.tlar",
+        "TLAUNCH_MONITOR": "val_loss",
+        "TLAUNCH_SCRIPT": "other.py",  # what to run comes from the command line only
+        "TLAUNCH_MODULE": "pkg.other",
+        "HOME": "/root",
+    }
+    assert LaunchConfig.env_defaults(environ) == {
+        "cpus": 2,
+        "grace": 5.5,
+        "resume_force": True,
+        "data": ["gs://b/a.tlar", "gs://b/b.tlar"],
+        "monitor": "val_loss",
+    }
+    assert LaunchConfig.env_defaults({"TLAUNCH_RESUME_FORCE": "off"}) == {"resume_force": False}
+
+
+@pytest.mark.parametrize(
+    "variable, value, message",
+    [
+        ("TLAUNCH_CPUS", "x", "TLAUNCH_CPUS='x' is not a valid int"),
+        ("TLAUNCH_GRACE", "1e", "TLAUNCH_GRACE='1e' is not a valid float"),
+        ("TLAUNCH_RESUME_FORCE", "maybe", "TLAUNCH_RESUME_FORCE='maybe' is not a valid bool"),
+    ],
+)
+def test_a_bad_variable_is_named_in_the_error(variable, value, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        LaunchConfig.env_defaults({variable: value})
