@@ -8,7 +8,7 @@ XLA_VENV := .venv-xla
 XLA_PINS ?= torch==2.9.0 torch_xla==2.9.0
 PYTEST_FLAGS ?= -q
 
-.PHONY: install demo test test-xla test-all lint format bench clean
+.PHONY: install demo test test-xla test-gpu test-all lint format bench clean
 
 $(BIN)/tlaunch: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,6 +32,11 @@ $(XLA_VENV)/.installed: pyproject.toml
 
 test-xla: $(XLA_VENV)/.installed
 	PJRT_DEVICE=CPU $(XLA_VENV)/bin/python -m pytest $(PYTEST_FLAGS) -m xla -o addopts='-p no:cacheprovider' tests
+
+# CUDA tests (marker gpu): needs a CUDA build of torch in $(VENV); without a GPU all are skipped.
+# Not part of test-all: CI has no GPU.
+test-gpu: install
+	$(BIN)/python -m pytest $(PYTEST_FLAGS) -rs -m gpu -o addopts='-p no:cacheprovider' tests
 
 test-all: test test-xla
 
