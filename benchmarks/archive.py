@@ -7,10 +7,10 @@ Makes its own dataset in a temp dir (many small files -- text and incompressible
 that noise from other work on a shared machine hits every tool alike, after a warm-up round:
 
 * pack:   ``pack(DIR, URL)`` vs ``tar -I 'zstd -T0' -cf`` vs ``tar czf``
-* unpack: ``stage(URL)``    vs ``tar -I 'zstd -T0' -xf`` vs ``tar xzf``
+* unpack: ``fetch(URL)``    vs ``tar -I 'zstd -T0' -xf`` vs ``tar xzf``
 
 and prints medians, throughput ratios (targets: >= 1.0x tar+zstd, >= 5x tar+gzip) and
-compression ratios. ``stage`` includes what ``tar x`` does not: the digest of every shard and
+compression ratios. ``fetch`` includes what ``tar x`` does not: the digest of every shard and
 the manifest check of every member. The temp dir is on /dev/shm when it has room, so the
 figures measure the tools rather than this VM's disk writeback (``--dir`` overrides).
 """
@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from tlaunch.storage.archive import pack, stage
+from tlaunch.storage import fetch, pack
 
 SMALL_FILES = 6000
 
@@ -113,7 +113,7 @@ def tools(work: str, data: str) -> dict[str, dict]:
             "pack": (lambda: shutil.rmtree(ours, ignore_errors=True),
                      lambda: pack(data, ours, progress=False)),
             "unpack": (lambda: fresh(cache),
-                       lambda: stage(ours, cache_dir=cache, progress=False)),
+                       lambda: fetch(ours, cache_dir=cache, progress=False)),
             "archive": os.path.join(ours, "shards"),
         }
     }  # fmt: skip

@@ -38,8 +38,7 @@ os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 import torch  # noqa: E402
 
-from tlaunch.storage.checkpoint import CheckpointStore, cpu_snapshot  # noqa: E402
-from tlaunch.storage.writer import AsyncCheckpointWriter  # noqa: E402
+from tlaunch.storage import AsyncCheckpointWriter, CheckpointStore, cpu_snapshot  # noqa: E402
 
 
 def build_state(megabytes: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

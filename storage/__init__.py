@@ -2,6 +2,14 @@
 
 Built on fsspec; never imports ``tlaunch`` (the launcher) nor ``tlaunch.strategies``.
 
+::
+
+    store.py      URLs to fsspec filesystems, retries, one-line storage errors
+    localfs.py    which URLs are local; the one way a local file is written (temp, fsync, rename)
+    mirror.py     ``--sync-dir LOCAL=URL``: a folder mirrored file by file
+    checkpoint/   checkpoints: format, commit protocol, async writer, retention, ``tlaunch ckpt``
+    archive/      data archives: pack, fetch, the cache, ``tlaunch data``
+
 The public names below are what the rest of tlaunch (and users) import, always from
 ``tlaunch.storage`` itself; they load on first use, so ``import tlaunch.storage`` stays free of
 torch, fsspec's backends and the compression libraries.
@@ -21,28 +29,28 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "is_remote": ("tlaunch.storage.store", "is_remote"),
     "redact": ("tlaunch.storage.store", "redact"),
     # checkpoints
-    "CheckpointStore": ("tlaunch.storage.checkpoint", "CheckpointStore"),
-    "CheckpointInfo": ("tlaunch.storage.checkpoint", "CheckpointInfo"),
-    "CheckpointError": ("tlaunch.storage.checkpoint", "CheckpointError"),
-    "CheckpointWarning": ("tlaunch.storage.checkpoint", "CheckpointWarning"),
-    "LoadedCheckpoint": ("tlaunch.storage.checkpoint", "LoadedCheckpoint"),
-    "AsyncCheckpointWriter": ("tlaunch.storage.writer", "AsyncCheckpointWriter"),
-    "cpu_snapshot": ("tlaunch.storage.writer", "cpu_snapshot"),
-    "RetentionPolicy": ("tlaunch.storage.retention", "RetentionPolicy"),
-    "KeepLast": ("tlaunch.storage.retention", "KeepLast"),
-    "KeepEvery": ("tlaunch.storage.retention", "KeepEvery"),
-    "KeepBest": ("tlaunch.storage.retention", "KeepBest"),
-    "ckpt_main": ("tlaunch.storage.checkpoint_cli", "main"),
+    "CheckpointStore": ("tlaunch.storage.checkpoint.store", "CheckpointStore"),
+    "CheckpointInfo": ("tlaunch.storage.checkpoint.store", "CheckpointInfo"),
+    "CheckpointError": ("tlaunch.storage.checkpoint.manifest", "CheckpointError"),
+    "CheckpointWarning": ("tlaunch.storage.checkpoint.store", "CheckpointWarning"),
+    "LoadedCheckpoint": ("tlaunch.storage.checkpoint.store", "LoadedCheckpoint"),
+    "AsyncCheckpointWriter": ("tlaunch.storage.checkpoint.writer", "AsyncCheckpointWriter"),
+    "cpu_snapshot": ("tlaunch.storage.checkpoint.writer", "cpu_snapshot"),
+    "RetentionPolicy": ("tlaunch.storage.checkpoint.retention", "RetentionPolicy"),
+    "KeepLast": ("tlaunch.storage.checkpoint.retention", "KeepLast"),
+    "KeepEvery": ("tlaunch.storage.checkpoint.retention", "KeepEvery"),
+    "KeepBest": ("tlaunch.storage.checkpoint.retention", "KeepBest"),
+    "ckpt_main": ("tlaunch.storage.checkpoint.cli", "main"),
     # --sync-dir
     "FolderMirror": ("tlaunch.storage.mirror", "FolderMirror"),
     # data archives
-    "pack": ("tlaunch.storage.archive", "pack"),
-    "fetch": ("tlaunch.storage.archive", "stage"),
-    "info": ("tlaunch.storage.archive", "info"),
-    "read_manifest": ("tlaunch.storage.archive", "read_manifest"),
-    "ArchiveError": ("tlaunch.storage.archive", "ArchiveError"),
-    "ArchiveMissing": ("tlaunch.storage.archive_fetch", "ManifestMissing"),
-    "data_main": ("tlaunch.storage.archive_cli", "main"),
+    "pack": ("tlaunch.storage.archive.pack", "pack"),
+    "fetch": ("tlaunch.storage.archive.fetch", "fetch"),
+    "info": ("tlaunch.storage.archive.fetch", "info"),
+    "read_manifest": ("tlaunch.storage.archive.fetch", "read_manifest"),
+    "ArchiveError": ("tlaunch.storage.archive.format", "ArchiveError"),
+    "ArchiveMissing": ("tlaunch.storage.archive.fetch", "ManifestMissing"),
+    "data_main": ("tlaunch.storage.archive.cli", "main"),
 }
 
 __all__ = sorted(_EXPORTS)

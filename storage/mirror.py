@@ -5,15 +5,15 @@ uploaded only once it is stable (same size and mtime on two scans in a row), so 
 being written is not copied half-way; files the script deletes (checkpoint rotation) are
 deleted at the URL once everything else is uploaded. Atomic per file: on object stores a
 single PUT either creates the whole object or nothing; on local disks and Drive mounts the
-bytes go to a temp name first and are renamed.
+bytes go to a temp name first and are renamed (:func:`tlaunch.storage.localfs.write_atomic`).
 """
 
 from __future__ import annotations
 
 import os
-import uuid
 from dataclasses import dataclass, field
 
+from tlaunch.storage.localfs import write_atomic
 from tlaunch.storage.store import Location, StorageError, redact, resolve
 
 
@@ -41,10 +41,9 @@ def _put_atomic(loc: Location, local_path: str, rel: str) -> None:
     target = _remote(loc, rel)
     parent = target.rsplit("/", 1)[0]
     loc.fs.makedirs(parent, exist_ok=True)
-    if loc.fs.protocol in ("file", "local") or "file" in (loc.fs.protocol or ()):
-        tmp = f"{parent}/.{os.path.basename(target)}.tmp-{uuid.uuid4().hex[:8]}"
-        loc.fs.put_file(local_path, tmp)
-        os.replace(tmp, target)
+    if loc.local:
+        with open(local_path, "rb") as src:
+            write_atomic(target, src)
     else:
         loc.fs.put_file(local_path, target)
 
@@ -83,9 +82,8 @@ class FolderMirror:
                 continue
             dest = os.path.join(self.local, *rel.split("/"))
             os.makedirs(os.path.dirname(dest), exist_ok=True)
-            tmp = f"{dest}.tmp-{uuid.uuid4().hex[:8]}"
-            fs.get_file(path, tmp)
-            os.replace(tmp, dest)
+            with fs.open(path, "rb") as src:
+                write_atomic(dest, src)
             count += 1
         # What the URL has: files only here are uploaded by the first sync.
         self.uploaded = {r: st for r, st in _local_files(self.local).items() if r in same}

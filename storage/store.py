@@ -27,7 +27,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from tlaunch.storage.localfs import is_local
+
 COLAB_DRIVE_ROOT = "/content/drive/MyDrive"
+#: Where Google Drive is mounted, when not at COLAB_DRIVE_ROOT (tests point it at a folder).
+DRIVE_ROOT_ENV = "TLAUNCH_DRIVE_ROOT"
 
 # protocol -> (module that must import, extra that installs it)
 _BACKENDS = {
@@ -50,6 +54,11 @@ def redact(text: str) -> str:
     return _CREDENTIALS_IN_URL.sub("***@", text)
 
 
+def is_remote(url: str) -> bool:
+    """True for every URL that is not a local path (``drive://`` too, even when mounted)."""
+    return not is_local(url)
+
+
 @dataclass(frozen=True, slots=True)
 class Location:
     """A resolved URL: the fsspec filesystem, the path inside it, and how to commit there."""
@@ -57,8 +66,19 @@ class Location:
     fs: Any
     path: str
     url: str
-    #: True when ``fs.mv`` of a directory is an atomic rename (local POSIX disks only).
-    atomic_rename: bool
+    #: True when ``path`` is on this machine's file system (a local disk, or the Drive mount), so
+    #: ``os`` calls work on it and a local file is made whole by renaming a temp file.
+    local: bool
+
+    @property
+    def atomic_rename(self) -> bool:
+        """True when renaming a directory is atomic here: a local disk named by a local path.
+
+        The Drive FUSE mount is local too, but it syncs files to the cloud one by one, so a
+        directory rename there is not atomic: Drive commits with MANIFEST + COMMIT like an
+        object store.
+        """
+        return self.local and is_local(self.url)
 
     def join(self, *parts: str) -> str:
         return "/".join([self.path.rstrip("/"), *parts])
@@ -90,10 +110,10 @@ def _storage_options(protocol: str) -> dict[str, Any]:
 
 def _drive_path(rest: str) -> str | None:
     """The local path of ``drive://rest`` on a mounted Drive, or None when not mounted."""
-    root = os.environ.get("TLAUNCH_DRIVE_ROOT") or COLAB_DRIVE_ROOT
+    root = os.environ.get(DRIVE_ROOT_ENV) or COLAB_DRIVE_ROOT
     if os.path.isdir(root):
         return os.path.join(root, rest.lstrip("/"))
-    if os.path.isdir("/content") and not os.environ.get("TLAUNCH_DRIVE_ROOT"):
+    if os.path.isdir("/content") and not os.environ.get(DRIVE_ROOT_ENV):
         # On Colab but the Drive is not mounted: the gdrive backend would ask for OAuth
         # in a notebook that already has a better way.
         raise StorageError(
@@ -112,32 +132,25 @@ def resolve(url: str) -> Location:
             "empty storage URL; pass a path, gs://, s3://, drive:// or memory:// URL"
         )
     if url.startswith("drive://"):
-        local = _drive_path(url[len("drive://") :])
-        if local is None:
+        mounted = _drive_path(url[len("drive://") :])
+        if mounted is None:
             _import_backend("gdrive")
             fs = fsspec.filesystem("gdrive")
-            return Location(fs, url[len("drive://") :].strip("/"), url, atomic_rename=False)
-        # The Drive FUSE mount syncs files to the cloud one by one: a directory rename is not
-        # atomic there, so Drive commits with MANIFEST + COMMIT like an object store.
-        return Location(fsspec.filesystem("file"), local, url, atomic_rename=False)
-    url_for_fs = url
-    protocol, _, rest = url_for_fs.partition("://") if "://" in url_for_fs else ("file", "", "")
-    if protocol == "file":
-        path = os.path.abspath(rest or url_for_fs)
-        return Location(fsspec.filesystem("file"), path, url, atomic_rename=True)
+            return Location(fs, url[len("drive://") :].strip("/"), url, local=False)
+        return Location(fsspec.filesystem("file"), mounted, url, local=is_local(mounted))
+    if is_local(url):
+        rest = url[len("file://") :] if url.startswith("file://") else ""
+        return Location(fsspec.filesystem("file"), os.path.abspath(rest or url), url, local=True)
+    protocol = url.partition("://")[0]
     # Options first: they set gcsfs's environment switch, which gcsfs reads once, at import.
     options = _storage_options(protocol)
     _import_backend(protocol)
     try:
-        fs, path = fsspec.core.url_to_fs(url_for_fs, **options)
+        fs, path = fsspec.core.url_to_fs(url, **options)
     except ValueError as e:
         raise StorageError(f"unsupported storage URL {redact(url)!r}: {e}") from None
     # memory:// paths are rooted at "/": keep them so, whatever the fsspec version strips.
-    return Location(fs, path.rstrip("/") or path, url, atomic_rename=False)
-
-
-def is_remote(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
+    return Location(fs, path.rstrip("/") or path, url, local=False)
 
 
 # -- faults: transient errors are retried, the rest become one-line StorageErrors ------------

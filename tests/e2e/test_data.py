@@ -19,7 +19,7 @@ def test_data_archive_is_staged_and_exposed_to_every_rank(tmp_path, gcs_bucket):
     import hashlib
     import os
 
-    from tlaunch.storage.archive_cli import main as data_main
+    from tlaunch.storage import data_main
 
     src = tmp_path / "dataset" / "shard"
     src.mkdir(parents=True)

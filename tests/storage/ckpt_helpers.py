@@ -8,9 +8,9 @@ import random
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
-from tlaunch.storage.checkpoint import CheckpointStore
-from tlaunch.storage.manifest import step_dir
-from tlaunch.storage.store import Location, RetryPolicy
+from tlaunch.storage import CheckpointStore, Location
+from tlaunch.storage.checkpoint.manifest import step_dir
+from tlaunch.storage.store import RetryPolicy
 
 NO_WAIT = RetryPolicy(attempts=4, base_delay=0.0, sleep=lambda _: None)
 
@@ -104,11 +104,11 @@ def faulty_store(
 ):
     """A store over the same place as ``base_url`` whose writes to ``match`` files fail."""
     if base_url.startswith("memory://"):
-        fs, path, atomic = FaultyMemoryFS(skip_instance_cache=True), "/" + base_url[9:], False
+        fs, path, local = FaultyMemoryFS(skip_instance_cache=True), "/" + base_url[9:], False
     else:
-        fs, path, atomic = FaultyLocalFS(skip_instance_cache=True), base_url, True
+        fs, path, local = FaultyLocalFS(skip_instance_cache=True), base_url, True
     fs.error, fs.match, fs.times = error, match, times
-    return CheckpointStore(Location(fs, path, base_url, atomic_rename=atomic), retry=retry)
+    return CheckpointStore(Location(fs, path, base_url, local=local), retry=retry)
 
 
 def enospc() -> OSError:

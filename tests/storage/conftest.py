@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from ckpt_helpers import NO_WAIT  # noqa: E402
 
-from tlaunch.storage.checkpoint import CheckpointStore  # noqa: E402
+from tlaunch.storage import CheckpointStore  # noqa: E402
 
 
 @pytest.fixture

@@ -23,9 +23,12 @@ import gcsfs  # noqa: E402, F401  (imported before forking, like torch: the poin
 import safetensors.torch  # noqa: E402, F401
 import torch  # noqa: E402
 
-from tlaunch.storage.checkpoint import CheckpointStore, cpu_snapshot  # noqa: E402
-from tlaunch.storage.retention import RetentionPolicy  # noqa: E402
-from tlaunch.storage.writer import AsyncCheckpointWriter  # noqa: E402
+from tlaunch.storage import (  # noqa: E402
+    AsyncCheckpointWriter,
+    CheckpointStore,
+    RetentionPolicy,
+    cpu_snapshot,
+)
 
 
 def save_forever(url: str) -> None:

@@ -15,14 +15,16 @@ import time
 
 import pytest
 
-from tlaunch.storage import archive as archive_mod
-from tlaunch.storage import archive_fetch, archive_pack, archive_unpack
-from tlaunch.storage.archive import ArchiveError, info, pack, read_manifest, stage
-from tlaunch.storage.archive_format import MANIFEST_NAME, SHARDS_DIR, ustar_header, zstd
-from tlaunch.storage.store import StorageError, resolve
+from tlaunch.storage import ArchiveError, StorageError, fetch, info, pack, read_manifest, resolve
+from tlaunch.storage.archive import compress, sources
+from tlaunch.storage.archive import fetch as fetch_module
+from tlaunch.storage.archive import pack as pack_module
+from tlaunch.storage.archive import unpack as unpack_module
+from tlaunch.storage.archive.format import MANIFEST_NAME, SHARDS_DIR, ustar_header, zstd
+from tlaunch.storage.localfs import AtomicFile
 
 MB = 1 << 20
-REAL_READ_RANGE = archive_fetch.read_range
+REAL_READ_RANGE = fetch_module.read_range
 LONG_NAME = "deep/" + "n" * 120 + ".txt"  # past ustar's 100 bytes: goes through a PAX header
 
 
@@ -86,7 +88,7 @@ def test_round_trip_keeps_bytes_and_modes_on_every_store(any_store_url, tree, ca
     report = pack(tree, url, shard_size=MB, progress=False)
     assert report.shards > 3 and report.shards_written == report.shards
 
-    path = stage(url, cache_dir=cache, progress=False)
+    path = fetch(url, cache_dir=cache, progress=False)
 
     assert snapshot(path) == snapshot(tree)
     assert path == os.path.join(cache, report.id)
@@ -98,7 +100,7 @@ def test_one_shard_with_worker_threads_round_trips(memory_url, tree, cache):
     url = memory_url + "/one.tlar"
     report = pack(tree, url, threads=2, progress=False)  # default 1GB shards: one shard
     assert report.shards == 1
-    assert snapshot(stage(url, cache_dir=cache, threads=2, progress=False)) == snapshot(tree)
+    assert snapshot(fetch(url, cache_dir=cache, threads=2, progress=False)) == snapshot(tree)
 
 
 def test_shards_are_plain_tar_zst(tmp_path, tree, small_frames):
@@ -141,7 +143,7 @@ def test_a_format_1_archive_is_refused_with_what_to_do(tmp_path, tree, cache):
     with open(path, "w") as f:
         json.dump(doc, f)
     with pytest.raises(ArchiveError, match=r"format 'tlaunch-data/1'.*pack it again"):
-        stage(url, cache_dir=cache, progress=False)
+        fetch(url, cache_dir=cache, progress=False)
     assert not os.path.exists(os.path.join(cache, doc["id"]))
 
 
@@ -153,8 +155,8 @@ FRAME = 64 << 10
 @pytest.fixture
 def small_frames(monkeypatch) -> int:
     """Frames of 64 KiB, so the test tree's large files span many of them."""
-    monkeypatch.setattr(archive_pack, "FRAME_SIZE", FRAME)
-    monkeypatch.setattr(archive_pack, "_SMALL", 4096)  # files read whole: < 1/16 of a frame
+    monkeypatch.setattr(compress, "FRAME_SIZE", FRAME)
+    monkeypatch.setattr(compress, "SMALL_FILE", 4096)  # files read whole: < 1/16 of a frame
     return FRAME
 
 
@@ -187,9 +189,9 @@ def test_frames_unpack_in_any_order(tmp_path, tree, cache, small_frames, monkeyp
     # before the one that holds its header, and every file still ends up whole.
     url = str(tmp_path / "framed.tlar")
     pack(tree, url, progress=False)
-    real = archive_unpack.frame_tasks
-    monkeypatch.setattr(archive_unpack, "frame_tasks", lambda shard: real(shard)[::-1])
-    assert snapshot(stage(url, cache_dir=cache, threads=1, progress=False)) == snapshot(tree)
+    real = unpack_module.frame_tasks
+    monkeypatch.setattr(unpack_module, "frame_tasks", lambda shard: real(shard)[::-1])
+    assert snapshot(fetch(url, cache_dir=cache, threads=1, progress=False)) == snapshot(tree)
 
 
 @pytest.mark.parametrize("threads", [1, 4])
@@ -207,7 +209,7 @@ def test_files_at_every_frame_boundary_round_trip(tmp_path, cache, small_frames,
     pack(str(root), url, threads=threads, progress=False)
     frames = read_manifest(url).shards[0].frames
     assert len(frames) > len(sizes) and sum(1 for f in frames if f.offset) > 10
-    assert snapshot(stage(url, cache_dir=cache, threads=threads, progress=False)) == snapshot(
+    assert snapshot(fetch(url, cache_dir=cache, threads=threads, progress=False)) == snapshot(
         str(root)
     )
 
@@ -227,8 +229,8 @@ def test_unpack_progress_counts_every_byte_once(tmp_path, tree, cache, small_fra
     url = str(tmp_path / "framed.tlar")
     pack(tree, url, progress=False)
     bar = RecordingBar()
-    monkeypatch.setattr(archive_fetch._Job, "_bars", lambda self, progress: [bar])
-    stage(url, cache_dir=cache, threads=2, progress=False)
+    monkeypatch.setattr(fetch_module._FetchJob, "_bars", lambda self, progress: [bar])
+    fetch(url, cache_dir=cache, threads=2, progress=False)
     assert sum(bar.updates) == read_manifest(url).total_size
 
 
@@ -236,7 +238,7 @@ def test_empty_folder_round_trips(tmp_path, cache):
     (tmp_path / "src" / "only" / "dirs").mkdir(parents=True)
     url = str(tmp_path / "empty.tlar")
     assert pack(str(tmp_path / "src"), url, progress=False).shards == 0
-    assert snapshot(stage(url, cache_dir=cache, progress=False)) == snapshot(str(tmp_path / "src"))
+    assert snapshot(fetch(url, cache_dir=cache, progress=False)) == snapshot(str(tmp_path / "src"))
 
 
 # -- content addressing ---------------------------------------------------------------------
@@ -245,7 +247,7 @@ def test_empty_folder_round_trips(tmp_path, cache):
 def spy_writes(monkeypatch) -> list[str]:
     """Record every shard and manifest the packer writes, on any store."""
     written: list[str] = []
-    for cls in (archive_pack.LocalSink, archive_pack.StoreSink):
+    for cls in (AtomicFile, pack_module.StoreSink):
         original = cls.__init__
 
         def init(self, *args, _original=original, **kwargs):
@@ -253,9 +255,9 @@ def spy_writes(monkeypatch) -> list[str]:
             _original(self, *args, **kwargs)
 
         monkeypatch.setattr(cls, "__init__", init)
-    original_manifest = archive_mod._write_manifest
+    original_manifest = pack_module._write_manifest
     monkeypatch.setattr(
-        archive_mod,
+        pack_module,
         "_write_manifest",
         lambda loc, m: (written.append(MANIFEST_NAME), original_manifest(loc, m)),
     )
@@ -297,7 +299,7 @@ def test_a_changed_file_rewrites_only_its_shard(memory_url, tree, cache, monkeyp
     keys = {s.name for s in read_manifest(url).shards}
     stored = {os.path.basename(p) for p in listing(url) if f"/{SHARDS_DIR}/" in p}
     assert stored == keys
-    assert snapshot(stage(url, cache_dir=cache, progress=False)) == snapshot(tree)
+    assert snapshot(fetch(url, cache_dir=cache, progress=False)) == snapshot(tree)
 
 
 def test_a_failed_write_leaves_the_previous_archive_whole(any_store_url, tree, cache, monkeypatch):
@@ -306,7 +308,7 @@ def test_a_failed_write_leaves_the_previous_archive_whole(any_store_url, tree, c
     before, packed = listing(url), snapshot(tree)
     with open(os.path.join(tree, "big_text.bin"), "ab") as f:
         f.write(b"one more line\n")
-    sink = archive_pack.LocalSink if "://" not in url else archive_pack.StoreSink
+    sink = AtomicFile if "://" not in url else pack_module.StoreSink
     real_write, writes = sink.write, []
 
     def full_disk_on_the_second_write(self, data):
@@ -322,7 +324,7 @@ def test_a_failed_write_leaves_the_previous_archive_whole(any_store_url, tree, c
 
     assert "\n" not in str(err.value)
     assert listing(url) == before  # no partial shard, no temp file, the old manifest
-    assert snapshot(stage(url, cache_dir=cache, progress=False)) == packed
+    assert snapshot(fetch(url, cache_dir=cache, progress=False)) == packed
 
 
 def test_shard_cuts_depend_on_paths_so_an_insert_moves_few():
@@ -330,8 +332,8 @@ def test_shard_cuts_depend_on_paths_so_an_insert_moves_few():
     sizes = {f"f{i:05d}": rng.randint(1000, 80_000) for i in range(3000)}
 
     def plan(names):
-        files = [archive_pack.Source(n, n, sizes[n], 0o644, 0) for n in names]
-        return {tuple(names[s]) for s in archive_pack.plan_shards(files, MB)}
+        files = [sources.Source(n, n, sizes[n], 0o644, 0) for n in names]
+        return {tuple(names[s]) for s in sources.plan_shards(files, MB)}
 
     names = sorted(sizes)
     before = plan(names)
@@ -348,15 +350,15 @@ def test_second_fetch_reuses_the_cache_without_downloading(
 ):
     url = memory_url + "/ds.tlar"
     pack(tree, url, shard_size=MB, progress=False)
-    first = stage(url, cache_dir=cache, progress=False)
+    first = fetch(url, cache_dir=cache, progress=False)
     loc = resolve(url)
     loc.fs.rm(loc.join(SHARDS_DIR), recursive=True)  # nothing left to download
-    monkeypatch.setattr(archive_fetch, "read_range", pytest.fail)
+    monkeypatch.setattr(fetch_module, "read_range", pytest.fail)
 
-    assert stage(url, cache_dir=cache, progress=False) == first
+    assert fetch(url, cache_dir=cache, progress=False) == first
 
     loc.fs.rm(loc.join(MANIFEST_NAME))  # the store is gone: this machine still has the data
-    assert stage(url, cache_dir=cache, progress=False) == first
+    assert fetch(url, cache_dir=cache, progress=False) == first
     assert "using the copy this machine fetched before" in caplog.text
     assert snapshot(first) == snapshot(tree)
 
@@ -376,7 +378,7 @@ def counting_reads(monkeypatch, fail_after: int | None = None) -> list[tuple[int
         calls.append((start, end))
         return real(fs, path, start, end)
 
-    monkeypatch.setattr(archive_fetch, "read_range", read)
+    monkeypatch.setattr(fetch_module, "read_range", read)
     return calls
 
 
@@ -384,18 +386,18 @@ def test_interrupted_fetch_resumes_with_only_the_rest(memory_url, tree, cache, m
     url = memory_url + "/ds.tlar"
     report = pack(tree, url, progress=False)  # one shard, so one download to cut
     (shard,) = read_manifest(url).shards
-    monkeypatch.setattr(archive_fetch, "DOWNLOAD_CHUNK", 64 * 1024)
+    monkeypatch.setattr(fetch_module, "DOWNLOAD_CHUNK", 64 * 1024)
     counting_reads(monkeypatch, fail_after=5)
 
     with pytest.raises(StorageError, match="run the same command again to resume"):
-        stage(url, cache_dir=cache, progress=False)
+        fetch(url, cache_dir=cache, progress=False)
 
     part = os.path.join(cache, f".{report.id}.shards", shard.name + ".part")
     assert os.path.getsize(part) == 5 * 64 * 1024
     assert not os.path.exists(os.path.join(cache, report.id)) and cache_leftovers(cache) == []
 
     calls = counting_reads(monkeypatch)
-    path = stage(url, cache_dir=cache, progress=False)
+    path = fetch(url, cache_dir=cache, progress=False)
 
     assert calls[0][0] == 5 * 64 * 1024
     assert sum(end - start for start, end in calls) == shard.size - 5 * 64 * 1024
@@ -412,7 +414,7 @@ def test_a_damaged_partial_download_is_fetched_again(memory_url, tree, cache, mo
         f.write(b"not the shard's bytes" * 100)
     calls = counting_reads(monkeypatch)
 
-    path = stage(url, cache_dir=cache, progress=False)
+    path = fetch(url, cache_dir=cache, progress=False)
 
     assert snapshot(path) == snapshot(tree)
     assert calls[-1][1] == shard.size and any(start == 0 for start, _ in calls)
@@ -434,7 +436,7 @@ def test_a_corrupted_shard_is_refused(where, tmp_path, memory_url, tree, cache):
     flip_byte(url, shard.name)
 
     with pytest.raises(ArchiveError, match="does not match its checksum") as err:
-        stage(url, cache_dir=cache, progress=False)
+        fetch(url, cache_dir=cache, progress=False)
 
     assert shard.name in str(err.value) and "\n" not in str(err.value)
     assert "damaged; pack it again" in str(err.value)
@@ -447,7 +449,7 @@ def test_a_missing_shard_is_reported(memory_url, tree, cache):
     loc = resolve(url)
     loc.fs.rm(loc.join(SHARDS_DIR, read_manifest(url).shards[1].name))
     with pytest.raises(ArchiveError, match="is missing; pack the archive again"):
-        stage(url, cache_dir=cache, progress=False)
+        fetch(url, cache_dir=cache, progress=False)
 
 
 def test_the_damaged_shard_is_reported_not_a_shard_it_stopped(tmp_path, tree, cache, monkeypatch):
@@ -458,13 +460,13 @@ def test_the_damaged_shard_is_reported_not_a_shard_it_stopped(tmp_path, tree, ca
     first, damaged = read_manifest(url).shards[:2]
     flip_byte(url, damaged.name)
     stopped = threading.Event()
-    real_unpack, real_hash = archive_fetch.unpack_shard, archive_unpack._hash
+    real_unpack, real_hash = fetch_module.unpack_shard, unpack_module._hash
 
     def unpack(path, shard, files, dest, where, on_bytes, pool, abort, verify=True):
         if shard.name == first.name:
             assert abort.wait(30), "the damaged shard never set the abort flag"
             stopped.set()
-            raise archive_unpack.Aborted
+            raise unpack_module.Aborted
         return real_unpack(path, shard, files, dest, where, on_bytes, pool, abort, verify)
 
     def hash_shard(fd, size):
@@ -472,30 +474,30 @@ def test_the_damaged_shard_is_reported_not_a_shard_it_stopped(tmp_path, tree, ca
             assert stopped.wait(30), "shard 0 did not stop"
         return real_hash(fd, size)
 
-    monkeypatch.setattr(archive_fetch, "unpack_shard", unpack)
-    monkeypatch.setattr(archive_unpack, "_hash", hash_shard)
+    monkeypatch.setattr(fetch_module, "unpack_shard", unpack)
+    monkeypatch.setattr(unpack_module, "_hash", hash_shard)
     with pytest.raises(ArchiveError, match=f"{damaged.name} does not match its checksum"):
-        stage(url, cache_dir=cache, progress=False)
+        fetch(url, cache_dir=cache, progress=False)
 
 
-def test_concurrent_stages_unpack_once(tmp_path, tree, cache, monkeypatch):
+def test_concurrent_fetches_unpack_once(tmp_path, tree, cache, monkeypatch):
     url = str(tmp_path / "ds.tlar")
     pack(tree, url, shard_size=MB, progress=False)
     fills = []
-    real = archive_fetch.populate
+    real = fetch_module._fetch_into_cache
 
-    def slow_populate(*args, **kwargs):
+    def slow_fill(*args, **kwargs):
         fills.append(1)
         time.sleep(0.3)  # long enough that the other caller must wait on the lock
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(archive_fetch, "populate", slow_populate)
+    monkeypatch.setattr(fetch_module, "_fetch_into_cache", slow_fill)
     results: list[str] = []
     errors: list[BaseException] = []
 
     def call() -> None:
         try:
-            results.append(stage(url, cache_dir=cache, progress=False))
+            results.append(fetch(url, cache_dir=cache, progress=False))
         except BaseException as e:  # surfaced by the assert below, not lost in the thread
             errors.append(e)
 
@@ -509,12 +511,12 @@ def test_concurrent_stages_unpack_once(tmp_path, tree, cache, monkeypatch):
 
 
 @pytest.mark.timeout(120)
-def test_concurrent_stages_across_processes(tmp_path, tree, cache):
+def test_concurrent_fetches_across_processes(tmp_path, tree, cache):
     url = str(tmp_path / "ds.tlar")
     pack(tree, url, shard_size=MB, progress=False)
     code = (
-        "import sys; from tlaunch.storage.archive import stage; "
-        "print(stage(sys.argv[1], cache_dir=sys.argv[2], progress=False))"
+        "import sys; from tlaunch.storage import fetch; "
+        "print(fetch(sys.argv[1], cache_dir=sys.argv[2], progress=False))"
     )
     procs = [subprocess.Popen([sys.executable, "-c", code, url, cache], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
@@ -533,16 +535,16 @@ def test_dest_becomes_a_link_to_the_cache(tmp_path, tree, cache):
     pack(tree, url, progress=False)
     dest = str(tmp_path / "work" / "data")
 
-    assert stage(url, dest, cache_dir=cache, progress=False) == dest
+    assert fetch(url, dest, cache_dir=cache, progress=False) == dest
     assert os.path.islink(dest) and os.readlink(dest).startswith(cache)
-    assert stage(url, dest, cache_dir=cache, progress=False) == dest  # again: fine
+    assert fetch(url, dest, cache_dir=cache, progress=False) == dest  # again: fine
     assert snapshot(dest) == snapshot(tree)
 
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "mine.txt").write_text("keep me")
     with pytest.raises(ArchiveError, match="already exists"):
-        stage(url, str(occupied), cache_dir=cache, progress=False)
+        fetch(url, str(occupied), cache_dir=cache, progress=False)
     assert (occupied / "mine.txt").read_text() == "keep me"
 
 
@@ -552,7 +554,7 @@ def test_info_describes_the_archive_and_the_cache(tmp_path, tree, cache):
     before = info(url, cache_dir=cache)
     assert (before.files, before.shards, before.cached) == (report.files, report.shards, None)
     assert before.total_size == report.total_size and before.ratio > 1
-    stage(url, cache_dir=cache, progress=False)
+    fetch(url, cache_dir=cache, progress=False)
     assert info(url, cache_dir=cache).cached == os.path.join(cache, report.id)
 
 
@@ -563,7 +565,7 @@ def test_symlinked_files_are_stored_as_files(tmp_path, cache):
     (src / "link.txt").symlink_to(tmp_path / "outside.txt")
     url = str(tmp_path / "ds.tlar")
     pack(str(src), url, progress=False)
-    out = stage(url, cache_dir=cache, progress=False)
+    out = fetch(url, cache_dir=cache, progress=False)
     assert not os.path.islink(os.path.join(out, "link.txt"))
     with open(os.path.join(out, "link.txt")) as f:
         assert f.read() == "real bytes"
@@ -602,7 +604,7 @@ def test_a_file_changing_while_packing_is_refused(
     # local: one pass, the file changes after it was listed; memory: two passes (the object
     # name is needed before the upload), the file changes after it was hashed.
     url = (str(tmp_path / "store") if store == "local" else memory_url) + "/ds.tlar"
-    real = getattr(archive_pack, step)
+    real = getattr(sources, step)
 
     def then_touch(*args):
         result = real(*args)
@@ -610,7 +612,7 @@ def test_a_file_changing_while_packing_is_refused(
             f.write(b"late write")
         return result
 
-    monkeypatch.setattr(archive_pack, step, then_touch)
+    monkeypatch.setattr(sources, step, then_touch)
     with pytest.raises(ArchiveError, match="changed while packing"):
         pack(tree, url, progress=False)
     assert not resolve(url).fs.exists(resolve(url).join(MANIFEST_NAME))
@@ -634,7 +636,7 @@ def test_ustar_headers_match_tarfile():
 
 def test_manifest_json_round_trips_awkward_names():
     # The manifest writes file rows itself; names json must escape come back unchanged.
-    from tlaunch.storage.archive_format import (
+    from tlaunch.storage.archive.format import (
         FileEntry,
         Frame,
         Manifest,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tlaunch.storage.archive import read_manifest
-from tlaunch.storage.archive_cli import main, parse_size
-from tlaunch.storage.archive_format import MANIFEST_NAME, SHARDS_DIR
+from tlaunch.storage import read_manifest
+from tlaunch.storage.archive.cli import main, parse_size
+from tlaunch.storage.archive.format import MANIFEST_NAME, SHARDS_DIR
 
 
 @pytest.fixture

@@ -13,9 +13,9 @@ import tarfile
 
 import pytest
 
-from tlaunch.storage import archive_unpack
-from tlaunch.storage.archive import ArchiveError, stage
-from tlaunch.storage.archive_format import (
+from tlaunch.storage import ArchiveError, fetch
+from tlaunch.storage.archive import unpack as unpack_module
+from tlaunch.storage.archive.format import (
     DIGEST,
     FORMAT,
     MANIFEST_NAME,
@@ -66,7 +66,7 @@ def write_archive(url: str, members: list[tuple], listed: list[FileEntry] | None
 
 def assert_refused(url: str, cache: str, archive_id: str, *fragments: str) -> str:
     with pytest.raises(ArchiveError) as err:
-        stage(url, cache_dir=cache, progress=False)
+        fetch(url, cache_dir=cache, progress=False)
     message = str(err.value)
     assert "\n" not in message
     for fragment in fragments:
@@ -123,7 +123,7 @@ def test_hostile_member_is_refused_and_nothing_is_written(case, places):
 def test_tarfile_data_filter_stands_behind_our_checks(places, monkeypatch):
     # With our own member checks switched off, tarfile's "data" filter still refuses.
     url, cache, outside = places
-    monkeypatch.setattr(archive_unpack, "member_refusal", lambda member, expected: None)
+    monkeypatch.setattr(unpack_module, "member_refusal", lambda member, expected: None)
     archive_id = write_archive(url, [member("../outside", data=b"x")])
     assert_refused(url, cache, archive_id, "'../outside'", "refused by tarfile's data filter")
     assert not os.path.lexists(outside)
@@ -237,7 +237,7 @@ def test_a_framed_archive_from_another_writer_unpacks(places):
                member("b.txt", data=b"defg", mtime=1_700_000_001)]  # fmt: skip
     listed = listed_for(("a.txt", 3), ("b.txt", 4))
     archive_id = write_framed(url, members, listed, cuts=["b.txt"], starts=[[0, 0], [1, 0]])
-    path = stage(url, cache_dir=cache, progress=False)
+    path = fetch(url, cache_dir=cache, progress=False)
     assert path.endswith(archive_id)
     assert open(os.path.join(path, "a.txt"), "rb").read() == b"abc"
     assert open(os.path.join(path, "b.txt"), "rb").read() == b"defg"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from ckpt_helpers import flip_byte, make_state, remove, rewrite
 
-from tlaunch.storage.checkpoint import CheckpointStore, CheckpointWarning
-from tlaunch.storage.checkpoint_cli import main
-from tlaunch.storage.manifest import COMMIT
+from tlaunch.storage import CheckpointStore, CheckpointWarning
+from tlaunch.storage import ckpt_main as main
+from tlaunch.storage.checkpoint.manifest import COMMIT
 
 
 @pytest.fixture

@@ -14,13 +14,8 @@ import pytest
 import torch
 from ckpt_helpers import NO_WAIT, file_path, flip_byte, make_state, remove, rewrite, truncate
 
-from tlaunch.storage.checkpoint import (
-    CheckpointError,
-    CheckpointStore,
-    CheckpointWarning,
-    CorruptCheckpointError,
-)
-from tlaunch.storage.manifest import (
+from tlaunch.storage import CheckpointError, CheckpointStore, CheckpointWarning, RetentionPolicy
+from tlaunch.storage.checkpoint.manifest import (
     COMMIT,
     MANIFEST,
     build_manifest,
@@ -28,7 +23,8 @@ from tlaunch.storage.manifest import (
     encode_json,
     sha256,
 )
-from tlaunch.storage.retention import RetentionPolicy
+from tlaunch.storage.checkpoint.store import CorruptCheckpointError
+from tlaunch.storage.store import DRIVE_ROOT_ENV
 
 
 def _assert_same(loaded, saved: dict) -> None:
@@ -283,7 +279,7 @@ class _OnDriveMount:
 
     @pytest.fixture
     def store(self, tmp_path, monkeypatch):
-        monkeypatch.setenv("TLAUNCH_DRIVE_ROOT", str(tmp_path / "MyDrive"))
+        monkeypatch.setenv(DRIVE_ROOT_ENV, str(tmp_path / "MyDrive"))
         (tmp_path / "MyDrive").mkdir()
         store = CheckpointStore("drive://runs/exp1", retry=NO_WAIT)
         assert not store.location.atomic_rename

@@ -9,8 +9,8 @@ import pytest
 import torch
 from ckpt_helpers import faulty_store, flip_byte, make_state, rewrite
 
-from tlaunch.storage.checkpoint import CheckpointError, CheckpointStore, CheckpointWarning
-from tlaunch.storage.manifest import COMMIT
+from tlaunch.storage import CheckpointError, CheckpointStore, CheckpointWarning
+from tlaunch.storage.checkpoint.manifest import COMMIT
 
 
 @pytest.fixture

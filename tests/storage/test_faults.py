@@ -8,7 +8,7 @@ import os
 import pytest
 from ckpt_helpers import NO_WAIT, enospc, faulty_store, make_state
 
-from tlaunch.storage.checkpoint import CheckpointStore
+from tlaunch.storage import CheckpointStore
 from tlaunch.storage.store import RetryPolicy, StorageError, is_transient, storage_error
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tlaunch.storage.checkpoint import CheckpointStore, CheckpointWarning
+from tlaunch.storage import CheckpointStore, CheckpointWarning
 
 KILL_SAVER = Path(__file__).with_name("kill_saver.py")
 TRIALS = {"local": 30, "gcs": 15}

@@ -7,8 +7,7 @@ import shutil
 
 import pytest
 
-from tlaunch.storage.mirror import FolderMirror
-from tlaunch.storage.store import resolve
+from tlaunch.storage import FolderMirror, resolve
 
 
 def remote_files(url: str) -> dict[str, bytes]:

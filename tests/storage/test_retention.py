@@ -6,8 +6,7 @@ import math
 
 import pytest
 
-from tlaunch.storage.checkpoint import CheckpointInfo
-from tlaunch.storage.retention import KeepBest, KeepEvery, KeepLast, RetentionPolicy
+from tlaunch.storage import CheckpointInfo, KeepBest, KeepEvery, KeepLast, RetentionPolicy
 
 
 def infos(*steps: int, losses: dict[int, float] | None = None) -> list[CheckpointInfo]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tlaunch.storage.store import StorageError, redact, resolve
+from tlaunch.storage import StorageError, is_remote, redact, resolve
+from tlaunch.storage.store import DRIVE_ROOT_ENV
 
 
 def test_round_trip_bytes_on_every_backend(any_store_url):
@@ -22,10 +23,22 @@ def test_local_paths_commit_by_rename_and_object_stores_do_not(tmp_path, memory_
 
 
 def test_drive_url_maps_onto_the_mount_without_rename(tmp_path, monkeypatch):
-    monkeypatch.setenv("TLAUNCH_DRIVE_ROOT", str(tmp_path))
+    monkeypatch.setenv(DRIVE_ROOT_ENV, str(tmp_path))
     loc = resolve("drive://runs/exp1")
     assert loc.path == str(tmp_path / "runs" / "exp1")
     assert not loc.atomic_rename
+
+
+def test_locality_is_one_predicate(tmp_path, memory_url, monkeypatch):
+    for url in (str(tmp_path), "relative/dir", f"file://{tmp_path}"):
+        assert not is_remote(url) and resolve(url).local
+    for url in (memory_url, "gs://bucket/x", "s3://bucket/x", "drive://runs"):
+        assert is_remote(url)
+    assert not resolve(memory_url).local
+    # The Drive mount is local (os calls work) but named by a remote URL: no atomic rename.
+    monkeypatch.setenv(DRIVE_ROOT_ENV, str(tmp_path))
+    mounted = resolve("drive://runs")
+    assert mounted.local and not mounted.atomic_rename
 
 
 def test_missing_backend_names_the_pip_command(monkeypatch):

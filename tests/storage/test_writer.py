@@ -12,10 +12,14 @@ import pytest
 import torch
 from ckpt_helpers import make_state
 
-from tlaunch.storage.checkpoint import CheckpointInfo, CheckpointStore, cpu_snapshot
-from tlaunch.storage.retention import RetentionPolicy
-from tlaunch.storage.store import StorageError
-from tlaunch.storage.writer import AsyncCheckpointWriter
+from tlaunch.storage import (
+    AsyncCheckpointWriter,
+    CheckpointInfo,
+    CheckpointStore,
+    RetentionPolicy,
+    StorageError,
+    cpu_snapshot,
+)
 
 
 class GatedStore:
@@ -155,8 +159,7 @@ def test_a_save_in_flight_at_exit_still_commits(tmp_path):
     script = textwrap.dedent(
         f"""
         import time
-        from tlaunch.storage.checkpoint import CheckpointStore
-        from tlaunch.storage.writer import AsyncCheckpointWriter
+        from tlaunch.storage import AsyncCheckpointWriter, CheckpointStore
 
         class Slow(CheckpointStore):
             def save(self, step, **kw):

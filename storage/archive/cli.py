@@ -18,7 +18,8 @@ import argparse
 import re
 import sys
 
-from tlaunch.storage.archive_format import DEFAULT_LEVEL, DEFAULT_SHARD_SIZE, zstd
+from tlaunch.storage.archive.fetch import CACHE_DIR_ENV, fetch, info
+from tlaunch.storage.archive.format import DEFAULT_LEVEL, DEFAULT_SHARD_SIZE, zstd
 from tlaunch.storage.store import StorageError, redact
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
@@ -90,12 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     for cmd in (f, ls):
         cmd.add_argument("--cache-dir", default=None, metavar="DIR",
-                         help="the data cache (default: $TLAUNCH_CACHE_DIR or ~/.cache/tlaunch/data)")  # fmt: skip
+                         help=f"the data cache (default: ${CACHE_DIR_ENV} or ~/.cache/tlaunch/data)")  # fmt: skip
     return parser
 
 
 def _pack(args: argparse.Namespace) -> int:
-    from tlaunch.storage.archive import pack
+    from tlaunch.storage.archive.pack import pack
 
     r = pack(args.dir, args.url, shard_size=args.shard_size, level=args.level,
              threads=args.threads, progress=not args.quiet)  # fmt: skip
@@ -110,16 +111,12 @@ def _pack(args: argparse.Namespace) -> int:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from tlaunch.storage.archive import stage
-
-    print(stage(args.url, args.dir, cache_dir=args.cache_dir, threads=args.threads,
+    print(fetch(args.url, args.dir, cache_dir=args.cache_dir, threads=args.threads,
                 progress=not args.quiet))  # fmt: skip
     return 0
 
 
 def _ls(args: argparse.Namespace) -> int:
-    from tlaunch.storage.archive import info
-
     i = info(args.url, cache_dir=args.cache_dir)
     print(f"archive     {i.url}")
     print(f"id          {i.id}")

@@ -1,4 +1,4 @@
-"""The data-archive format: manifest, content ids, tar headers, and the zstd binding.
+"""The data-archive format: manifest, content ids, tar headers, the zstd binding, options.
 
 An archive at ``URL`` is::
 
@@ -33,7 +33,7 @@ again.
 Frames
 ------
 A shard's tar stream is cut into independent zstd frames of up to ``FRAME_SIZE``
-uncompressed bytes, smaller at both ends of a shard (``archive_pack.frame_cap``), like
+uncompressed bytes, smaller at both ends of a shard (``compress.frame_cap``), like
 ``pzstd``'s output: concatenated frames are one valid zstd stream to every other tool, and
 tlaunch compresses and unpacks them in parallel. Cuts fall between members, and inside the
 data of a file larger than a frame at multiples of ``BLOCK``, never inside a header. The
@@ -59,6 +59,7 @@ caller's buffer; small output blocks recycled by malloc stand in for it.
 from __future__ import annotations
 
 import json
+import os
 import re
 import stat
 from dataclasses import dataclass
@@ -91,6 +92,26 @@ DIGEST = "blake3"  # the manifest's key for a file's or shard's digest
 
 class ArchiveError(StorageError):
     """An archive was refused or is damaged; the message names what and what to do."""
+
+
+def default_threads() -> int:
+    """The cores this process may run on: how many threads pack and fetch use by default."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def check_options(shard_size: int, level: int, threads: int | None) -> None:
+    """Raise ValueError (a usage error) for options no archive can be made with."""
+    low, high = zstd.CompressionParameter.compression_level.bounds()
+    if not low <= level <= high:
+        raise ValueError(
+            f"zstd level {level} is out of range; use {low}..{high} (default {DEFAULT_LEVEL})"
+        )
+    if shard_size < 10**6:
+        raise ValueError(
+            f"shard size {shard_size} bytes is too small; use at least 1MB (default 1GB)"
+        )
+    if threads is not None and not 1 <= threads <= 256:
+        raise ValueError(f"--threads {threads} is out of range; use 1..256")
 
 
 @dataclass(frozen=True, slots=True)

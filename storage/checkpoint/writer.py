@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 from tlaunch.storage.store import one_line
 
 if TYPE_CHECKING:
-    from tlaunch.storage.checkpoint import CheckpointInfo, CheckpointStore
-    from tlaunch.storage.retention import RetentionPolicy
+    from tlaunch.storage.checkpoint.retention import RetentionPolicy
+    from tlaunch.storage.checkpoint.store import CheckpointInfo, CheckpointStore
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,9 @@
 """Checkpoints at a URL: save, discover, verify, load, quarantine, delete.
 
-The layout and records are in :mod:`tlaunch.storage.manifest`, the commit protocol per backend
-in :mod:`tlaunch.storage.commit`. The store is single-writer: in a distributed job rank 0 gathers
-every rank's RNG state and alone calls :meth:`CheckpointStore.save`.
+The layout and records are in :mod:`tlaunch.storage.checkpoint.manifest`, the commit protocol
+per backend in :mod:`tlaunch.storage.checkpoint.commit`. The store is single-writer: in a
+distributed job rank 0 gathers every rank's RNG state and alone calls
+:meth:`CheckpointStore.save`.
 
 "Latest" is the highest step with a COMMIT whose MANIFEST verifies. Discovery checks sizes
 against one directory listing (cheap); loading checks every byte against its sha256. A step that
@@ -20,10 +21,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tlaunch.storage import serialize
-from tlaunch.storage.commit import build_commit_protocol
-from tlaunch.storage.discovery import StepDir, scan
-from tlaunch.storage.manifest import (
+from tlaunch.storage.checkpoint import serialize
+from tlaunch.storage.checkpoint.commit import build_commit_protocol
+from tlaunch.storage.checkpoint.discovery import StepDir, scan
+from tlaunch.storage.checkpoint.manifest import (
     COMMIT,
     MANIFEST,
     QUARANTINED,
@@ -47,7 +48,6 @@ from tlaunch.storage.store import (
     resolve,
     storage_error,
 )
-from tlaunch.storage.writer import cpu_snapshot
 
 __all__ = [
     "CheckpointError",
@@ -56,7 +56,6 @@ __all__ = [
     "CheckpointWarning",
     "CorruptCheckpointError",
     "LoadedCheckpoint",
-    "cpu_snapshot",
 ]
 
 _MAX_STEP = 10**9 - 1

@@ -1,4 +1,18 @@
-"""Staging an archive on this machine: a cache keyed by archive id, filled once, then reused.
+"""Fetching an archive onto this machine: a cache keyed by archive id, filled once, then reused.
+
+::
+
+    from tlaunch.storage import fetch, info
+
+    path = fetch("gs://bucket/data/coco.tlar")                  # ~/.cache/tlaunch/data/<id>
+    path = fetch("gs://bucket/data/coco.tlar", "/content/coco")  # a link to that
+    info("gs://bucket/data/coco.tlar").files
+
+``fetch`` downloads shards in parallel with ranged reads (an interrupted download resumes
+where it stopped), verifies every shard's digest, unpacks into a temp directory beside the
+cache entry and renames it into place; the next ``fetch`` of the same content on this machine
+returns at once. Unpacking refuses anything but the regular files the manifest lists: see
+:mod:`tlaunch.storage.archive.unpack`.
 
 Cache layout (``$TLAUNCH_CACHE_DIR`` or ``~/.cache/tlaunch/data``)::
 
@@ -28,22 +42,30 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from typing import Any
 
-from tlaunch.storage.archive_format import (
+from tlaunch.storage.archive.format import (
+    DEFAULT_LEVEL,
+    DEFAULT_SHARD_SIZE,
     MANIFEST_NAME,
     SHARDS_DIR,
     ArchiveError,
     Manifest,
     ShardEntry,
+    check_options,
+    default_threads,
     hasher,
     parse_manifest,
 )
-from tlaunch.storage.archive_unpack import Aborted, ShardCorrupt, unpack_shard
-from tlaunch.storage.store import Location, StorageError, redact
+from tlaunch.storage.archive.unpack import Aborted, ShardCorrupt, unpack_shard
+from tlaunch.storage.localfs import temp_path, write_atomic
+from tlaunch.storage.store import Location, StorageError, redact, resolve
 
 log = logging.getLogger(__name__)
 
+#: The cache's location when ``cache_dir`` is not given (launch/contract.py lists it too).
+CACHE_DIR_ENV = "TLAUNCH_CACHE_DIR"
 DOWNLOAD_CHUNK = 8 << 20  # one ranged read; also how much an interruption can lose
 _DOWNLOADERS = 8  # parallel shard downloads: enough to fill a VM's link from GCS or S3
 
@@ -56,8 +78,79 @@ class ManifestMissing(ManifestUnavailable):
     """The store answered: there is no archive at that URL."""
 
 
+@dataclass(frozen=True, slots=True)
+class ArchiveInfo:
+    """What :func:`info` (``tlaunch data ls``) reports about an archive."""
+
+    url: str
+    id: str
+    files: int
+    total_size: int
+    shards: int
+    compressed_size: int
+    level: int
+    cached: str | None  # the unpacked copy on this machine, if any
+
+    @property
+    def ratio(self) -> float:
+        return self.total_size / self.compressed_size if self.compressed_size else 1.0
+
+
+def fetch(
+    url: str,
+    dest: str | None = None,
+    *,
+    cache_dir: str | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+) -> str:
+    """Make the archive at ``url`` available locally; return the directory that holds it.
+
+    The data is unpacked once per machine into ``cache_dir/<archive id>`` (default
+    ``$TLAUNCH_CACHE_DIR`` or ``~/.cache/tlaunch/data``). With ``dest``, ``dest`` becomes a
+    symlink to it and is returned. Concurrent calls for the same archive are safe: one
+    fills the cache under a file lock, the others wait and reuse it. When the store cannot
+    be read but this machine already holds the URL's last-fetched data, that is used with a
+    warning, so a restart on the same machine does not depend on the network.
+    """
+    check_options(DEFAULT_SHARD_SIZE, DEFAULT_LEVEL, threads)
+    cache = cache_root(cache_dir)
+    os.makedirs(cache, exist_ok=True)
+    loc = resolve(url)
+    try:
+        manifest = read_manifest_at(loc)
+    except ManifestUnavailable as e:
+        cached = cached_copy(cache, url)
+        if cached is None:
+            raise
+        log.warning(
+            "tlaunch: warning: %s; using the copy this machine fetched before: %s", e, cached
+        )
+        return link(dest, cached, cache) if dest else cached
+    final = os.path.join(cache, manifest.id)
+    if not os.path.isdir(final):
+        with locked(final + ".lock"):
+            if not os.path.isdir(final):  # another process may have filled it while we waited
+                _fetch_into_cache(loc, manifest, cache, threads or default_threads(), progress)
+    remember(cache, url, manifest.id)
+    return link(dest, final, cache) if dest else final
+
+
+def info(url: str, *, cache_dir: str | None = None) -> ArchiveInfo:
+    """Describe the archive at ``url`` and whether this machine has it unpacked."""
+    m = read_manifest(url)
+    cached = os.path.join(cache_root(cache_dir), m.id)
+    return ArchiveInfo(redact(url), m.id, len(m.files), m.total_size, len(m.shards),
+                       m.compressed_size, m.level, cached if os.path.isdir(cached) else None)  # fmt: skip
+
+
+def read_manifest(url: str) -> Manifest:
+    """The manifest of the archive at ``url``."""
+    return read_manifest_at(resolve(url))
+
+
 def default_cache_dir() -> str:
-    return os.environ.get("TLAUNCH_CACHE_DIR") or os.path.join("~", ".cache", "tlaunch", "data")
+    return os.environ.get(CACHE_DIR_ENV) or os.path.join("~", ".cache", "tlaunch", "data")
 
 
 def cache_root(cache_dir: str | None) -> str:
@@ -68,13 +161,7 @@ def one_line(e: BaseException) -> str:
     return redact(" ".join(f"{type(e).__name__}: {e}".split()))
 
 
-def is_local(fs: Any) -> bool:
-    from fsspec.implementations.local import LocalFileSystem
-
-    return isinstance(fs, LocalFileSystem)
-
-
-def read_manifest(loc: Location) -> Manifest:
+def read_manifest_at(loc: Location) -> Manifest:
     """The manifest at ``loc``; :class:`ManifestUnavailable` when the store has none."""
     where = redact(loc.url)
     try:
@@ -110,10 +197,7 @@ def locked(path: str) -> Iterator[None]:
 def remember(cache: str, url: str, archive_id: str) -> None:
     path = _pointer(cache, url)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"  # unique per thread too
-    with open(tmp, "w") as f:
-        json.dump({"url": redact(url), "id": archive_id}, f)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({"url": redact(url), "id": archive_id}).encode())
 
 
 def cached_copy(cache: str, url: str) -> str | None:
@@ -131,7 +215,9 @@ def _pointer(cache: str, url: str) -> str:
     return os.path.join(cache, "urls", hashlib.sha256(url.encode()).hexdigest()[:32] + ".json")
 
 
-def populate(loc: Location, manifest: Manifest, cache: str, threads: int, progress: bool) -> str:
+def _fetch_into_cache(
+    loc: Location, manifest: Manifest, cache: str, threads: int, progress: bool
+) -> str:
     """Download, verify and unpack ``manifest`` into ``cache/<id>``; call it under the lock."""
     final = os.path.join(cache, manifest.id)
     tmp = os.path.join(cache, f".{manifest.id}.unpack-{os.getpid()}")
@@ -141,7 +227,7 @@ def populate(loc: Location, manifest: Manifest, cache: str, threads: int, progre
     try:
         for d in manifest.dirs:
             os.makedirs(os.path.join(tmp, d), exist_ok=True)
-        _Job(loc, manifest, tmp, downloads, threads, progress).run()
+        _FetchJob(loc, manifest, tmp, downloads, threads, progress).run()
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -158,7 +244,7 @@ def _remove_stale_unpacks(cache: str, archive_id: str) -> None:
             shutil.rmtree(os.path.join(cache, name), ignore_errors=True)
 
 
-class _Job:
+class _FetchJob:
     """One fill of the cache: parallel downloads feeding parallel unpacks, two progress bars."""
 
     def __init__(
@@ -167,7 +253,7 @@ class _Job:
     ) -> None:  # fmt: skip
         self.loc, self.manifest, self.tmp, self.downloads = loc, manifest, tmp, downloads
         self.threads = threads
-        self.local = is_local(loc.fs)
+        self.local = loc.local
         self.where = redact(loc.url)
         self.abort = threading.Event()
         self.lock = threading.Lock()
@@ -343,7 +429,7 @@ def link(dest: str, target: str, cache: str) -> str:
             "unpacked data) or remove it"
         )
     os.makedirs(os.path.dirname(dest), exist_ok=True)
-    tmp = f"{dest}.tlaunch-tmp-{os.getpid()}-{threading.get_ident()}"
+    tmp = temp_path(dest)
     os.symlink(target, tmp)
     os.replace(tmp, dest)
     return dest

@@ -3,8 +3,9 @@
 A reader must never take a half-written step for a whole one, whatever moment the writer dies.
 
 * **Local POSIX disks** (:class:`RenameCommit`): every file goes into a hidden
-  ``.tmp-step-NNNNNNNNN-<random>`` directory beside the final one and is fsynced, the directory
-  is fsynced, then ``os.rename`` moves it to ``step-NNNNNNNNN`` and the parent is fsynced. rename
+  ``.tmp-step-NNNNNNNNN-<random>`` directory beside the final one and is fsynced (written by
+  :func:`tlaunch.storage.localfs.write_atomic`, like every local file), the directory is
+  fsynced, then ``os.rename`` moves it to ``step-NNNNNNNNN`` and the parent is fsynced. rename
   is atomic on POSIX, so the step appears complete or not at all, and the fsyncs make that
   survive a power cut, not only a killed process. COMMIT is still written (inside the temp
   directory) so that discovery reads the same record on every backend.
@@ -25,7 +26,8 @@ import os
 import secrets
 from typing import Any
 
-from tlaunch.storage.manifest import COMMIT, TMP_PREFIX, step_dir
+from tlaunch.storage.checkpoint.manifest import COMMIT, TMP_PREFIX, step_dir
+from tlaunch.storage.localfs import fsync_dir, write_atomic
 from tlaunch.storage.store import Location, RetryPolicy
 
 
@@ -72,14 +74,6 @@ class CommitProtocol:
         self.retry.call(self.fs.rm, path, recursive=True, action="deleting", where=path)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class RenameCommit(CommitProtocol):
     """Local POSIX: temp directory, fsync, atomic rename, fsync the parent."""
 
@@ -90,29 +84,23 @@ class RenameCommit(CommitProtocol):
         return staging
 
     def write(self, path: str, data: bytes) -> None:
-        self.retry.call(self._write_durably, path, data, action="writing", where=path)
-
-    def _write_durably(self, path: str, data: bytes) -> None:
         # Through fs.open, not open(): the one seam where tests inject a full or read-only disk.
-        with self.fs.open(path, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        self.retry.call(write_atomic, path, data, opener=self.fs.open, action="writing", where=path)
 
     def commit(self, staging: str, step: int, record: bytes) -> None:
         self.write(f"{staging}/{COMMIT}", record)
-        _fsync_dir(staging)
+        fsync_dir(staging)
         final = self.final_path(step)
         if os.path.lexists(final):
             # A killed save's leftovers or a quarantined step (the caller refuses sound committed
             # ones): rename cannot replace a non-empty directory. COMMIT goes first, as always.
             self.abort(final)
         os.rename(staging, final)
-        _fsync_dir(self.location.path)
+        fsync_dir(self.location.path)
 
     def uncommit(self, path: str) -> None:
         os.unlink(f"{path}/{COMMIT}")
-        _fsync_dir(path)
+        fsync_dir(path)
 
 
 class MarkerCommit(CommitProtocol):

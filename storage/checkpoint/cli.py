@@ -110,7 +110,7 @@ def main(argv: list[str]) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse exits 2 on usage errors and 0 for --help
         return int(e.code or 0)
-    from tlaunch.storage.checkpoint import CheckpointStore  # keeps `tlaunch --help` light
+    from tlaunch.storage.checkpoint.store import CheckpointStore  # keeps `tlaunch --help` light
 
     try:
         store = CheckpointStore(args.url)

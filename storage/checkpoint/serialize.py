@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from tlaunch.storage.manifest import (
+from tlaunch.storage.checkpoint.manifest import (
     RNG_PREFIX,
     STATE,
     CheckpointError,

@@ -9,7 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tlaunch.storage.manifest import COMMIT, QUARANTINED, TMP_PREFIX, parse_record, parse_step_dir
+from tlaunch.storage.checkpoint.manifest import (
+    COMMIT,
+    QUARANTINED,
+    TMP_PREFIX,
+    parse_record,
+    parse_step_dir,
+)
 from tlaunch.storage.store import Location, RetryPolicy
 
 

@@ -1,25 +1,28 @@
-"""Data archives: pack a dataset folder to a URL once, stage it on every machine that trains.
+"""Packing a dataset folder into an archive at a URL, uploading only what the store lacks.
 
 ::
 
-    from tlaunch.storage.archive import pack, stage, info
+    from tlaunch.storage import pack
 
     pack("data/coco", "gs://bucket/data/coco.tlar")          # zstd tar shards + MANIFEST.json
-    path = stage("gs://bucket/data/coco.tlar")                # ~/.cache/tlaunch/data/<id>
-    path = stage("gs://bucket/data/coco.tlar", "/content/coco")   # a link to that
-    info("gs://bucket/data/coco.tlar").files
 
 ``pack`` is content-addressed: shards are named by what they hold, so packing an unchanged
 folder again compresses and uploads nothing, and a changed folder uploads only the shards
-its changes touch. ``stage`` downloads shards in parallel with ranged reads (an interrupted
-download resumes where it stopped), verifies every shard's digest, unpacks into a temp
-directory beside the cache entry and renames it into place; the next ``stage`` of the same
-content on this machine returns at once. Unpacking refuses anything but the regular files
-the manifest lists: see :mod:`tlaunch.storage.archive_unpack`.
+its changes touch.
 
-The format is described in :mod:`tlaunch.storage.archive_format`, the cache in
-:mod:`tlaunch.storage.archive_fetch`. Storage goes through :func:`tlaunch.storage.store.resolve`,
-so every URL it knows works here: paths, ``gs://``, ``s3://``, ``drive://``, ``memory://``.
+A shard is named by a hash of its files' contents. A shard that may already be in the
+store (the previous manifest has a shard of the same paths, sizes and modes) is hashed
+first and compressed only if its content changed: packing an unchanged folder reads it
+once and writes nothing. Any other shard is hashed while it is compressed, in one pass,
+when the store lets it be named afterwards (a rename, on local disks and the Drive mount).
+Object stores need the name before the upload starts, so there the hash pass comes first
+and the second read is served by the page cache (a shard is about --shard-size, 1 GB
+by default).
+
+The folder is listed and planned by :mod:`tlaunch.storage.archive.sources`, each shard
+compressed by :mod:`tlaunch.storage.archive.compress`; what is written locally goes through
+:class:`tlaunch.storage.localfs.AtomicFile`, so a crash never leaves a truncated shard or
+manifest under its real name.
 """
 
 from __future__ import annotations
@@ -28,13 +31,15 @@ import dataclasses
 import logging
 import os
 import posixpath
+import queue
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any
 
-from tlaunch.storage import archive_fetch as _fetch
-from tlaunch.storage import archive_pack as _pack
-from tlaunch.storage.archive_format import (
+from tlaunch.storage.archive import compress, sources
+from tlaunch.storage.archive.fetch import ManifestMissing, one_line, read_manifest_at
+from tlaunch.storage.archive.format import (
     DEFAULT_LEVEL,
     DEFAULT_SHARD_SIZE,
     MANIFEST_NAME,
@@ -44,24 +49,13 @@ from tlaunch.storage.archive_format import (
     FileEntry,
     Manifest,
     ShardEntry,
+    check_options,
     content_id,
+    default_threads,
     shard_key,
-    zstd,
 )
+from tlaunch.storage.localfs import AtomicFile, write_atomic
 from tlaunch.storage.store import Location, StorageError, redact, resolve
-
-__all__ = [
-    "DEFAULT_LEVEL",
-    "DEFAULT_SHARD_SIZE",
-    "ArchiveError",
-    "ArchiveInfo",
-    "Manifest",
-    "PackReport",
-    "info",
-    "pack",
-    "read_manifest",
-    "stage",
-]
 
 log = logging.getLogger(__name__)
 
@@ -84,48 +78,6 @@ class PackReport:
         return not self.shards_written and not self.manifest_written
 
 
-@dataclass(frozen=True, slots=True)
-class ArchiveInfo:
-    """What :func:`info` (``tlaunch data ls``) reports about an archive."""
-
-    url: str
-    id: str
-    files: int
-    total_size: int
-    shards: int
-    compressed_size: int
-    level: int
-    cached: str | None  # the unpacked copy on this machine, if any
-
-    @property
-    def ratio(self) -> float:
-        return self.total_size / self.compressed_size if self.compressed_size else 1.0
-
-
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def check_options(shard_size: int, level: int, threads: int | None) -> None:
-    """Raise ValueError (a usage error) for options no archive can be made with."""
-    low, high = zstd.CompressionParameter.compression_level.bounds()
-    if not low <= level <= high:
-        raise ValueError(
-            f"zstd level {level} is out of range; use {low}..{high} (default {DEFAULT_LEVEL})"
-        )
-    if shard_size < 10**6:
-        raise ValueError(
-            f"shard size {shard_size} bytes is too small; use at least 1MB (default 1GB)"
-        )
-    if threads is not None and not 1 <= threads <= 256:
-        raise ValueError(f"--threads {threads} is out of range; use 1..256")
-
-
-def read_manifest(url: str) -> Manifest:
-    """The manifest of the archive at ``url``."""
-    return _fetch.read_manifest(resolve(url))
-
-
 def pack(
     src: str,
     url: str,
@@ -139,16 +91,16 @@ def pack(
     check_options(shard_size, level, threads)
     loc = resolve(url)
     _check_destination(src, loc)
-    dirs, sources = _pack.scan(src)
+    dirs, listed = sources.scan(src)
     previous = _previous_manifest(loc)
     job = _PackJob(loc, level, threads or default_threads(), previous)
     files: list[FileEntry] = []
     shards: list[ShardEntry] = []
-    with _progress_bar(sum(s.size for s in sources), "pack", progress) as bar:
-        plan = _pack.plan_shards(sources, shard_size)
+    with _progress_bar(sum(s.size for s in listed), "pack", progress) as bar:
+        plan = sources.plan_shards(listed, shard_size)
         for n, part in enumerate(plan, 1):
             bar.set_postfix_str(f"shard {n}/{len(plan)}", refresh=False)
-            entries, shard = job.pack_shard(sources[part], len(files), bar.update)
+            entries, shard = job.pack_shard(listed[part], len(files), bar.update)
             files.extend(entries)
             shards.append(shard)
     manifest = Manifest(content_id(dirs, files), level, tuple(dirs), tuple(files), tuple(shards))
@@ -166,7 +118,7 @@ class _PackJob:
     def __init__(self, loc: Location, level: int, threads: int, previous: Manifest | None) -> None:
         self.loc, self.level, self.threads = loc, level, threads
         self.reusable = _reusable_shards(loc, previous)
-        self.local = _fetch.is_local(loc.fs)
+        self.local = loc.local
         # (path, size, mode) of each reusable shard's files: a shard planned with the same
         # files is hashed first, to find out whether it can be skipped.
         self.layouts = (
@@ -177,12 +129,12 @@ class _PackJob:
         self.written = self.bytes_written = 0
 
     def pack_shard(
-        self, group: list[_pack.Source], first: int, on_bytes: Any
+        self, group: list[sources.Source], first: int, on_bytes: Any
     ) -> tuple[list[FileEntry], ShardEntry]:
         if _layout(group) in self.layouts or not self.local:
             # Hash first: to skip an unchanged shard, or because an object store needs the
             # object's name (the key) before its upload starts.
-            digests = _pack.hash_files(group, self.threads)
+            digests = sources.hash_files(group, self.threads)
             entries = [FileEntry(s.path, s.size, s.mode, d)
                        for s, d in zip(group, digests, strict=True)]  # fmt: skip
             key = shard_key(self.level, entries)
@@ -197,7 +149,7 @@ class _PackJob:
 
     def _write(
         self,
-        group: list[_pack.Source],
+        group: list[sources.Source],
         first: int,
         on_bytes: Any,
         digests: list[str] | None = None,
@@ -207,13 +159,13 @@ class _PackJob:
         try:
             if self.local:
                 os.makedirs(self.loc.join(SHARDS_DIR), exist_ok=True)
-                sink: Any = _pack.LocalSink(self._path(key or "pending"))
+                sink: Any = AtomicFile(self._path(key or "pending"))
             else:
-                sink = _pack.StoreSink(self.loc.fs, self._path(key))
+                sink = StoreSink(self.loc.fs, self._path(key))
         except Exception as e:
-            raise StorageError(f"cannot write to {where}: {_fetch.one_line(e)}") from e
+            raise StorageError(f"cannot write to {where}: {one_line(e)}") from e
         try:
-            entries, sha, size, tar_size, frames = _pack.write_shard(
+            entries, sha, size, tar_size, frames = compress.write_shard(
                 group, self.level, self.threads, sink, on_bytes, digests
             )
             key = key or shard_key(self.level, entries)
@@ -222,7 +174,7 @@ class _PackJob:
             sink.abort()
             if isinstance(e, (StorageError, KeyboardInterrupt)) or not isinstance(e, Exception):
                 raise
-            raise StorageError(f"writing {where} failed: {_fetch.one_line(e)}") from e
+            raise StorageError(f"writing {where} failed: {one_line(e)}") from e
         self.written += 1
         self.bytes_written += size
         return entries, ShardEntry(key, sha, size, tar_size, first, len(entries), frames)
@@ -243,7 +195,7 @@ def _progress_bar(total: int, desc: str, progress: bool) -> Any:
 
 
 def _check_destination(src: str, loc: Location) -> None:
-    if _fetch.is_local(loc.fs):
+    if loc.local:
         root = os.path.realpath(src)
         dest = os.path.realpath(loc.path)
         if dest == root or dest.startswith(root + os.sep):
@@ -255,7 +207,7 @@ def _check_destination(src: str, loc: Location) -> None:
     except (FileNotFoundError, NotADirectoryError):
         return
     except Exception as e:
-        raise StorageError(f"cannot list {redact(loc.url)}: {_fetch.one_line(e)}") from e
+        raise StorageError(f"cannot list {redact(loc.url)}: {one_line(e)}") from e
     if names - {MANIFEST_NAME, SHARDS_DIR} and MANIFEST_NAME not in names:
         raise ArchiveError(
             f"{redact(loc.url)} already holds other files; pack into a new location "
@@ -265,8 +217,8 @@ def _check_destination(src: str, loc: Location) -> None:
 
 def _previous_manifest(loc: Location) -> Manifest | None:
     try:
-        return _fetch.read_manifest(loc)
-    except _fetch.ManifestMissing:
+        return read_manifest_at(loc)
+    except ManifestMissing:
         return None
     except ArchiveError as e:  # unreadable: pack over it, but say so
         log.warning("tlaunch: ignoring the existing manifest at %s: %s", redact(loc.url), e)
@@ -284,9 +236,7 @@ def _reusable_shards(loc: Location, previous: Manifest | None) -> dict[str, Shar
     except FileNotFoundError:
         return {}
     except Exception as e:
-        raise StorageError(
-            f"cannot list {redact(loc.url)}/{SHARDS_DIR}: {_fetch.one_line(e)}"
-        ) from e
+        raise StorageError(f"cannot list {redact(loc.url)}/{SHARDS_DIR}: {one_line(e)}") from e
     sizes = {posixpath.basename(i["name"].rstrip("/")): i.get("size") for i in listing}
     return {s.key: s for s in previous.shards if sizes.get(s.name) == s.size}
 
@@ -295,17 +245,15 @@ def _write_manifest(loc: Location, manifest: Manifest) -> None:
     path = loc.join(MANIFEST_NAME)
     data = manifest.to_json()
     try:
-        if _fetch.is_local(loc.fs):
+        if loc.local:
             # Written last and renamed into place: its presence is what makes the archive exist.
             os.makedirs(loc.path, exist_ok=True)
-            sink = _pack.LocalSink(path)
-            sink.write(data)
-            sink.commit()
+            write_atomic(path, data, sync_dir=True)
         else:
             loc.fs.pipe_file(path, data)  # one object PUT: it appears whole or not at all
     except Exception as e:
         raise StorageError(
-            f"writing {redact(loc.url)}/{MANIFEST_NAME} failed: {_fetch.one_line(e)}"
+            f"writing {redact(loc.url)}/{MANIFEST_NAME} failed: {one_line(e)}"
         ) from e
 
 
@@ -323,52 +271,57 @@ def _delete_unreferenced(loc: Location, previous: Manifest | None, manifest: Man
             except FileNotFoundError:
                 pass
             except Exception as e:  # garbage left behind is not worth failing the pack
-                log.warning("tlaunch: could not delete an old shard: %s", _fetch.one_line(e))
+                log.warning("tlaunch: could not delete an old shard: %s", one_line(e))
 
 
-def stage(
-    url: str,
-    dest: str | None = None,
-    *,
-    cache_dir: str | None = None,
-    threads: int | None = None,
-    progress: bool = True,
-) -> str:
-    """Make the archive at ``url`` available locally; return the directory that holds it.
+class StoreSink:
+    """Object stores: stream into ``fs.open(path, "wb")`` from a helper thread.
 
-    The data is unpacked once per machine into ``cache_dir/<archive id>`` (default
-    ``$TLAUNCH_CACHE_DIR`` or ``~/.cache/tlaunch/data``). With ``dest``, ``dest`` becomes a
-    symlink to it and is returned. Concurrent calls for the same archive are safe: one
-    fills the cache under a file lock, the others wait and reuse it. When the store cannot
-    be read but this machine already holds the URL's last-fetched data, that is used with a
-    warning, so a restart on the same machine does not depend on the network.
+    The object appears only when its upload completes (GCS, S3), so no temp name is needed
+    -- and a rename there is a copy. The helper thread lets compression run while the
+    previous chunk is on the network.
     """
-    check_options(DEFAULT_SHARD_SIZE, DEFAULT_LEVEL, threads)
-    cache = _fetch.cache_root(cache_dir)
-    os.makedirs(cache, exist_ok=True)
-    loc = resolve(url)
-    try:
-        manifest = _fetch.read_manifest(loc)
-    except _fetch.ManifestUnavailable as e:
-        cached = _fetch.cached_copy(cache, url)
-        if cached is None:
-            raise
-        log.warning(
-            "tlaunch: warning: %s; using the copy this machine fetched before: %s", e, cached
-        )
-        return _fetch.link(dest, cached, cache) if dest else cached
-    final = os.path.join(cache, manifest.id)
-    if not os.path.isdir(final):
-        with _fetch.locked(final + ".lock"):
-            if not os.path.isdir(final):  # another process may have filled it while we waited
-                _fetch.populate(loc, manifest, cache, threads or default_threads(), progress)
-    _fetch.remember(cache, url, manifest.id)
-    return _fetch.link(dest, final, cache) if dest else final
 
+    def __init__(self, fs: Any, path: str) -> None:
+        self.fs, self.path = fs, path
+        self.existed = fs.exists(path)  # see abort()
+        self.file = fs.open(path, "wb")
+        self.queue: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="tlaunch-upload", daemon=True)
+        self.thread.start()
 
-def info(url: str, *, cache_dir: str | None = None) -> ArchiveInfo:
-    """Describe the archive at ``url`` and whether this machine has it unpacked."""
-    m = read_manifest(url)
-    cached = os.path.join(_fetch.cache_root(cache_dir), m.id)
-    return ArchiveInfo(redact(url), m.id, len(m.files), m.total_size, len(m.shards),
-                       m.compressed_size, m.level, cached if os.path.isdir(cached) else None)  # fmt: skip
+    def _run(self) -> None:
+        while (data := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.file.write(data)
+                except BaseException as e:  # handed to the compressing thread
+                    self.error = e
+
+    def write(self, data: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(data)
+
+    def commit(self, path: str | None = None) -> None:
+        assert path in (None, self.path), "an object's name is fixed when its upload starts"
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        self.file.close()
+
+    def abort(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        try:
+            self.file.discard()  # cancels a resumable / multipart upload
+            self.file.closed = True  # so garbage collection does not commit a partial object
+        except Exception:  # best effort: an unfinished object is never named by a manifest
+            pass
+        try:  # stores that show an object from its open on (memory://): remove it again
+            if not self.existed and self.fs.exists(self.path):
+                self.fs.rm_file(self.path)
+        except Exception:
+            pass

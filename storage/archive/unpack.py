@@ -13,7 +13,7 @@ O_NOFOLLOW`` inside a fresh temp directory, so nothing can be written through a 
 link or over an existing file. The caller renames that directory into place only when
 every shard has unpacked and verified.
 
-Frames (see :mod:`tlaunch.storage.archive_format`) unpack in parallel on a thread pool:
+Frames (see :mod:`tlaunch.storage.archive.format`) unpack in parallel on a thread pool:
 libzstd, ``os.write`` and blake3 release the GIL, and the per-member Python work is a
 header comparison and three system calls. The shard's digest is computed meanwhile, as one
 more task on the same pool; when a frame fails, it tells a damaged shard from a bad archive.
@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass
 
-from tlaunch.storage.archive_format import (
+from tlaunch.storage.archive.format import (
     BLOCK,
     DIGEST,
     ArchiveError,

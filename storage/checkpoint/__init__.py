@@ -1,0 +1,16 @@
+"""Checkpoints at a URL: the step-directory format, its commit protocol, saving and resuming.
+
+Owns everything under ``--checkpoint-dir``. The entry points, imported from
+``tlaunch.storage`` (this package's ``__init__`` stays empty, so importing a module of it loads
+no more than that module)::
+
+    CheckpointStore        store.py      save, discover "latest", verify, load, quarantine, delete
+    AsyncCheckpointWriter  writer.py     two-phase saving: cpu_snapshot, then a background commit
+    RetentionPolicy        retention.py  which committed steps to delete (keep last/every/best)
+    ckpt_main              cli.py        ``tlaunch ckpt ls|verify``
+
+Beneath them: ``manifest.py`` (what a step directory holds and how it is proven whole),
+``commit.py`` (how a step becomes visible, per backend), ``discovery.py`` (one listing of a
+checkpoint URL), ``serialize.py`` (safetensors and weights-only torch files; torch is imported
+only inside its functions).
+"""

@@ -1,0 +1,52 @@
+"""Local files appear whole or not at all, through the one helper every local write uses."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tlaunch.storage.localfs import AtomicFile, temp_path, write_atomic
+
+
+class Crash(Exception):
+    pass
+
+
+def test_write_atomic_replaces_the_file_whole_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "pointer.json"
+    path.write_bytes(b"old")
+    write_atomic(str(path), b"new")
+    assert path.read_bytes() == b"new"
+    assert os.listdir(tmp_path) == ["pointer.json"]
+
+
+def test_a_failed_write_keeps_the_old_file_and_removes_the_temp(tmp_path):
+    path = tmp_path / "shard"
+    path.write_bytes(b"old")
+    with pytest.raises(Crash), AtomicFile(str(path)) as f:
+        f.write(b"half of it")
+        raise Crash
+    assert path.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["shard"]
+
+
+def test_copies_from_a_file_and_names_a_stream_once_it_is_hashed(tmp_path):
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(3 << 20))
+    with open(src, "rb") as f:
+        write_atomic(str(tmp_path / "copy"), f, sync_dir=True)
+    assert (tmp_path / "copy").read_bytes() == src.read_bytes()
+
+    sink = AtomicFile(str(tmp_path / "pending"))
+    sink.write(b"abc")
+    sink.commit(str(tmp_path / "named-by-content"))
+    assert (tmp_path / "named-by-content").read_bytes() == b"abc"
+    assert sorted(os.listdir(tmp_path)) == ["copy", "named-by-content", "src"]
+
+
+def test_temp_names_are_hidden_beside_the_target_and_unique():
+    a, b = temp_path("/data/run/model.pt"), temp_path("/data/run/model.pt")
+    assert a != b
+    assert os.path.dirname(a) == "/data/run"
+    assert os.path.basename(a).startswith(".model.pt.tmp-")
