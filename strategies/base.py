@@ -13,9 +13,11 @@ Strategies register their names; ``--strategy NAME`` and the hardware flags pick
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -41,7 +43,24 @@ class LaunchPlan:
 
 
 class Strategy(ABC):
-    """One arrangement of processes and devices. Subclasses stay small: ~50–100 lines."""
+    """One arrangement of processes and devices. Subclasses stay small: ~50–100 lines.
+
+    Launcher side: :meth:`check` (is the hardware there), :meth:`plan` (how to start the
+    workers). Worker side, in the order a run meets them:
+
+    - :meth:`build_accelerator` the configured Accelerator; :meth:`seed_device` its RNG;
+    - :meth:`prepare` / :meth:`unwrap` wrap models and optimizers, and find the model again;
+    - :meth:`micro_batch`, :meth:`backward`, :meth:`clip_gradients` one micro-batch of an
+      accumulation window; :meth:`end_step` after each optimizer step (XLA cuts its graph);
+    - :meth:`reduce_mean`, :meth:`any_rank`, :meth:`any_rank_lagged`,
+      :meth:`gather_object`, :meth:`broadcast_object`, :meth:`barrier` the few collectives
+      the Run API needs (metrics, the stop agreement, RNG gathering, the resume step);
+    - :meth:`rng_state` / :meth:`set_rng_state`, :meth:`scaler_state` /
+      :meth:`load_scaler_state` what a checkpoint keeps besides the user's objects;
+    - :meth:`end_process_group` the clean end of a run.
+
+    A new strategy (FSDP, say) is one file that overrides what differs.
+    """
 
     name: ClassVar[str]
     #: Accelerate's ``mixed_precision`` values this strategy can honour.
@@ -99,6 +118,64 @@ class Strategy(ABC):
             del kwargs["gradient_accumulation_steps"]
             kwargs["gradient_accumulation_plugin"] = GradientAccumulationPlugin(num_steps=1)
         return Accelerator(**kwargs)
+
+    def prepare(self, accelerator: Accelerator, *objects: Any) -> list[Any]:
+        """Models and optimizers wrapped for this arrangement (DDP, device placement, fp16
+        scaling), in the order given. Data loaders are the Run's own business."""
+        if not objects:
+            return []
+        prepared = accelerator.prepare(*objects)
+        return list(prepared) if len(objects) > 1 else [prepared]
+
+    def unwrap(self, accelerator: Accelerator, model: Any) -> Any:
+        """The user's module inside whatever wrapper :meth:`prepare` put around it."""
+        return accelerator.unwrap_model(model)
+
+    @contextlib.contextmanager
+    def micro_batch(self, accelerator: Accelerator, model: Any, *, sync: bool) -> Iterator[None]:
+        """One micro-batch of an accumulation window. ``sync``: the last one, whose backward
+        all-reduces gradients and after which the optimizer steps; on the others gradients
+        stay local and Accelerate's optimizer wrapper skips its step."""
+        accelerator.gradient_state._set_sync_gradients(sync)
+        if sync:
+            yield
+        else:
+            with self.no_sync(accelerator, model):
+                yield
+
+    def clip_gradients(
+        self,
+        accelerator: Accelerator,
+        params: list[Any],
+        *,
+        norm: float | None,
+        value: float | None,
+    ) -> None:
+        """Clip after unscaling (fp16) and, under DDP, after the all-reduce: what the optimizer
+        sees is clipped."""
+        if norm is not None:
+            accelerator.clip_grad_norm_(params, norm)
+        if value is not None:
+            accelerator.clip_grad_value_(params, value)
+
+    def reduce_mean(self, accelerator: Accelerator, tensor: Any) -> Any:
+        """``tensor`` averaged over every rank (a collective: every rank must call it)."""
+        if accelerator.num_processes == 1:
+            return tensor
+        return accelerator.reduce(tensor.detach().float().to(accelerator.device), reduction="mean")
+
+    def scaler_state(self, accelerator: Accelerator) -> dict[str, Any] | None:
+        """The fp16 gradient scaler's state, or None where no scaler runs."""
+        scaler = accelerator.scaler
+        return None if scaler is None else scaler.state_dict()
+
+    def load_scaler_state(self, accelerator: Accelerator, state: dict[str, Any]) -> None:
+        if accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(state)
+
+    def barrier(self, accelerator: Accelerator) -> None:
+        """Wait until every rank arrives here."""
+        accelerator.wait_for_everyone()
 
     def backward(self, accelerator: Accelerator, loss: Any) -> None:
         """Backward of a loss the caller has already divided for accumulation. Accelerate's
