@@ -63,6 +63,9 @@ Run-directory files (in ``TLAUNCH_LAUNCH_DIR``)
 
 from __future__ import annotations
 
+import sys
+from typing import NoReturn
+
 # -- exit codes ----------------------------------------------------------------------------
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -107,3 +110,10 @@ def flag_env(field_name: str) -> str:
 def declared_names() -> set[str]:
     """Every fixed ``TLAUNCH_*`` name above (flag variables come from :func:`flag_env`)."""
     return {v for k, v in globals().items() if k.endswith("_ENV") and isinstance(v, str)}
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    """Leave a worker the way every tlaunch error leaves: one ``tlaunch: error:`` line on
+    stderr saying what went wrong and the fix, then exit ``code``."""
+    print(f"tlaunch: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)

@@ -27,34 +27,35 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
-import signal
-import sys
-import time
+import random
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate.utils import send_to_device
 
+from tlaunch.checkpointing import MODEL, OPTIMIZER, SCHEDULER, CheckpointManager, Position
 from tlaunch.config import LaunchConfig
-from tlaunch.contract import (
-    CONTROL_DIR_ENV,
-    EXIT_PREEMPTED,
-    LAUNCH_DIR_ENV,
-    PREEMPTED_REPORT,
-    STOP_FILE,
-    WORKERS_STOPPING,
-)
-from tlaunch.resume import ResumeState, apply_checkpoint, check_drift, open_resume
-from tlaunch.run_io import MetricsLog, Progress, StopWatch
+from tlaunch.contract import CONTROL_DIR_ENV, LAUNCH_DIR_ENV
+from tlaunch.run_io import MetricsLog, Progress, make_run_dir
 from tlaunch.sampling import ResumableLoader
+from tlaunch.stopping import StopController
 
 _CURRENT: Run | None = None
 
 
 class Run:
-    """One training run in this process. Create it with :func:`tlaunch.init`."""
+    """One training run in this process. Create it with :func:`tlaunch.init`.
+
+    The Run is the training loop's side of tlaunch: it arranges epochs, batches, accumulation
+    windows and logging, and asks two owners for the rest: ``self.checkpoints``
+    (:class:`~tlaunch.checkpointing.CheckpointManager`: what is saved, when, and where a run
+    resumes) and ``self.stops`` (:class:`~tlaunch.stopping.StopController`: signals, the
+    launcher's STOP file, the deadline and the ranks' agreement). Everything that depends on
+    the hardware goes through ``self.strategy``.
+    """
 
     def __init__(self, config: LaunchConfig, hparams: dict[str, Any] | None = None) -> None:
         from tlaunch.strategies import choose
@@ -79,42 +80,41 @@ class Run:
         self.is_main = self.accelerator.is_main_process
         _seed_everything(config.seed + self.rank)
         self.strategy.seed_device(config.seed + self.rank)
-        #: Optimizer steps taken (global, identical on every rank).
-        self.step = 0
-        self.epoch = 0
-        self.batch_in_epoch = 0
-        self.samples_seen = 0
+        self.position = Position()
         self._models: list[torch.nn.Module] = []
         self._optimizers: list[Any] = []
-        self._schedulers: list[Any] = []
-        self._registered: dict[str, Any] = {}
         self._loaders: dict[int, ResumableLoader] = {}
         self._sync_now = True
         self._step_counted = False
         self._window = 1
-        #: Agreed by every rank; ``_stop_requested`` is this rank's own (signal) request.
-        self._stop_flag = False
-        self._stop_requested = False
-        self._first_signal_at: float | None = None
-        self._saved_step = -1
-        self._started = time.monotonic()
-        self._control_dir = os.environ.get(CONTROL_DIR_ENV)
-        self.run_dir = os.environ.get(LAUNCH_DIR_ENV) or os.path.join(
-            os.getcwd(), "tlaunch-runs", "local"
-        )
+        self.run_dir = _run_dir(config, self.is_main)
         self._metrics = MetricsLog(self.run_dir if self.is_main else None)
         atexit.register(self._metrics.close)  # a script that dies of an exception keeps its log
-        self._stop_file = os.path.join(self._control_dir, STOP_FILE) if self._control_dir else None
         # Batches from a DataLoader are on the CPU already: moving them there is a no-op.
         self._move_batches = self.accelerator.device.type != "cpu"
         self._progress = Progress(enabled=self.is_main, mode=config.progress)
-        self._clock = StopWatch(config)
-        self._install_signal_handlers()
-        if self._control_dir:
-            _die_with_launcher()
-        self.resume: ResumeState = open_resume(self)
-        if self.resume.loaded is not None:
-            check_drift(self, self.resume.loaded)
+        self.stops = StopController(config, self.strategy, self.accelerator)
+        self.stops.install()
+        self.checkpoints = CheckpointManager(config, self.strategy, self.accelerator, self.hparams)
+        self.resume = self.checkpoints.open(self.position, self._metrics)
+
+    # -- where the run is ----------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken (global, identical on every rank)."""
+        return self.position.step
+
+    @property
+    def epoch(self) -> int:
+        return self.position.epoch
+
+    @property
+    def batch_in_epoch(self) -> int:
+        return self.position.batch_in_epoch
+
+    @property
+    def samples_seen(self) -> int:
+        return self.position.samples_seen
 
     # -- preparing objects ---------------------------------------------------------------------
     def prepare(self, *objects: Any) -> Any:
@@ -124,45 +124,42 @@ class Run:
         """
         from torch.utils.data import DataLoader
 
-        to_accelerate = [
-            o for o in objects if isinstance(o, (torch.nn.Module, torch.optim.Optimizer))
-        ]
-        prepared = self.accelerator.prepare(*to_accelerate) if to_accelerate else ()
-        accelerated = iter(prepared if len(to_accelerate) > 1 else (prepared,))
+        accelerated = (torch.nn.Module, torch.optim.Optimizer)
+        prepared = iter(
+            self.strategy.prepare(
+                self.accelerator, *[o for o in objects if isinstance(o, accelerated)]
+            )
+        )
         out: list[Any] = []
         for obj in objects:
-            if isinstance(obj, (torch.nn.Module, torch.optim.Optimizer)):
-                wrapped = next(accelerated)
-                (self._models if isinstance(obj, torch.nn.Module) else self._optimizers).append(
-                    wrapped
-                )
-                out.append(wrapped)
+            if isinstance(obj, accelerated):
+                wrapped = next(prepared)
+                is_model = isinstance(obj, torch.nn.Module)
+                (self._models if is_model else self._optimizers).append(wrapped)
+                self.checkpoints.track(MODEL if is_model else OPTIMIZER, wrapped)
             elif isinstance(obj, DataLoader):
                 resumable = ResumableLoader(
                     obj, seed=self.config.seed, rank=self.rank, world=self.world_size
                 )
                 self._loaders[id(resumable.original)] = resumable
-                out.append(resumable.original)
+                self.checkpoints.track("loader", resumable)
+                wrapped = resumable.original
             elif hasattr(obj, "step") and hasattr(obj, "state_dict") and hasattr(obj, "optimizer"):
-                gated = _StepGatedScheduler(obj, self)
-                self._schedulers.append(gated)
-                out.append(gated)
+                wrapped = _StepGatedScheduler(obj, self)
+                self.checkpoints.track(SCHEDULER, wrapped)
             else:
-                out.append(obj)
-        if self.resume.loaded is not None:
-            apply_checkpoint(self, self.resume.loaded)
+                wrapped = obj
+            out.append(wrapped)
+        self.checkpoints.restore_prepared()
         return out[0] if len(out) == 1 else tuple(out)
 
     def register(self, obj: Any, name: str | None = None) -> Any:
         """Save and restore ``obj`` (anything with ``state_dict``/``load_state_dict``) too."""
-        name = name or f"extra_{len(self._registered)}"
         if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
             raise TypeError(
                 f"run.register needs an object with state_dict/load_state_dict, got {type(obj).__name__}"
             )
-        self._registered[name] = obj
-        if self.resume.loaded is not None and name in self.resume.loaded.objects:
-            obj.load_state_dict(self.resume.loaded.objects[name])
+        self.checkpoints.register(name or f"extra_{len(self.checkpoints.states.extra)}", obj)
         return obj
 
     # -- the loop ------------------------------------------------------------------------------
@@ -172,17 +169,16 @@ class Run:
         if self.config.fast_dev_run:
             last = min(last, self.resume.epoch + 1)
         epoch = self.resume.epoch
+        pos = self.position
         while epoch < last and not self._done():
-            self.epoch = epoch
-            if self.resume.restore_rng_at_epoch_start(epoch):
-                self.strategy.set_rng_state(self.resume.rng)
+            pos.epoch = epoch
+            self._maybe_restore_rng(epoch, at_epoch_start=True)
             yield epoch
-            if self._stop_flag:
+            if self.stops.agreed:
                 return
             epoch += 1
-            self.epoch, self.batch_in_epoch = epoch, 0
-            every = self.config.save_every_epochs
-            if every and epoch % every == 0 and not self._done():
+            pos.epoch, pos.batch_in_epoch = epoch, 0
+            if self.checkpoints.due_at_epoch_end(epoch) and not self._done():
                 self.save()
 
     def batches(self, loader: Any) -> Iterator[Any]:
@@ -191,11 +187,12 @@ class Run:
         resumable = self._loaders.get(id(loader))
         if resumable is None:
             raise ValueError("run.batches(loader) needs a DataLoader returned by run.prepare(...)")
-        epoch = self.epoch
+        pos = self.position
+        epoch = pos.epoch
         total = self._batches_per_epoch(resumable)
         start = self.resume.start_batch(epoch)
-        if start and self.resume.restore_rng_mid_epoch(epoch):
-            self.strategy.set_rng_state(self.resume.rng)
+        if start:
+            self._maybe_restore_rng(epoch, at_epoch_start=False)
         data_epoch = 0 if self.config.overfit_batches else epoch
         it = resumable.iterate(data_epoch, start)
         K = self.config.grad_accum
@@ -207,14 +204,14 @@ class Run:
             window_start = (i // K) * K
             self._window = min(K, total - window_start)
             self._sync_now = (i + 1 - window_start) == self._window
-            self.batch_in_epoch = i
+            pos.batch_in_epoch = i
             yield self._to_device(batch)
-            self.batch_in_epoch = i + 1
-            self.samples_seen += _batch_len(batch) * self.world_size
-            bar.update(self.step, self._metrics)
+            pos.batch_in_epoch = i + 1
+            pos.samples_seen += _batch_len(batch) * self.world_size
+            bar.update(pos.step, self._metrics)
             if self._sync_now:
                 if not self._step_counted:  # a loop without run.accumulate
-                    self.step += 1
+                    pos.step += 1
                 self._step_counted = False
                 if self._after_step():
                     break
@@ -224,29 +221,19 @@ class Run:
     def accumulate(self, model: torch.nn.Module) -> Iterator[None]:
         """One micro-batch: gradients are synchronized across ranks, and the optimizer and
         scheduler step, only on the last micro-batch of a --grad-accum window."""
-        self.accelerator.gradient_state._set_sync_gradients(self._sync_now)
-        ctx = (
-            contextlib.nullcontext()
-            if self._sync_now
-            else self.strategy.no_sync(self.accelerator, model)
-        )
-        with ctx:
+        with self.strategy.micro_batch(self.accelerator, model, sync=self._sync_now):
             yield
         if self._sync_now:  # the optimizer stepped inside: metrics logged next carry the new step
-            self.step += 1
+            self.position.step += 1
             self._step_counted = True
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward with scaling (fp16), accumulation averaging and clipping (after unscaling)."""
         self.strategy.backward(self.accelerator, loss / self._window if self._window > 1 else loss)
-        clip_norm, clip_value = self.config.clip_grad_norm, self.config.clip_grad_value
-        if not self._sync_now or (clip_norm is None and clip_value is None):
-            return
-        params = [p for m in self._models for p in m.parameters()]
-        if clip_norm is not None:
-            self.accelerator.clip_grad_norm_(params, clip_norm)
-        if clip_value is not None:
-            self.accelerator.clip_grad_value_(params, clip_value)
+        norm, value = self.config.clip_grad_norm, self.config.clip_grad_value
+        if self._sync_now and (norm is not None or value is not None):
+            params = [p for m in self._models for p in m.parameters()]
+            self.strategy.clip_gradients(self.accelerator, params, norm=norm, value=value)
 
     def log(self, reduce: bool = False, **metrics: Any) -> None:
         """Record metrics (numbers or tensors); ``reduce=True`` averages them over ranks first.
@@ -262,13 +249,11 @@ class Run:
                 if isinstance(value, torch.Tensor)
                 else float(value)
             )
-        self._metrics.add(self.step, self.epoch, values)
+        self._metrics.add(self.position.step, self.position.epoch, values)
 
     def _metric_value(self, value: torch.Tensor, reduce: bool) -> Any:
-        if reduce and self.world_size > 1:
-            value = self.accelerator.reduce(
-                value.detach().float().to(self.accelerator.device), reduction="mean"
-            )
+        if reduce:
+            value = self.strategy.reduce_mean(self.accelerator, value)
         if value.dim():
             value = value.detach().float().mean()
         if value.device.type == "cpu":  # read without waiting for anything
@@ -288,20 +273,15 @@ class Run:
     @property
     def should_stop(self) -> bool:
         """True once a stop was requested (signal, cloud notice, deadline) on any rank."""
-        return self._stop_flag or (self.world_size == 1 and self._stop_requested)
+        return self.stops.should_stop
 
     # -- saving --------------------------------------------------------------------------------
     def save(self) -> None:
         """Commit a checkpoint of everything prepared or registered, at the current position."""
-        from tlaunch.resume import snapshot_and_submit
-
-        if not self.resume.enabled or self._saved_step == self.step:
+        if not self.checkpoints.enabled or self.checkpoints.saved_step == self.position.step:
             return
         self._metrics.flush()  # the lines logged so far are on disk when the checkpoint is
-        started = time.monotonic()
-        snapshot_and_submit(self)
-        self._clock.record_save(time.monotonic() - started)
-        self._saved_step = self.step
+        self.checkpoints.save(self.position, self._metrics.latest())
 
     def finish(self) -> None:
         """Flush pending saves, close the progress bar and logs, and end the process group.
@@ -309,19 +289,24 @@ class Run:
         Call it once, after training; collectives are no longer possible afterwards.
         """
         global _CURRENT
-        if self.resume.enabled:
+        if self.checkpoints.enabled:
             self.save()
-            self.resume.flush(self)
-            if self.resume.writer is not None:
-                self.resume.writer.close()
+            self.checkpoints.flush()
+            self.checkpoints.close()
         self._metrics.close()
         atexit.unregister(self._metrics.close)
         self.strategy.end_process_group(self.accelerator)
+        self.stops.restore()
         _CURRENT = None
 
     # -- internals -----------------------------------------------------------------------------
     def _to_device(self, batch: Any) -> Any:
         return send_to_device(batch, self.accelerator.device) if self._move_batches else batch
+
+    def _maybe_restore_rng(self, epoch: int, *, at_epoch_start: bool) -> None:
+        rng = self.resume.take_rng(epoch, at_epoch_start=at_epoch_start)
+        if rng is not None:
+            self.strategy.set_rng_state(rng)
 
     def _batches_per_epoch(self, resumable: ResumableLoader) -> int:
         total = len(resumable)
@@ -334,81 +319,41 @@ class Run:
         return total
 
     def _done(self) -> bool:
-        return self._stop_flag or (
-            self.config.max_steps is not None and self.step >= self.config.max_steps
+        return self.stops.agreed or (
+            self.config.max_steps is not None and self.position.step >= self.config.max_steps
         )
 
     def _after_step(self) -> bool:
         """Runs after each optimizer step. Returns True when the epoch loop must end."""
         self.strategy.end_step(self.accelerator)
-        self.resume.check_writer(self)
-        local_stop, save_due = self._stop_requested, False
-        if self._clock.poll_due():  # a stat and clock reads: a few times a second, not every step
-            local_stop = (
-                local_stop
-                or self._clock.deadline_near()
-                or (self._stop_file is not None and os.path.exists(self._stop_file))
-            )
-            save_due = self._clock.save_due()
-        # Stop and timed saves depend on clocks and signals that differ between ranks; every
-        # rank must take the same decision before anyone saves: one tiny all-reduce per step.
-        stop, save_due = self.strategy.any_rank_lagged(self.accelerator, [local_stop, save_due])
+        ckpt = self.checkpoints
+        ckpt.check_writer()
+        stop, save_due = self.stops.after_step(
+            timed_save_due=ckpt.timed_save_due, slowest_save=lambda: ckpt.slowest_save
+        )
         if stop:
-            self._stop_flag = True
             self._stop_with_checkpoint()
-        every = self.config.save_every
-        if (every and self.step % every == 0) or save_due:
+        if ckpt.due_after_step(self.position.step) or save_due:
             self.save()
         return self._done()
 
     def _stop_with_checkpoint(self) -> None:
         """Commit a checkpoint at this step, flush it, report, and leave the script."""
-        import json
-
-        if self._control_dir and int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            open(os.path.join(self._control_dir, WORKERS_STOPPING), "w").close()
+        self.stops.announce()
         self._metrics.close()  # everything logged is on disk before the process leaves
-        if self.resume.enabled:
-            self._saved_step = -1
-            self.save()
-            self.resume.flush(self)  # rank 0 waits for the commit; the others wait for rank 0
+        committed = self.checkpoints.enabled
+        if committed:
+            self.checkpoints.save(self.position, self._metrics.latest(), force=True)
+            self.checkpoints.flush()  # rank 0 waits for the commit; the others wait for rank 0
         self._progress.close()
-        committed = self.resume.enabled
-        if committed and self._control_dir and int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            with open(os.path.join(self._control_dir, PREEMPTED_REPORT), "w") as f:
-                json.dump({"step": self.step, "epoch": self.epoch, "batch": self.batch_in_epoch}, f)
-        if self.is_main:
-            what = (
-                f"checkpoint committed at step {self.step}"
-                if committed
-                else "no --checkpoint-dir, nothing saved"
-            )
-            print(f"tlaunch: stop requested; {what}", file=sys.stderr, flush=True)
-        self.strategy.end_process_group(self.accelerator)
-        # Under the launcher the report file carries "preempted"; exit 0 keeps torch's elastic
-        # agent from treating the stop as a failure to restart from.
-        raise SystemExit(0 if self._control_dir else (EXIT_PREEMPTED if committed else 1))
-
-    def _install_signal_handlers(self) -> None:
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            return
-
-        def handle(signum: int, frame: Any) -> None:
-            now = time.monotonic()
-            # A terminal's Ctrl-C reaches us twice (directly and forwarded by the agent): a
-            # repeat within a second is the same request. A later one forces the exit; the
-            # commit protocol guarantees no partial checkpoint is ever taken for a complete one.
-            if self._first_signal_at is not None and now - self._first_signal_at > 1.0:
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
-                return
-            self._first_signal_at = self._first_signal_at or now
-            self._stop_requested = True
-
-        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-            signal.signal(s, handle)
+        pos = self.position
+        self.stops.exit(
+            committed=committed,
+            step=pos.step,
+            epoch=pos.epoch,
+            batch=pos.batch_in_epoch,
+            is_main=self.is_main,
+        )
 
 
 class _StepGatedScheduler:
@@ -435,24 +380,6 @@ class _StepGatedScheduler:
         return getattr(self.scheduler, name)
 
 
-def _die_with_launcher() -> None:
-    """Ask Linux to SIGKILL this worker when the launcher dies (torch's elastic agent starts
-    workers in sessions of their own, so a hard kill of the launcher would leave them training
-    on, and writing checkpoints beside the next launch). Elsewhere this is a no-op."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    parent = os.getppid()
-    PR_SET_PDEATHSIG = 1
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the launcher died before the request took effect
-        os._exit(1)
-
-
 def _batch_len(batch: Any) -> int:
     if isinstance(batch, torch.Tensor):
         return len(batch)
@@ -464,13 +391,18 @@ def _batch_len(batch: Any) -> int:
 
 
 def _seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _run_dir(config: LaunchConfig, is_main: bool) -> str:
+    """This launch's run directory: the launcher's, or under plain ``python``/``torchrun`` a
+    new one under ``--run-dir`` (rank 0 creates it; the others write nothing there)."""
+    launched = os.environ.get(LAUNCH_DIR_ENV)
+    if launched:
+        return launched
+    return make_run_dir(config) if is_main else ""
 
 
 def _torchrun_strategy() -> str | None:

@@ -1,4 +1,4 @@
-"""What a run shows and records: the progress bar, the metrics file, and its clock.
+"""What a run shows and records: its run directory, the metrics file and the progress bar.
 
 Kept apart from :mod:`tlaunch.run` so the training-loop logic there reads on one screen.
 """
@@ -12,7 +12,26 @@ import time
 from typing import Any
 
 from tlaunch.config import LaunchConfig
-from tlaunch.contract import START_TIME_ENV
+from tlaunch.contract import CONFIG_FILE, METRICS_FILE
+
+
+def make_run_dir(config: LaunchConfig) -> str:
+    """A new folder for one launch's log, config and metrics, under ``--run-dir`` (default:
+    ``<checkpoint-dir>/runs`` for a local checkpoint directory, else ``./tlaunch-runs``)."""
+    from tlaunch.storage import is_remote
+
+    if config.run_dir:
+        base = config.run_dir
+    elif config.checkpoint_dir and not is_remote(config.checkpoint_dir):
+        base = os.path.join(config.checkpoint_dir, "runs")
+    else:
+        base = os.path.join(os.getcwd(), "tlaunch-runs")
+    name = time.strftime("%Y%m%d-%H%M%S") + f"-node{config.node_rank}-{os.getpid()}"
+    path = os.path.join(base, name)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, CONFIG_FILE), "w") as f:
+        f.write(config.to_json())
+    return path
 
 
 class MetricsLog:
@@ -38,7 +57,7 @@ class MetricsLog:
         self._file = None
         if run_dir is not None:
             os.makedirs(run_dir, exist_ok=True)
-            self.path = os.path.join(run_dir, "metrics.jsonl")
+            self.path = os.path.join(run_dir, METRICS_FILE)
             self._file = open(self.path, "a", buffering=1 << 16)
         self._latest: dict[str, float] = {}
         #: (step, epoch, wall time, {name: float or device tensor}) per run.log call.
@@ -139,66 +158,3 @@ class Progress:
     def close(self) -> None:
         if self._current is not None:
             self._current.close()
-
-
-class StopWatch:
-    """Timed saves (--save-every-minutes) and the deadline (--time-limit).
-
-    The margin before the deadline covers what stopping costs, measured on this run: the
-    slowest save so far (snapshot + background write) with half again for safety, plus a few
-    steps and one poll interval, and never less than 5% of the limit (capped at a minute)
-    before any save was seen.
-    """
-
-    #: The clocks (and the launcher's STOP file) are looked at on one step per this many
-    #: seconds at most: a stop or timed save comes at most this much later, and a step pays
-    #: one monotonic clock read instead of a stat and several clock reads.
-    POLL_SECONDS = 0.1
-
-    def __init__(self, config: LaunchConfig) -> None:
-        self.limit = config.time_limit_seconds
-        self.save_every = (
-            None if config.save_every_minutes is None else config.save_every_minutes * 60
-        )
-        self.started = float(os.environ.get(START_TIME_ENV, time.time()))
-        self._last_save = time.monotonic()
-        self._last_step: float | None = None  # the first step's time includes start-up
-        self._next_poll = 0.0
-        self._slowest_step = 0.0
-        self._slowest_save = 0.0
-        self._saves_seen = 0
-
-    def record_save(self, seconds: float) -> None:
-        self._last_save = time.monotonic()
-        self._slowest_save = max(self._slowest_save, seconds)
-
-    def record_background_saves(self, durations: list[float]) -> None:
-        # Called every step with the writer's whole history: look at the new entries only.
-        if len(durations) > self._saves_seen:
-            self._slowest_save = max(self._slowest_save, *durations[self._saves_seen :])
-            self._saves_seen = len(durations)
-
-    def poll_due(self) -> bool:
-        """Called once per optimizer step (it times the step); True on the steps where the
-        deadline, timed saves and the STOP file are to be looked at."""
-        now = time.monotonic()
-        if self._last_step is not None:
-            self._slowest_step = max(self._slowest_step, now - self._last_step)
-        self._last_step = now
-        if now < self._next_poll:
-            return False
-        self._next_poll = now + self.POLL_SECONDS
-        return True
-
-    def save_due(self) -> bool:
-        return self.save_every is not None and time.monotonic() - self._last_save >= self.save_every
-
-    def margin(self) -> float:
-        assert self.limit is not None
-        floor = min(60.0, 0.05 * self.limit)
-        return max(floor, 1.5 * self._slowest_save + 3 * self._slowest_step + self.POLL_SECONDS)
-
-    def deadline_near(self) -> bool:
-        if self.limit is None:
-            return False
-        return time.time() + self.margin() >= self.started + self.limit

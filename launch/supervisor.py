@@ -79,7 +79,9 @@ class Supervisor:
         self.state = RunState.STARTING
         self.stop_signal: int | None = None
         self.history: list[RunState] = [self.state]
-        self._lock = threading.Lock()
+        # Re-entrant: a signal handler may call request_stop while the main thread is inside
+        # _enter, holding the lock.
+        self._lock = threading.RLock()
 
     # -- transitions ---------------------------------------------------------------------------
     def _enter(self, state: RunState, why: str = "") -> None:

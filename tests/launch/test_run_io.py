@@ -7,9 +7,7 @@ import json
 import pytest
 import torch
 
-from tlaunch import run_io
-from tlaunch.config import LaunchConfig
-from tlaunch.run_io import MetricsLog, StopWatch
+from tlaunch.run_io import MetricsLog
 
 
 def lines(log: MetricsLog) -> list[dict]:
@@ -77,42 +75,3 @@ def test_close_twice_and_ranks_without_a_file(log, tmp_path):
     other_rank.add(1, 0, {"x": torch.tensor(3.0)})
     assert other_rank.latest() == {"x": 3.0}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def time(self) -> float:
-        return self.now
-
-
-def test_the_clocks_are_polled_a_few_times_a_second_and_every_step_is_timed(monkeypatch):
-    clock = FakeClock()
-    monkeypatch.setattr(run_io, "time", clock)
-    watch = StopWatch(LaunchConfig(time_limit="100s"))
-    assert watch.poll_due(), "the first step polls"
-    polled = []
-    for _ in range(30):
-        clock.now += 0.01
-        polled.append(watch.poll_due())
-    # One poll per POLL_SECONDS (0.1 s) of 10 ms steps; float steps may land a poll a step late.
-    assert 2 <= sum(polled) <= 3 and not any(polled[:9])
-    clock.now += 5.0  # one slow step
-    watch.poll_due()
-    assert watch.margin() == pytest.approx(max(5.0, 3 * 5.0 + watch.POLL_SECONDS))
-
-
-def test_the_margin_keeps_the_slowest_background_save_as_the_history_grows():
-    watch = StopWatch(LaunchConfig(time_limit="10s"))  # floor: 0.5 s
-    durations = [1.0, 4.0]  # the writer's list, which only grows
-    watch.record_background_saves(durations)
-    durations.append(2.0)
-    watch.record_background_saves(durations)
-    assert watch.margin() == pytest.approx(1.5 * 4.0 + watch.POLL_SECONDS)
-    durations.append(9.0)
-    watch.record_background_saves(durations)
-    assert watch.margin() == pytest.approx(1.5 * 9.0 + watch.POLL_SECONDS)

@@ -358,11 +358,6 @@ class _SignalDuringAppend(list):
             self.supervisor.request_stop(signal.SIGTERM)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="request_stop is documented as safe from signal handlers, but _enter holds a "
-    "non-reentrant Lock: a handler that runs while the main thread is inside _enter deadlocks",
-)
 def test_a_signal_landing_inside_a_transition_does_not_deadlock(build, tmp_path):
     sup, workers, _ = build([stop_then(0, commit=True)])
     sup.history = _SignalDuringAppend(sup.history, sup)

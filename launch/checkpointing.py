@@ -1,0 +1,414 @@
+"""The one owner of what a run saves, when it saves, and where it resumes from.
+
+The Run hands every prepared or registered object to a :class:`CheckpointManager` and asks
+it three things: at start, where to resume (:meth:`CheckpointManager.open`: rank 0 picks and
+verifies the checkpoint and broadcasts its step, every rank loads it, the drift check refuses
+changed settings that break the run); as objects are prepared, to put the saved state into
+them; after each optimizer step and epoch, whether a save is due, and to save. Nothing else
+reads or writes checkpoint contents, and the manager never reaches into the Run: the Run
+passes it the position (:class:`Position`) and metrics to save.
+
+A save is two-phase: :meth:`CheckpointManager.save` snapshots state into CPU memory (the
+only part training waits for) and hands it to the background writer on rank 0, which
+serializes, uploads and commits while training continues (:mod:`tlaunch.storage`).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tlaunch.config import LaunchConfig
+from tlaunch.contract import EXIT_FAILED, fail
+from tlaunch.drift import check_drift, config_hash
+
+#: Names of the saved states. The i-th object of a kind past the first is ``<kind>_<i>``.
+MODEL, OPTIMIZER, SCHEDULER, SCALER = "model", "optimizer", "scheduler", "scaler"
+
+
+def state_name(kind: str, index: int) -> str:
+    return kind if index == 0 else f"{kind}_{index}"
+
+
+@dataclass(slots=True)
+class Position:
+    """Where a run is: what a checkpoint records and a resume continues from."""
+
+    #: Optimizer steps taken (global, identical on every rank).
+    step: int = 0
+    epoch: int = 0
+    #: Batches of ``epoch`` this rank has consumed.
+    batch_in_epoch: int = 0
+    #: Samples consumed by all ranks together.
+    samples_seen: int = 0
+
+
+@dataclass
+class ResumePoint:
+    """The saved position a resumed run re-enters, consumed once: the first epoch and batch
+    loop that reach it take the saved batch and RNG state."""
+
+    epoch: int = 0
+    batch: int = 0
+    rng: dict | None = None
+    _rng_pending: bool = False
+    _batch_pending: bool = False
+
+    def start_batch(self, epoch: int) -> int:
+        if self._batch_pending and epoch == self.epoch:
+            self._batch_pending = False
+            return self.batch
+        return 0
+
+    def take_rng(self, epoch: int, *, at_epoch_start: bool) -> dict | None:
+        """The saved RNG state if ``epoch`` (at its start, or mid-way) is where it was saved."""
+        if (
+            not self._rng_pending
+            or epoch != self.epoch
+            or (self.batch == 0) != at_epoch_start
+            or self.rng is None
+        ):
+            return None
+        self._rng_pending = False
+        return self.rng
+
+
+@dataclass
+class _States:
+    """Everything a checkpoint holds besides the position, in the order it was prepared."""
+
+    models: list[Any] = field(default_factory=list)
+    optimizers: list[Any] = field(default_factory=list)
+    schedulers: list[Any] = field(default_factory=list)
+    loaders: list[Any] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class CheckpointManager:
+    """What is saved (the tracked states), when (``--save-every*``), and how a run resumes.
+
+    Disabled (every method a no-op, :meth:`open` resumes nothing) without
+    ``--checkpoint-dir`` and under ``--fast-dev-run``.
+    """
+
+    def __init__(
+        self, config: LaunchConfig, strategy: Any, accelerator: Any, hparams: dict
+    ) -> None:
+        self.config, self.strategy, self.accelerator = config, strategy, accelerator
+        self.hparams = hparams
+        self.is_main = accelerator.is_main_process
+        self.world_size = accelerator.num_processes
+        self.enabled = bool(config.checkpoint_dir) and not config.fast_dev_run
+        self.states = _States()
+        self.store: Any = None
+        self.writer: Any = None
+        self.loaded: Any = None
+        self.saved_step = -1
+        #: Slowest save so far (snapshot, or the background write): the deadline's margin.
+        self.slowest_save = 0.0
+        self._last_save = time.monotonic()
+        self._save_every_s = (
+            None if config.save_every_minutes is None else config.save_every_minutes * 60
+        )
+        self._durations_seen = 0
+
+    # -- where to resume -------------------------------------------------------------------
+    def open(self, position: Position, metrics: Any) -> ResumePoint:
+        """Open the store, pick and load the checkpoint to resume from, and move ``position``
+        and ``metrics`` there. Returns where the data and RNG streams re-enter."""
+        point = ResumePoint()
+        if not self.enabled:
+            return point
+        from tlaunch.storage import AsyncCheckpointWriter, CheckpointStore, RetentionPolicy
+
+        config = self.config
+        self.store = CheckpointStore(config.checkpoint_dir)
+        if self.is_main:
+            self.store.clean_stale()
+            retention = RetentionPolicy(
+                keep_last=config.keep_last,
+                keep_every=config.keep_every,
+                keep_best=config.keep_best,
+                monitor=config.monitor,
+                mode=config.mode,
+            )
+            self.writer = AsyncCheckpointWriter(self.store, retention=retention)
+        loaded = self._load_target()
+        if loaded is None:
+            return point
+        saved = loaded.state
+        self.loaded = loaded
+        point.epoch, point.batch = saved["epoch"], saved["batch_in_epoch"]
+        point._batch_pending = point._rng_pending = True
+        position.step, position.epoch = saved["step"], saved["epoch"]
+        position.samples_seen = saved["samples_seen"]
+        metrics.replace(dict(saved.get("metrics", {})))
+        self.saved_step = position.step
+        point.rng = loaded.rng.get(self.accelerator.process_index)
+        if saved["world_size"] != self.world_size:
+            self._adapt_world_size(point, saved["world_size"])
+        if self.is_main:
+            print(
+                f"tlaunch: resuming from step {position.step} (epoch {point.epoch}, batch "
+                f"{point.batch}; {position.samples_seen} samples already seen) from {loaded.info.url}",
+                file=sys.stderr,
+                flush=True,
+            )
+        check_drift(loaded, self.hparams, config, warn=self.is_main)
+        return point
+
+    def _load_target(self) -> Any:
+        """Rank 0 picks the checkpoint (verifying it, quarantining bad ones) and broadcasts its
+        step; the other ranks load that step and never rescan to decide."""
+        from tlaunch.storage import CheckpointError, CheckpointStore
+
+        config, store = self.config, self.store
+        choice = config.resume
+        if choice == "never":
+            if self.is_main:
+                _refuse_existing(store, config)
+            return None
+        source, step = store, None
+        if choice != "auto":
+            m = re.fullmatch(r"(?:(.*?)/+)?step-(\d+)/?", choice)
+            if choice.isdigit():
+                step = int(choice)
+            elif m:
+                source, step = CheckpointStore(m.group(1) or "."), int(m.group(2))
+            else:
+                source = CheckpointStore(choice)
+        try:
+            loaded = chosen = None
+            if self.is_main:
+                loaded = source.load(step) if step is not None else source.load_latest()
+                chosen = None if loaded is None else loaded.info.step
+            chosen = self.strategy.broadcast_object(self.accelerator, chosen)
+            if chosen is None:
+                if step is not None or choice != "auto":
+                    fail(
+                        f"--resume {choice}: no committed checkpoint there; use --resume auto "
+                        "or --resume never"
+                    )
+                return None
+            if self.is_main and choice != "auto":
+                _refuse_older_timeline(store, config, chosen, loaded)
+            return loaded if self.is_main else source.load(chosen, verify=False)
+        except CheckpointError as e:
+            fail(f"--resume {choice}: {e}")
+        return None
+
+    def _adapt_world_size(self, point: ResumePoint, old: int) -> None:
+        new = self.world_size
+        # The data position is kept by samples seen: each rank starts its shard where an even
+        # split of the samples already seen in this epoch ends.
+        point.batch = (point.batch * old) // new
+        point.rng = None  # another rank's stream would be no more exact than a fresh one
+        if self.is_main:
+            warnings.warn(
+                f"resuming a checkpoint saved with {old} processes on {new}: per-rank random "
+                f"numbers cannot continue exactly (fresh seeds are used), and each rank resumes "
+                f"its data at batch {point.batch} of this epoch so that the samples already "
+                "seen are skipped",
+                stacklevel=4,
+            )
+
+    # -- what is saved -----------------------------------------------------------------------
+    def track(self, kind: str, obj: Any) -> None:
+        """Save and restore ``obj``, a prepared model, optimizer, scheduler or loader."""
+        {
+            MODEL: self.states.models,
+            OPTIMIZER: self.states.optimizers,
+            SCHEDULER: self.states.schedulers,
+            "loader": self.states.loaders,
+        }[kind].append(obj)
+
+    def register(self, name: str, obj: Any) -> None:
+        """Save and restore ``obj`` (``state_dict``/``load_state_dict``) under ``name``."""
+        self.states.extra[name] = obj
+        if self.loaded is not None and name in self.loaded.objects:
+            obj.load_state_dict(self.loaded.objects[name])
+
+    def restore_prepared(self) -> None:
+        """Put the loaded checkpoint into everything tracked so far (at each ``prepare``)."""
+        loaded = self.loaded
+        if loaded is None:
+            return
+        for i, model in enumerate(self.states.models):
+            weights = loaded.tensors.get(state_name(MODEL, i))
+            if weights is not None:
+                self.strategy.unwrap(self.accelerator, model).load_state_dict(weights)
+        for kind, objs in (
+            (OPTIMIZER, self.states.optimizers),
+            (SCHEDULER, self.states.schedulers),
+        ):
+            for i, obj in enumerate(objs):
+                state = loaded.objects.get(state_name(kind, i))
+                if state is not None:
+                    obj.load_state_dict(state)
+        if SCALER in loaded.objects:
+            self.strategy.load_scaler_state(self.accelerator, loaded.objects[SCALER])
+        saved_bs = loaded.state.get("batch_size")
+        for loader in self.states.loaders:
+            if (
+                saved_bs is not None
+                and loader.batch_size != saved_bs
+                and not self.config.resume_force
+            ):
+                fail(
+                    f"the checkpoint at step {loaded.info.step} was trained with batch size "
+                    f"{saved_bs}, this run uses {loader.batch_size}; restore it, or pass --resume-force"
+                )
+
+    # -- when ----------------------------------------------------------------------------------
+    def timed_save_due(self) -> bool:
+        """``--save-every-minutes`` elapsed on this rank's clock (the ranks agree before saving)."""
+        return (
+            self._save_every_s is not None
+            and time.monotonic() - self._last_save >= self._save_every_s
+        )
+
+    def due_after_step(self, step: int) -> bool:
+        every = self.config.save_every
+        return bool(every and step % every == 0)
+
+    def due_at_epoch_end(self, next_epoch: int) -> bool:
+        every = self.config.save_every_epochs
+        return bool(every and next_epoch % every == 0)
+
+    # -- saving --------------------------------------------------------------------------------
+    def save(self, position: Position, metrics: dict[str, float], *, force: bool = False) -> bool:
+        """Commit a checkpoint at ``position`` (every rank calls it). Phase one runs here:
+        state into CPU memory, the ranks' RNG gathered to rank 0, handed to the writer there.
+        Returns whether a save was taken (not when disabled, or already saved at this step
+        unless ``force``)."""
+        if not self.enabled or (self.saved_step == position.step and not force):
+            return False
+        started = time.monotonic()
+        rngs = self.strategy.gather_object(self.accelerator, self.strategy.rng_state())
+        if self.is_main:
+            tensors, objects = self._snapshot()
+            state = self._state_record(position, metrics)
+            self.writer.submit(
+                position.step,
+                tensors=tensors,
+                objects=objects,
+                rng=dict(enumerate(rngs)),
+                state=state,
+            )
+        self._last_save = time.monotonic()
+        self.slowest_save = max(self.slowest_save, self._last_save - started)
+        self.saved_step = position.step
+        return True
+
+    def _snapshot(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        from tlaunch.storage import cpu_snapshot
+
+        s, acc = self.states, self.accelerator
+        tensors = {
+            state_name(MODEL, i): cpu_snapshot(self.strategy.unwrap(acc, m).state_dict())
+            for i, m in enumerate(s.models)
+        }
+        objects: dict[str, Any] = {}
+        for kind, objs in ((OPTIMIZER, s.optimizers), (SCHEDULER, s.schedulers)):
+            for i, obj in enumerate(objs):
+                objects[state_name(kind, i)] = cpu_snapshot(obj.state_dict())
+        scaler = self.strategy.scaler_state(acc)
+        if scaler is not None:
+            objects[SCALER] = cpu_snapshot(scaler)
+        for name, obj in s.extra.items():
+            objects[name] = cpu_snapshot(obj.state_dict())
+        return tensors, objects
+
+    def _state_record(self, position: Position, metrics: dict[str, float]) -> dict[str, Any]:
+        config = asdict(self.config)
+        loaders = self.states.loaders
+        return {
+            "step": position.step,
+            "epoch": position.epoch,
+            "batch_in_epoch": position.batch_in_epoch,
+            "samples_seen": position.samples_seen,
+            "world_size": self.world_size,
+            "hparams": self.hparams,
+            "metrics": dict(metrics),  # the writer serializes it while training logs on
+            "config": config,
+            "config_hash": config_hash(config),
+            "batch_size": loaders[0].batch_size if loaders else None,
+            "versions": _versions(),
+            "time": time.time(),
+        }
+
+    def check_writer(self) -> None:
+        """Surface a failed background save on the step after it failed."""
+        if self.writer is None:
+            return
+        durations = self.writer.save_durations
+        if len(durations) > self._durations_seen:  # the writer's whole history: new ones only
+            self.slowest_save = max(self.slowest_save, *durations[self._durations_seen :])
+            self._durations_seen = len(durations)
+        try:
+            self.writer.check()
+        except Exception as e:  # a storage failure of any kind: report it in one line
+            if self.config.on_save_error == "continue":
+                warnings.warn(
+                    f"checkpoint save failed, training continues (--on-save-error continue): {e}",
+                    stacklevel=2,
+                )
+                return
+            fail(
+                f"checkpoint save failed: {e}; the previous checkpoint is intact. Fix the storage "
+                "problem and run the same command again, or pass --on-save-error continue",
+                EXIT_FAILED,
+            )
+
+    def flush(self) -> None:
+        """Wait until the save in flight is committed (rank 0); the other ranks wait for it."""
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            self.writer.flush()
+            self.check_writer()
+        self.strategy.barrier(self.accelerator)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _refuse_existing(store: Any, config: LaunchConfig) -> None:
+    existing = store.committed()
+    if existing:
+        # Saving over another run's committed steps would destroy them: refuse instead.
+        fail(
+            f"--resume never, but {config.checkpoint_dir} already holds committed checkpoints "
+            f"(steps {existing[0].step}..{existing[-1].step}); use a new --checkpoint-dir, "
+            "or --resume auto to continue them"
+        )
+
+
+def _refuse_older_timeline(store: Any, config: LaunchConfig, chosen: int, loaded: Any) -> None:
+    later = [i.step for i in store.committed() if i.step > chosen]
+    if later:
+        # Continuing from an older step here would collide with (and could never overwrite)
+        # the newer steps of the other timeline.
+        fail(
+            f"--resume {config.resume}: {config.checkpoint_dir} holds newer committed steps "
+            f"({later[0]}..{later[-1]}); resume into a new directory: --resume "
+            f"{loaded.info.url} --checkpoint-dir NEW_DIR"
+        )
+
+
+def _versions() -> dict[str, str]:
+    import accelerate
+    import torch
+
+    import tlaunch
+
+    return {
+        "tlaunch": tlaunch.__version__,
+        "torch": torch.__version__,
+        "accelerate": accelerate.__version__,
+    }

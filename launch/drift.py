@@ -1,0 +1,75 @@
+"""Does a checkpoint still fit the run that wants to resume it?
+
+Run the same command again after editing the script or its flags, and the checkpoint meets
+settings it was not made with. Some changes are harmless (more epochs, a new log interval);
+some change what the run computes (the learning rate, the batch size, accumulation, the
+seed), and silently continuing would produce a model no single setting describes. Those are
+refused, listed one per line of the message, unless ``--resume-force``; the rest are warned
+about.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import warnings
+from dataclasses import asdict
+from typing import Any
+
+from tlaunch.config import LaunchConfig
+from tlaunch.contract import fail
+
+#: hparams whose change alters what the run computes: refused on resume unless --resume-force.
+MEANING_KEYS = re.compile(r"batch|(^|_)lr($|_)|learning_rate|schedul|warmup|accum", re.IGNORECASE)
+#: Launch settings whose change alters the run; a changed world size is only warned about.
+MEANING_CONFIG = ("grad_accum", "seed")
+#: The settings summarized by a checkpoint's ``config_hash``.
+_HASHED = ("precision", "grad_accum", "seed", "clip_grad_norm", "clip_grad_value")
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    blob = json.dumps({k: config.get(k) for k in _HASHED}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def differences(
+    saved_hparams: dict[str, Any],
+    saved_config: dict[str, Any],
+    hparams: dict[str, Any],
+    config: LaunchConfig,
+) -> tuple[list[str], list[str]]:
+    """(every change as ``"name: old -> new"``, the names of the changes that break the run)."""
+    changes, breaking = [], []
+    for key in sorted(set(saved_hparams) | set(hparams)):
+        before, after = saved_hparams.get(key, "<unset>"), hparams.get(key, "<unset>")
+        if before != after:
+            changes.append(f"{key}: {before!r} -> {after!r}")
+            if MEANING_KEYS.search(key):
+                breaking.append(key)
+    current = asdict(config)
+    for key in MEANING_CONFIG:
+        if key in saved_config and saved_config[key] != current[key]:
+            flag = "--" + key.replace("_", "-")
+            changes.append(f"{flag}: {saved_config[key]!r} -> {current[key]!r}")
+            breaking.append(flag)
+    return changes, breaking
+
+
+def check_drift(loaded: Any, hparams: dict[str, Any], config: LaunchConfig, *, warn: bool) -> None:
+    """Refuse (one ``tlaunch: error:`` line, exit 2) a resume whose changed settings change
+    what the run computes, unless ``--resume-force``; warn about the others on rank 0."""
+    changes, breaking = differences(
+        loaded.state.get("hparams", {}), loaded.state.get("config", {}), hparams, config
+    )
+    if not changes:
+        return
+    listing = "; ".join(changes)
+    if breaking and not config.resume_force:
+        fail(
+            f"the checkpoint at step {loaded.info.step} was made with different settings "
+            f"({listing}); {', '.join(breaking)} change what the run computes. Restore them, "
+            "start fresh with --resume never or another --checkpoint-dir, or pass --resume-force"
+        )
+    if warn:
+        warnings.warn(f"resuming with changed settings: {listing}", stacklevel=4)

@@ -1,0 +1,201 @@
+"""The worker side of a stop, in one place: what triggers it, how the ranks agree, how it ends.
+
+::
+
+    trigger (any rank)                      agreement                   end
+    ───────────────────                     ─────────                   ───
+    SIGTERM / SIGINT / SIGUSR1 ─┐
+    the launcher's STOP file ───┼─▶ local ─▶ any_rank_lagged ─▶ agreed ─▶ announce
+    --time-limit minus margin ──┘   flag     (one all-reduce       │     (WORKERS_STOPPING)
+                                             per step, a step      ▼
+                                             late)            the Run commits one
+                                                              checkpoint, then exit():
+                                                              report (preempted.json),
+                                                              end the process group, leave
+
+Every rank reaches the same decision at the same optimizer step, so every rank saves the
+same step. The launcher's side (signals to the launcher, cloud notices, the supervisor's state
+machine) is in :mod:`tlaunch.supervisor` and :mod:`tlaunch.launcher`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from tlaunch.config import LaunchConfig
+from tlaunch.contract import (
+    CONTROL_DIR_ENV,
+    EXIT_FAILED,
+    EXIT_PREEMPTED,
+    PREEMPTED_REPORT,
+    START_TIME_ENV,
+    STOP_FILE,
+    WORKERS_STOPPING,
+)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class StepClock:
+    """Times optimizer steps, decides when the slower checks are due, and the deadline.
+
+    The margin before ``--time-limit`` covers what stopping costs, measured on this run: the
+    slowest save so far with half again for safety, plus a few steps and one poll interval,
+    and never less than 5% of the limit (capped at a minute) before any save was seen.
+    """
+
+    #: The deadline, timed saves and the launcher's STOP file are looked at on one step per
+    #: this many seconds at most: a stop or timed save comes at most this much later, and a
+    #: step pays one monotonic clock read instead of a stat and several clock reads.
+    POLL_SECONDS = 0.1
+
+    def __init__(self, limit: float | None) -> None:
+        self.limit = limit
+        self.started = float(os.environ.get(START_TIME_ENV, time.time()))
+        self._last_step: float | None = None  # the first step's time includes start-up
+        self._next_poll = 0.0
+        self.slowest_step = 0.0
+
+    def poll_due(self) -> bool:
+        """Called once per optimizer step (it times the step); True on the steps where the
+        slower checks are due."""
+        now = time.monotonic()
+        if self._last_step is not None:
+            self.slowest_step = max(self.slowest_step, now - self._last_step)
+        self._last_step = now
+        if now < self._next_poll:
+            return False
+        self._next_poll = now + self.POLL_SECONDS
+        return True
+
+    def margin(self, slowest_save: float) -> float:
+        assert self.limit is not None
+        floor = min(60.0, 0.05 * self.limit)
+        return max(floor, 1.5 * slowest_save + 3 * self.slowest_step + self.POLL_SECONDS)
+
+    def deadline_near(self, slowest_save: float) -> bool:
+        if self.limit is None:
+            return False
+        return time.time() + self.margin(slowest_save) >= self.started + self.limit
+
+
+class StopController:
+    """Owns this worker's stop: signal handlers, the triggers, the agreement, the exit."""
+
+    def __init__(self, config: LaunchConfig, strategy: Any, accelerator: Any) -> None:
+        self.strategy, self.accelerator = strategy, accelerator
+        self.control_dir = os.environ.get(CONTROL_DIR_ENV)
+        self._stop_file = os.path.join(self.control_dir, STOP_FILE) if self.control_dir else None
+        self._local_rank0 = int(os.environ.get("LOCAL_RANK", "0")) == 0
+        self.clock = StepClock(config.time_limit_seconds)
+        #: This rank's own request (a signal); ``agreed``: every rank's decision.
+        self.requested = False
+        self.agreed = False
+        self._first_signal_at: float | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def under_launcher(self) -> bool:
+        return self.control_dir is not None
+
+    # -- triggers ----------------------------------------------------------------------------
+    def install(self) -> None:
+        """Take SIGTERM, SIGINT and SIGUSR1 for this run (main thread only); :meth:`restore`
+        gives them back."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for s in STOP_SIGNALS:
+            self._previous[s] = signal.signal(s, self._handle)
+        if self.under_launcher:
+            _die_with_launcher()
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        # A terminal's Ctrl-C reaches us twice (directly and forwarded by the agent): a
+        # repeat within a second is the same request. A later one forces the exit; the
+        # commit protocol guarantees no partial checkpoint is ever taken for a complete one.
+        if self._first_signal_at is not None and now - self._first_signal_at > 1.0:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self._first_signal_at = self._first_signal_at or now
+        self.requested = True
+
+    # -- agreement ---------------------------------------------------------------------------
+    def after_step(self, *, timed_save_due: Any, slowest_save: Any) -> tuple[bool, bool]:
+        """Once per optimizer step on every rank: (stop now, save now), agreed by all ranks.
+
+        ``timed_save_due`` and ``slowest_save`` are callables, asked only on polling steps.
+        """
+        local_stop, save_due = self.requested, False
+        if self.clock.poll_due():
+            local_stop = (
+                local_stop
+                or self.clock.deadline_near(slowest_save())
+                or (self._stop_file is not None and os.path.exists(self._stop_file))
+            )
+            save_due = timed_save_due()
+        # Stops and timed saves depend on clocks and signals that differ between ranks; every
+        # rank must take the same decision before anyone saves: one tiny all-reduce per step.
+        stop, save_due = self.strategy.any_rank_lagged(self.accelerator, [local_stop, save_due])
+        self.agreed = self.agreed or stop
+        return stop, save_due
+
+    @property
+    def should_stop(self) -> bool:
+        return self.agreed or (self.accelerator.num_processes == 1 and self.requested)
+
+    # -- the end -----------------------------------------------------------------------------
+    def announce(self) -> None:
+        """Tell the launcher the workers stop on their own: a watcher firing now adds nothing."""
+        if self.under_launcher and self._local_rank0:
+            open(os.path.join(self.control_dir, WORKERS_STOPPING), "w").close()
+
+    def exit(self, *, committed: bool, step: int, epoch: int, batch: int, is_main: bool) -> None:
+        """Report the stop, end the process group and leave the script."""
+        if committed and self.under_launcher and self._local_rank0:
+            with open(os.path.join(self.control_dir, PREEMPTED_REPORT), "w") as f:
+                json.dump({"step": step, "epoch": epoch, "batch": batch}, f)
+        if is_main:
+            what = (
+                f"checkpoint committed at step {step}"
+                if committed
+                else "no --checkpoint-dir, nothing saved"
+            )
+            print(f"tlaunch: stop requested; {what}", file=sys.stderr, flush=True)
+        self.strategy.end_process_group(self.accelerator)
+        self.restore()
+        # Under the launcher the report file carries "preempted"; exit 0 keeps torch's elastic
+        # agent from treating the stop as a failure to restart from.
+        if self.under_launcher:
+            raise SystemExit(0)
+        raise SystemExit(EXIT_PREEMPTED if committed else EXIT_FAILED)
+
+
+def _die_with_launcher() -> None:
+    """Ask Linux to SIGKILL this worker when the launcher dies (torch's elastic agent starts
+    workers in sessions of their own, so a hard kill of the launcher would leave them training
+    on, and writing checkpoints beside the next launch). Elsewhere this is a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher died before the request took effect
+        os._exit(1)
