@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tlaunch.config import LaunchConfig
-from tlaunch.contract import EXIT_FAILED, fail
+from tlaunch.contract import EXIT_FAILED, EXIT_UNAVAILABLE, fail
 from tlaunch.drift import check_drift, config_hash
 
 #: Names of the saved states. The i-th object of a kind past the first is ``<kind>_<i>``.
@@ -164,7 +164,7 @@ class CheckpointManager:
     def _load_target(self) -> Any:
         """Rank 0 picks the checkpoint (verifying it, quarantining bad ones) and broadcasts its
         step; the other ranks load that step and never rescan to decide."""
-        from tlaunch.storage import CheckpointError, CheckpointStore
+        from tlaunch.storage import CheckpointError, CheckpointStore, StorageUnavailable
 
         config, store = self.config, self.store
         choice = config.resume
@@ -197,6 +197,10 @@ class CheckpointManager:
             if self.is_main and choice != "auto":
                 _refuse_older_timeline(store, config, chosen, loaded)
             return loaded if self.is_main else source.load(chosen, verify=False)
+        except StorageUnavailable as e:
+            fail(
+                f"storage unreachable; nothing was changed; run again later ({e})", EXIT_UNAVAILABLE
+            )
         except CheckpointError as e:
             fail(f"--resume {choice}: {e}")
         return None

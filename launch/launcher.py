@@ -23,6 +23,7 @@ from tlaunch.contract import (
     DATA_DIR_ENV,
     DATA_DIRS_ENV,
     EXIT_FILE,
+    EXIT_UNAVAILABLE,
     EXIT_USAGE,
     LAUNCH_DIR_ENV,
     LAUNCHER_LOG,
@@ -30,7 +31,7 @@ from tlaunch.contract import (
 )
 from tlaunch.preemption import Deadline, Watcher, detect
 from tlaunch.run_io import make_run_dir
-from tlaunch.storage import StorageError
+from tlaunch.storage import StorageError, StorageUnavailable
 from tlaunch.supervisor import Supervisor
 from tlaunch.syncdir import SyncDirs
 from tlaunch.workers import build_workers
@@ -97,7 +98,9 @@ def launch(config: LaunchConfig) -> int:
         syncs.restore()
     except StorageError as e:
         log(f"error: {e}")
-        return 2
+        # Unreachable storage is worth another try later; anything else (no such archive,
+        # no permission, a missing backend) needs the user to change something first.
+        return EXIT_UNAVAILABLE if isinstance(e, StorageUnavailable) else EXIT_USAGE
     supervisor: Supervisor
     workers = build_workers(
         plan, config, script_command(config), env, on_signal=lambda s: supervisor.request_stop(s)

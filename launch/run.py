@@ -416,9 +416,10 @@ def _torchrun_strategy() -> str | None:
 def init(*, hparams: dict[str, Any] | None = None, **overrides: Any) -> Run:
     """Start or resume the run of this process.
 
-    Under ``tlaunch`` the launcher's configuration applies; under ``python`` or ``torchrun``
-    the defaults do, and ``overrides`` (any ``LaunchConfig`` field, e.g. ``checkpoint_dir=``)
-    set them from the script. Flags from the launcher win over overrides, with a warning.
+    Under ``tlaunch`` the launcher's configuration applies; under ``python``, ``torchrun`` or
+    in a notebook, ``TLAUNCH_<FLAG>`` variables are read exactly as the CLI reads them, and
+    ``overrides`` (any ``LaunchConfig`` field, e.g. ``checkpoint_dir=``) win over them. Flags
+    from the launcher win over overrides, with a warning.
     """
     global _CURRENT
     if _CURRENT is not None:
@@ -427,7 +428,7 @@ def init(*, hparams: dict[str, Any] | None = None, **overrides: Any) -> Run:
         )
     config = LaunchConfig.from_env()
     if config is None:
-        config = LaunchConfig(**overrides)
+        config = LaunchConfig(**{**LaunchConfig.env_defaults(), **overrides})
     else:
         for key, value in overrides.items():
             if getattr(config, key) != value:

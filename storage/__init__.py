@@ -24,6 +24,7 @@ from typing import Any
 _EXPORTS: dict[str, tuple[str, str]] = {
     # the URL layer
     "StorageError": ("tlaunch.storage.store", "StorageError"),
+    "StorageUnavailable": ("tlaunch.storage.store", "StorageUnavailable"),
     "Location": ("tlaunch.storage.store", "Location"),
     "resolve": ("tlaunch.storage.store", "resolve"),
     "is_remote": ("tlaunch.storage.store", "is_remote"),

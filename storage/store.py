@@ -49,6 +49,12 @@ class StorageError(RuntimeError):
     """A storage problem explained in one line (what failed and what to do)."""
 
 
+class StorageUnavailable(StorageError):
+    """Storage kept failing with errors a retry could cure (resets, timeouts, 429, 5xx) until
+    the retries ran out: nothing is known to be wrong with the data or the request, so the
+    caller changes nothing and says "run again later" (exit 69 under the launcher)."""
+
+
 def redact(text: str) -> str:
     """Strip ``user:secret@`` from any URL in ``text`` so credentials never reach a log."""
     return _CREDENTIALS_IN_URL.sub("***@", text)
@@ -254,7 +260,7 @@ class RetryPolicy:
                 if not is_transient(e):
                     raise storage_error(e, action, where) from e
                 if attempt == self.attempts:
-                    raise StorageError(
+                    raise StorageUnavailable(
                         f"{action} {redact(where)} still failing after {self.attempts} attempts "
                         f"({one_line(e)}); check the network and the service's status, then re-run"
                     ) from e

@@ -60,7 +60,15 @@ from tlaunch.storage.archive.format import (
 )
 from tlaunch.storage.archive.unpack import Aborted, ShardCorrupt, unpack_shard
 from tlaunch.storage.localfs import temp_path, write_atomic
-from tlaunch.storage.store import Location, StorageError, redact, resolve
+from tlaunch.storage.store import (
+    Location,
+    RetryPolicy,
+    StorageError,
+    StorageUnavailable,
+    is_transient,
+    redact,
+    resolve,
+)
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +173,9 @@ def read_manifest_at(loc: Location) -> Manifest:
     """The manifest at ``loc``; :class:`ManifestUnavailable` when the store has none."""
     where = redact(loc.url)
     try:
-        data = loc.fs.cat_file(loc.join(MANIFEST_NAME))
+        data = RetryPolicy().call(
+            loc.fs.cat_file, loc.join(MANIFEST_NAME), action="reading", where=loc.url
+        )
     except FileNotFoundError:
         raise ManifestMissing(
             f"no tlaunch data archive at {where} (no {MANIFEST_NAME}); "
@@ -377,7 +387,10 @@ class _FetchJob:
                 except Exception as e:
                     if isinstance(e, (StorageError, Aborted)):
                         raise
-                    raise StorageError(
+                    # A download breaks off for network reasons: the .part file keeps what
+                    # arrived, and a rerun resumes; "unavailable" tells the launcher so.
+                    kind = StorageUnavailable if is_transient(e) else StorageError
+                    raise kind(
                         f"downloading {self.where} failed ({one_line(e)}); "
                         "run the same command again to resume"
                     ) from e
