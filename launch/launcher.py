@@ -113,6 +113,7 @@ def launch(config: LaunchConfig) -> int:
         max_restarts=0 if getattr(workers, "agent_restarts", 0) else config.max_restarts,
         log=log,
         after_stop=syncs.flush if syncs.mirrors else None,
+        force_workers=workers.kill,
     )
     log(
         f"{strategy.name} strategy, {plan.nproc_per_node} process(es) per machine x {config.nnodes} machine(s); run dir {run_dir}"

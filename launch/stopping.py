@@ -97,7 +97,7 @@ class StopController:
         #: This rank's own request (a signal); ``agreed``: every rank's decision.
         self.requested = False
         self.agreed = False
-        self._first_signal_at: float | None = None
+        self._sigint_at: float | None = None
         self._previous: dict[int, Any] = {}
 
     @property
@@ -121,15 +121,17 @@ class StopController:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: Any) -> None:
-        now = time.monotonic()
-        # A terminal's Ctrl-C reaches us twice (directly and forwarded by the agent): a
-        # repeat within a second is the same request. A later one forces the exit; the
-        # commit protocol guarantees no partial checkpoint is ever taken for a complete one.
-        if self._first_signal_at is not None and now - self._first_signal_at > 1.0:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        self._first_signal_at = self._first_signal_at or now
+        """The first signal requests the stop; later SIGTERMs and SIGUSR1s are the same
+        request again (see :meth:`tlaunch.supervisor.Supervisor.request_stop`). A second
+        SIGINT forces the exit: a terminal's Ctrl-C reaches us twice at once (directly and
+        forwarded by the agent), so only one more than a second after the first counts."""
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._sigint_at is not None and now - self._sigint_at > 1.0:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
+            self._sigint_at = self._sigint_at or now
         self.requested = True
 
     # -- agreement ---------------------------------------------------------------------------

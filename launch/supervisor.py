@@ -68,9 +68,12 @@ class Supervisor:
         max_restarts: int = 0,
         log: Callable[[str], None] | None = None,
         after_stop: Callable[[], bool] | None = None,
+        force_workers: Callable[[], None] | None = None,
     ) -> None:
         self._start = start_workers
         self._stop_workers = stop_workers
+        #: Ends the workers at once: a second Ctrl-C.
+        self._force_workers = force_workers
         self.control_dir = control_dir
         self.max_restarts = max_restarts
         self._log = log or (lambda line: print(f"tlaunch: {line}", file=sys.stderr, flush=True))
@@ -82,6 +85,7 @@ class Supervisor:
         # Re-entrant: a signal handler may call request_stop while the main thread is inside
         # _enter, holding the lock.
         self._lock = threading.RLock()
+        self._sigint_at: float | None = None
 
     # -- transitions ---------------------------------------------------------------------------
     def _enter(self, state: RunState, why: str = "") -> None:
@@ -91,16 +95,35 @@ class Supervisor:
         self._log(f"{previous.value} -> {state.value}" + (f" ({why})" if why else ""))
 
     def request_stop(self, signum: int = signal.SIGTERM, why: str = "") -> None:
-        """Start a coordinated stop. Safe from signal handlers and watcher threads."""
+        """A stop trigger: a signal (``why`` empty) or a watcher's reason. Safe from signal
+        handlers and watcher threads.
+
+        The first trigger starts the stop. Later SIGTERMs and notices never interrupt it: on a
+        preempted VM the notice is followed by the shutdown's SIGTERM, systemd signals every
+        process, orchestrators repeat theirs, and each of them only wants what is already
+        under way. Only a second Ctrl-C (SIGINT, more than a second after the first: a
+        terminal's Ctrl-C can arrive twice at once) is a person who wants out now: the
+        workers are ended at once; the commit protocol keeps a half-written save from ever
+        being taken for a checkpoint.
+        """
         if why and os.path.exists(os.path.join(self.control_dir, WORKERS_STOPPING)):
             return
-        first = self.stop_signal is None
-        self.stop_signal = self.stop_signal or signum
+        now = time.monotonic()
+        with self._lock:
+            first = self.stop_signal is None
+            self.stop_signal = self.stop_signal or signum
+            ctrl_c = signum == signal.SIGINT and not why
+            forced = ctrl_c and self._sigint_at is not None and now - self._sigint_at > 1.0
+            if ctrl_c and self._sigint_at is None:
+                self._sigint_at = now
         if first:
             open(os.path.join(self.control_dir, STOP_FILE), "w").close()
             if self.state in (RunState.RUNNING, RunState.STARTING):
                 self._enter(RunState.STOPPING, why or signal.Signals(signum).name)
-        self._stop_workers(signum)
+            self._stop_workers(signum)
+        elif forced and self._force_workers is not None:
+            self._log("second Ctrl-C: ending the workers now")
+            self._force_workers()
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> int:

@@ -53,13 +53,21 @@ class DirectWorkers:
         timer.daemon = True
         timer.start()
 
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+
 
 class ElasticWorkers:
     """``nproc_per_node`` workers on each of ``nnodes`` machines through torch's elastic agent.
 
-    The agent handles SIGTERM/SIGINT itself while it runs: it forwards the signal to the
-    workers, waits up to ``shutdown_timeout`` and raises ``SignalException``, which we turn
-    into the supervisor's stop instead of a traceback.
+    While it runs, the agent owns SIGTERM, SIGINT, SIGHUP and SIGQUIT: its handler raises
+    ``SignalException`` in the main thread, and the agent then forwards the signal to the
+    workers, waits up to ``shutdown_timeout`` (``--grace``) and SIGKILLs what is left. Its
+    handler raises on *every* signal, so a second SIGTERM (the shutdown's, after a cloud
+    notice) would break off that wait and with it the workers' save. We put our own function
+    in its place (:meth:`_agent_signal`): every signal goes to the supervisor, and only the
+    first stop raises ``SignalException``, once.
     """
 
     def __init__(
@@ -118,6 +126,12 @@ class ElasticWorkers:
             for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
         }
         self.running, self.agent_stopped = True, False
+        self._raise_stop = self._in_handler = False
+        agent_api = _agent_multiprocessing_api()
+        torch_handler, agent_api._terminate_process_handler = (
+            agent_api._terminate_process_handler,
+            self._agent_signal,
+        )
         try:
             elastic_launch(self._elastic_config(attempt), self.command[0])(*self.command[1:])
             return Attempt(0)
@@ -135,15 +149,65 @@ class ElasticWorkers:
             return Attempt(128 + int(e.sigval), f"stopped by {signal.Signals(e.sigval).name}")
         finally:
             self.running = False
+            agent_api._terminate_process_handler = torch_handler
             # The agent leaves its handlers installed; between attempts the supervisor's apply.
             for s, h in handlers.items():
                 signal.signal(s, h)
 
+    def _agent_signal(self, signum: int, frame: object) -> None:
+        """The agent's signal handler while it runs (see the class docstring)."""
+        self._in_handler = True
+        try:
+            self.on_signal(signum)  # the supervisor: the first stop calls stop() below
+        finally:
+            self._in_handler = False
+        if self._raise_stop:
+            from torch.distributed.elastic.multiprocessing.api import SignalException
+
+            self._raise_stop = False
+            self.agent_stopped = True
+            sig = signal.Signals(signum)
+            raise SignalException(f"tlaunch stop ({sig.name})", sigval=sig)
+
     def stop(self, signum: int) -> None:
-        # A trigger the agent did not see (a watcher thread, SIGUSR1): signal ourselves so the
-        # agent forwards SIGTERM to the workers and shuts them down its usual way.
-        if getattr(self, "running", False) and not self.agent_stopped:
+        """Have the agent forward ``signum`` to the workers and wait for them (once)."""
+        if not getattr(self, "running", False) or self.agent_stopped:
+            return
+        self._raise_stop = True
+        if not self._in_handler:
+            # A trigger the agent's handler did not see (a watcher thread, SIGUSR1): the
+            # agent's wait runs in the main thread; interrupt it there.
             os.kill(os.getpid(), signal.SIGTERM)
+
+    def kill(self) -> None:
+        """End every worker now (a second Ctrl-C): SIGKILL to this process's children."""
+        for pid in _children(os.getpid()):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _agent_multiprocessing_api():
+    import torch.distributed.elastic.multiprocessing.api as agent_api
+
+    return agent_api
+
+
+def _children(pid: int) -> list[int]:
+    """The direct children of ``pid`` (Linux ``/proc``; elsewhere none are found)."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found += [int(c) for c in f.read().split()]
+        except OSError:
+            continue
+    return found
 
 
 def build_workers(

@@ -62,11 +62,26 @@ class FakeWorkers:
         self.stopped.set()
 
 
+class Clock:
+    """The supervisor's clock: ``now`` moves only when a test moves it."""
+
+    now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
 @pytest.fixture
-def sleeps(monkeypatch) -> list[float]:
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def sleeps(monkeypatch, clock) -> list[float]:
     """The backoff delays the supervisor asked for (it does not really sleep)."""
     asked: list[float] = []
-    monkeypatch.setattr(supervisor_module, "time", types.SimpleNamespace(sleep=asked.append))
+    fake_time = types.SimpleNamespace(sleep=asked.append, monotonic=clock.monotonic)
+    monkeypatch.setattr(supervisor_module, "time", fake_time)
     return asked
 
 
@@ -257,8 +272,30 @@ def test_a_second_stop_request_does_not_reenter_stopping(build, tmp_path):
     sup, workers, _ = build([attempt])
     assert sup.run() == 128 + signal.SIGINT, "the first trigger's signal names the exit code"
     assert sup.history.count(S.STOPPING) == 1
-    # Each later request still reaches the workers: a second signal is how a person forces it.
-    assert workers.stops == [signal.SIGINT, signal.SIGTERM, signal.SIGTERM]
+    # Later SIGTERMs and notices never interrupt the stop under way: nothing more is sent.
+    assert workers.stops == [signal.SIGINT]
+
+
+def test_only_a_second_ctrl_c_a_second_later_forces_the_workers(build, tmp_path, clock):
+    forced: list[bool] = []
+
+    def attempt(workers: FakeWorkers) -> Attempt:
+        sup = workers.supervisor
+        sup.request_stop(signal.SIGTERM, "GCE preemption notice")
+        sup.request_stop(signal.SIGINT)  # the first Ctrl-C: a stop is already under way
+        clock.now += 0.5
+        sup.request_stop(signal.SIGINT)  # the same Ctrl-C delivered twice: not a second one
+        sup.request_stop(signal.SIGTERM)
+        assert forced == []
+        clock.now += 1.0
+        sup.request_stop(signal.SIGINT)  # a person pressing Ctrl-C again
+        assert forced == [True]
+        return Attempt(128 + signal.SIGKILL)
+
+    sup, workers, lines = build([attempt], force_workers=lambda: forced.append(True))
+    assert sup.run() == 128 + signal.SIGKILL
+    assert workers.stops == [signal.SIGTERM], "the workers were told once"
+    assert any("second Ctrl-C" in line for line in lines)
 
 
 # -- stops the workers decided themselves -----------------------------------------------------

@@ -1,0 +1,112 @@
+"""The stop rule: the first trigger starts the stop, later SIGTERMs and notices never
+interrupt it, and only a second Ctrl-C (SIGINT) forces the exit."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import signal
+import subprocess
+import threading
+
+import pytest
+from helpers import clean_env, tlaunch_cmd, wait_for
+
+from tests.e2e.test_preemption import (
+    FLAGS,
+    _Metadata,
+    committed,
+    finish_and_compare,
+    processes_mentioning,
+    ref_root,  # noqa: F401  (fixture)
+    start,
+    trained,
+)
+from tests.e2e.test_resume import reference
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _signal_all(proc: subprocess.Popen, out: str, sig: int) -> None:
+    """``sig`` to the launcher and to every worker, as systemd's shutdown does."""
+    proc.send_signal(sig)
+    for pid in processes_mentioning(out):
+        if pid != proc.pid:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+def test_a_notice_then_sigterm_to_every_process_still_commits_and_exits_75(tmp_path, ref_root):  # noqa: F811
+    # The issue's reproduction: 2 processes, 1 s steps, a GCE notice, then 1.5 s later the
+    # shutdown's SIGTERM to the launcher and to every worker.
+    expected = reference(ref_root, FLAGS[:4])
+    handler = type("H", (_Metadata,), {"preempted": threading.Event()})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/computeMetadata/v1"
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "final.pt")
+    proc = start(
+        tmp_path,
+        "--checkpoint-dir",
+        ckpt,
+        "--preemption-watch",
+        "gce",
+        out=out,
+        env={"TLAUNCH_GCE_METADATA_URL": url, "RESUME_TEST_STEP_DELAY": "1.0"},
+    )
+    try:
+        wait_for(lambda: proc.poll() is not None or trained(out), 120, "the first training step")
+        handler.preempted.set()
+        threading.Event().wait(1.5)
+        _signal_all(proc, out, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        server.shutdown()
+    assert proc.returncode == 75, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert len(committed(ckpt)) == 1
+    finish_and_compare(tmp_path, ckpt, out, expected)
+
+
+def test_a_repeated_sigterm_during_slow_steps_does_not_kill_the_save(tmp_path, ref_root):  # noqa: F811
+    expected = reference(ref_root, FLAGS[:4])
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "final.pt")
+    proc = start(tmp_path, "--checkpoint-dir", ckpt, out=out, env={"RESUME_TEST_STEP_DELAY": "1.0"})
+    try:
+        wait_for(lambda: proc.poll() is not None or trained(out), 120, "the first training step")
+        for _ in range(3):  # an orchestrator repeating its SIGTERM every 1.2 s
+            proc.send_signal(signal.SIGTERM)
+            threading.Event().wait(1.2)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, stderr[-3000:]
+    assert len(committed(ckpt)) == 1
+    finish_and_compare(tmp_path, ckpt, out, expected)
+
+
+def test_a_second_ctrl_c_forces_the_exit_and_leaves_no_corrupt_checkpoint(tmp_path):
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "final.pt")
+    proc = start(
+        tmp_path, "--checkpoint-dir", ckpt, "--save-every", "1", out=out,
+        env={"RESUME_TEST_STEP_DELAY": "2.0"},
+    )  # fmt: skip
+    try:
+        wait_for(lambda: proc.poll() is not None or committed(ckpt), 120, "a first checkpoint")
+        proc.send_signal(signal.SIGINT)
+        threading.Event().wait(1.2)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)  # well before a 2 s step and a save would end
+    finally:
+        proc.kill()
+    assert proc.returncode not in (0, 75)
+    wait_for(lambda: not processes_mentioning(out), 30, "every worker to be gone")
+    verify = subprocess.run(
+        tlaunch_cmd("ckpt", "verify", ckpt), capture_output=True, text=True, timeout=60,
+        env=clean_env(),
+    )  # fmt: skip
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert committed(ckpt), "the checkpoint committed before the Ctrl-Cs survives"
