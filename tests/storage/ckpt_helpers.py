@@ -1,14 +1,12 @@
-"""Checkpoint test helpers: small states, tampering on any backend, filesystems that fail."""
+"""Checkpoint test helpers: small states, tampering on any backend, stores whose storage fails."""
 
 from __future__ import annotations
 
 import errno
 import random
 
-from fsspec.implementations.local import LocalFileSystem
-from fsspec.implementations.memory import MemoryFileSystem
-
-from tlaunch.storage import CheckpointStore, Location
+from tests.faultfs import Fault, FaultyFS, torn
+from tlaunch.storage import CheckpointStore, Location, resolve
 from tlaunch.storage.checkpoint.manifest import step_dir
 from tlaunch.storage.store import RetryPolicy
 
@@ -61,54 +59,33 @@ def remove(store: CheckpointStore, step: int, name: str) -> None:
     store.location.fs.invalidate_cache(store.location.path)
 
 
-class _Faults:
-    """Make writes of files whose path contains ``match`` raise ``error`` (``times`` times)."""
-
-    match = "\0"
-    error: BaseException | None = None
-    times = 10**9
-    calls = 0
-
-    def _maybe_fail(self, path: str) -> None:
-        if self.error is not None and self.match in path and self.calls < self.times:
-            self.calls += 1
-            raise self.error
+def faulty_location(url: str, *rules: Fault) -> Location:
+    """``url`` resolved as usual, its filesystem wrapped by the fault layer with ``rules``."""
+    loc = resolve(url)
+    return Location(FaultyFS(loc.fs, *rules), loc.path, loc.url, loc.local)
 
 
-class FaultyLocalFS(_Faults, LocalFileSystem):
-    """Local disk whose file writes fail on demand (after opening, like a real full disk)."""
-
-    def _open(self, path, mode="rb", **kwargs):
-        f = super()._open(path, mode, **kwargs)
-        if "w" in mode:
-            real_write = f.write
-
-            def write(data):
-                self._maybe_fail(path)
-                return real_write(data)
-
-            f.write = write
-        return f
-
-
-class FaultyMemoryFS(_Faults, MemoryFileSystem):
-    """fsspec's memory store whose uploads fail on demand, as an object store's would."""
-
-    def pipe_file(self, path, value, *args, **kwargs):
-        self._maybe_fail(path)
-        return super().pipe_file(path, value, *args, **kwargs)
+def write_faults(match: str, error: BaseException, times: int | None = None) -> list[Fault]:
+    """Writes of files whose path contains ``match`` fail: an object store's PUT, or a local
+    write after the file was opened (as a full disk fails)."""
+    return [
+        Fault("pipe_file", f"*{match}*", error, times),
+        torn("open", f"*{match}*", keep=0, error=error, times=times),
+    ]
 
 
 def faulty_store(
-    base_url: str, error: BaseException, match: str, times: int = 10**9, retry=NO_WAIT
-):
+    base_url: str, error: BaseException, match: str, times: int | None = None, retry=NO_WAIT
+) -> CheckpointStore:
     """A store over the same place as ``base_url`` whose writes to ``match`` files fail."""
-    if base_url.startswith("memory://"):
-        fs, path, local = FaultyMemoryFS(skip_instance_cache=True), "/" + base_url[9:], False
-    else:
-        fs, path, local = FaultyLocalFS(skip_instance_cache=True), base_url, True
-    fs.error, fs.match, fs.times = error, match, times
-    return CheckpointStore(Location(fs, path, base_url, local=local), retry=retry)
+    return CheckpointStore(
+        faulty_location(base_url, *write_faults(match, error, times)), retry=retry
+    )
+
+
+def injected(store: CheckpointStore) -> int:
+    """How many faults the store's fault layer injected so far."""
+    return sum(len(rule.calls) for rule in store.location.fs.rules)
 
 
 def enospc() -> OSError:

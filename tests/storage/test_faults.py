@@ -6,7 +6,7 @@ import errno
 import os
 
 import pytest
-from ckpt_helpers import NO_WAIT, enospc, faulty_store, make_state
+from ckpt_helpers import NO_WAIT, enospc, faulty_store, injected, make_state
 
 from tlaunch.storage import CheckpointStore
 from tlaunch.storage.store import RetryPolicy, StorageError, is_transient, storage_error
@@ -77,7 +77,7 @@ def test_transient_errors_are_retried_with_backoff(memory_url):
         retry=retry,
     )
     info = store.save(2, **make_state(2))
-    assert info.step == 2 and store.location.fs.calls == 3
+    assert info.step == 2 and injected(store) == 3
     assert len(delays) == 3
     assert [round(d / b, 1) for d, b in zip(delays, [0.1, 0.2, 0.3], strict=True)] == pytest.approx(
         [1, 1, 1], abs=0.21
@@ -98,7 +98,7 @@ def test_retry_bound_exhausted_is_an_error(memory_url):
         StorageError, match=r"still failing after 4 attempts \(503 Service Unavailable <html>\)"
     ) as err:
         store.save(2, **make_state(2))
-    assert "\n" not in str(err.value) and store.location.fs.calls == NO_WAIT.attempts
+    assert "\n" not in str(err.value) and injected(store) == NO_WAIT.attempts
     _previous_is_intact(memory_url)
 
 
