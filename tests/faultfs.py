@@ -18,6 +18,8 @@ over the path the call names, and what happens, ``times`` times (``None``: every
   first ``keep`` bytes (an int) or that fraction of them (a float) land, then ``error`` is
   raised -- or with ``error=None`` the call reports success, as a lying mount would.
 * ``delay``: seconds to stall before the call (``error=None`` makes it only a slow call).
+* ``action``: run when the rule fires, before anything else: another process acting at
+  exactly that moment (deleting the step being read, say).
 
 Only the wrapper's primitive calls inject (:data:`OPS`); composite calls fsspec implements on
 top of them (``cat``, ``pipe``, ``get``, ``put``, ``copy``, ``read_bytes``, ``cat_ranges``,
@@ -37,7 +39,7 @@ import errno
 import fnmatch
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +98,7 @@ class Fault:
     each_path: bool = False
     keep: int | float | None = None
     delay: float = 0.0
+    action: Callable[[], Any] | None = None
     calls: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -236,6 +239,8 @@ class FaultyFS(AbstractFileSystem):
         real = getattr(self.fs, op)
         if rule is None:
             return real(*args, **kwargs)
+        if rule.action is not None:
+            rule.action()
         if rule.delay:
             time.sleep(rule.delay)
         if rule.keep is not None and op in ("pipe_file", "put_file"):

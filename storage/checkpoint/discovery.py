@@ -2,6 +2,21 @@
 
 Discovery must see what other processes wrote (a killed run, another machine), so every scan
 drops the backend's listing cache first: gcsfs and s3fs cache listings per process.
+
+What a COMMIT read can tell, and what it cannot (the quarantine rule, see
+:mod:`tlaunch.storage.checkpoint.reading`):
+
+* A record read completely and proven wrong (not JSON, not a record of ours) is evidence:
+  ``StepDir.problem`` is set, and the store quarantines the step when it next meets it.
+* A read that failed (a reset, a timeout, 429, 5xx) proves nothing. It is retried with the
+  store's RetryPolicy; if storage stays down, StorageUnavailable is raised out of the scan and
+  nothing is decided. A read shorter than the size the listing gave counts as failed.
+* A COMMIT that the listing showed but that is gone when read belongs to a step being deleted
+  (a delete removes COMMIT first): the step is uncommitted from then on, which is what the
+  next listing will say too. Never corruption.
+
+URLs are literal paths: ``find`` and ``cat_file`` never expand ``[``, ``*`` or ``?`` (fsspec's
+``cat``, ``rm`` and ``expand_path`` do, so the checkpoint store never calls them).
 """
 
 from __future__ import annotations
@@ -16,6 +31,7 @@ from tlaunch.storage.checkpoint.manifest import (
     parse_record,
     parse_step_dir,
 )
+from tlaunch.storage.checkpoint.threads import in_parallel
 from tlaunch.storage.store import Location, RetryPolicy
 
 
@@ -25,9 +41,9 @@ class StepDir:
 
     step: int
     path: str
-    files: dict[str, int] = field(default_factory=dict)
+    files: dict[str, int | None] = field(default_factory=dict)
     record: dict[str, Any] | None = None
-    problem: str | None = None  # why the COMMIT could not be read
+    problem: str | None = None  # what is proven wrong with the COMMIT record
 
     @property
     def committed(self) -> bool:
@@ -59,24 +75,35 @@ def scan(location: Location, retry: RetryPolicy) -> tuple[dict[int, StepDir], li
         elif (step := parse_step_dir(top)) is not None:
             entry = steps.setdefault(step, StepDir(step, f"{root}/{top}"))
             if rest and "/" not in rest and meta.get("type") == "file":
-                entry.files[rest] = meta["size"]
-    _read_records(location, retry, [s for s in steps.values() if s.committed])
+                entry.files[rest] = meta.get("size")
+    in_parallel(
+        lambda s: _read_record(location, retry, s), [s for s in steps.values() if s.committed]
+    )
     return steps, sorted(stale)
 
 
-def _read_records(location: Location, retry: RetryPolicy, steps: list[StepDir]) -> None:
-    """Fill in COMMIT records; ``fs.cat`` of a list fetches them concurrently on object stores."""
-    if not steps:
+def read_complete(fs: Any, retry: RetryPolicy, path: str, size: int | None) -> bytes:
+    """The bytes of ``path``, retried while transient and proven complete against ``size``
+    (the listing's; None when the backend gave none). FileNotFoundError passes through."""
+
+    def read() -> bytes:
+        data = fs.cat_file(path)
+        if size is not None and len(data) != size:
+            # Cut off in transit (or replaced since the listing): not evidence, try again.
+            raise ConnectionError(f"read {len(data)} of the {size} bytes listed")
+        return data
+
+    return retry.call(read, action="reading", where=path)
+
+
+def _read_record(location: Location, retry: RetryPolicy, s: StepDir) -> None:
+    """Fill in ``s.record`` (or ``s.problem``) from its COMMIT."""
+    try:
+        data = read_complete(location.fs, retry, f"{s.path}/{COMMIT}", s.files[COMMIT])
+    except FileNotFoundError:
+        del s.files[COMMIT]  # deleted since the listing: the step is going, not damaged
         return
-    paths = {f"{s.path}/{COMMIT}": s for s in steps}
-    found = retry.call(
-        location.fs.cat, list(paths), on_error="return", action="reading", where=location.url
-    )
-    for path, s in paths.items():
-        data = found.get(path, FileNotFoundError(path))
-        try:
-            if isinstance(data, BaseException):
-                raise ValueError(f"{COMMIT} cannot be read ({type(data).__name__})")
-            s.record = parse_record(data, COMMIT)
-        except ValueError as e:
-            s.problem = str(e)
+    try:
+        s.record = parse_record(data, COMMIT)
+    except ValueError as e:
+        s.problem = str(e)

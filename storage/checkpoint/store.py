@@ -9,11 +9,16 @@ distributed job rank 0 gathers every rank's RNG state and alone calls
 against one directory listing (cheap); loading checks every byte against its sha256. A step that
 fails either is quarantined (a ``QUARANTINED`` marker, on every backend) and the previous
 committed step is used, with a :class:`CheckpointWarning` naming both.
+
+Only proof quarantines (:mod:`tlaunch.storage.checkpoint.reading` has the rule): a read that
+failed is retried and then raised as StorageUnavailable, and a step deleted while it was being
+read is passed over as gone. Neither changes anything at the URL, and retention deletes only
+steps whose COMMIT it read.
 """
 
 from __future__ import annotations
 
-import threading
+import contextlib
 import time
 import warnings
 from collections import deque
@@ -32,14 +37,11 @@ from tlaunch.storage.checkpoint.manifest import (
     build_manifest,
     commit_record,
     encode_json,
-    hash_problems,
-    manifest_files,
-    read_chunks,
     sha256,
-    sha256_stream,
-    size_problems,
     step_dir,
 )
+from tlaunch.storage.checkpoint.reading import CorruptCheckpointError, StepGone, StepReader
+from tlaunch.storage.checkpoint.threads import InThread
 from tlaunch.storage.store import (
     Location,
     RetryPolicy,
@@ -60,46 +62,6 @@ __all__ = [
 
 _MAX_STEP = 10**9 - 1
 _UPLOADS_IN_FLIGHT = 2
-
-
-class CorruptCheckpointError(CheckpointError):
-    """A committed step whose bytes do not match its MANIFEST; it is quarantined."""
-
-    def __init__(self, step: int, url: str, detail: str) -> None:
-        super().__init__(
-            f"checkpoint step {step} at {redact(url)} failed verification ({detail}); quarantined it"
-        )
-        self.step = step
-        self.detail = detail
-
-
-class _InThread:
-    """``fn(*args)`` running in a plain thread; :meth:`result` returns its value or raises.
-
-    Not an executor: executors refuse work once interpreter shutdown has begun, and the async
-    writer's last save may run exactly then.
-    """
-
-    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
-        self._value: Any = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn, args), name="tlaunch-ckpt-io")
-        self._thread.start()
-
-    def _run(self, fn: Callable[..., Any], args: tuple) -> None:
-        try:
-            self._value = fn(*args)
-        except BaseException as e:  # handed to whoever asks for the result
-            self._error = e
-
-    def wait(self) -> None:
-        self._thread.join()
-
-    def result(self) -> Any:
-        self.wait()
-        if self._error is not None:
-            raise self._error
-        return self._value
 
 
 class CheckpointWarning(UserWarning):
@@ -211,35 +173,17 @@ class CheckpointStore:
         """
         candidates = self._candidates(self._scan()[0])
         for i in range(len(candidates) - 1, -1, -1):
-            problems = self._problems(candidates[i], full=False)
+            try:
+                problems = self._reader(candidates[i]).problems(full=False)
+            except StepGone:
+                continue
             if not problems:
                 return self._info(candidates[i])
             self._fall_back(candidates[i].step, problems, candidates[i - 1].step if i else None)
         return None
 
-    def _problems(self, s: StepDir, *, full: bool) -> list[str]:
-        """Sizes against the listing; with ``full`` also every byte against its sha256."""
-        if s.problem:
-            return [s.problem]
-        try:
-            files = self._manifest(s)
-        except CheckpointError as e:
-            return [str(e)]
-        problems = size_problems(files, s.files)
-        if problems or not full:
-            return problems
-        fs = self.location.fs
-        return hash_problems(files, lambda name: sha256_stream(read_chunks(fs, f"{s.path}/{name}")))
-
-    def _manifest(self, s: StepDir) -> dict[str, dict[str, Any]]:
-        path = f"{s.path}/{MANIFEST}"
-        try:
-            data = self._call(self.location.fs.cat_file, path, action="reading", where=path)
-            return manifest_files(s.record or {}, data)
-        except FileNotFoundError:
-            raise CheckpointError(f"{MANIFEST} is missing") from None
-        except ValueError as e:
-            raise CheckpointError(str(e)) from None
+    def _reader(self, s: StepDir) -> StepReader:
+        return StepReader(self.location, self._retry, self.url, s)
 
     # -- quarantine and fallback ------------------------------------------------------------
 
@@ -340,13 +284,13 @@ class CheckpointStore:
         bytes of three files (two uploading, one ready).
         """
         files: dict[str, dict[str, Any]] = {}
-        uploads: deque[_InThread] = deque()
+        uploads: deque[InThread] = deque()
         try:
             for name, make in plan:
                 data = make()
                 if len(uploads) == _UPLOADS_IN_FLIGHT:
                     files.update(uploads.popleft().result())
-                uploads.append(_InThread(self._write_hashed, name, f"{staging}/{name}", data))
+                uploads.append(InThread(self._write_hashed, name, f"{staging}/{name}", data))
             while uploads:
                 files.update(uploads.popleft().result())
         finally:
@@ -356,7 +300,7 @@ class CheckpointStore:
 
     def _write_hashed(self, name: str, path: str, data: bytes) -> dict[str, dict[str, Any]]:
         """Write ``data`` while another thread hashes it (hashlib drops the GIL)."""
-        digest = _InThread(sha256, data)
+        digest = InThread(sha256, data)
         try:
             self._protocol.write(path, data)
         finally:
@@ -413,23 +357,21 @@ class CheckpointStore:
         for i in range(len(candidates) - 1, -1, -1):
             try:
                 return self._load(candidates[i], verify=True)
+            except StepGone:
+                continue
             except CorruptCheckpointError as e:
                 self._fall_back(e.step, [e.detail], candidates[i - 1].step if i else None)
         return None
 
     def _load(self, s: StepDir, verify: bool) -> LoadedCheckpoint:
-        if s.problem:
-            raise CorruptCheckpointError(s.step, self.url, s.problem)
-        try:
-            files = self._manifest(s)
-        except CheckpointError as e:
-            raise CorruptCheckpointError(s.step, self.url, str(e)) from None
+        reader = self._reader(s)
+        files = reader.manifest()
         out = LoadedCheckpoint(self._info(s), {}, {}, {}, {})
         slots = {"tensors": out.tensors, "objects": out.objects, "rng": out.rng}
         # One file at a time, checked before it is parsed: peak memory is the loaded state plus
         # one file's bytes, and no parser ever sees bytes that fail their checksum.
         for name in sorted(files):
-            data = self._read_file(s, name, files[name] if verify else None)
+            data = reader.read(name, files[name] if verify else None)
             label = f"step {s.step} at {redact(self.url)}: {name}"
             kind, key, value = serialize.load_file(name, data, label)
             if kind == "state":
@@ -437,18 +379,6 @@ class CheckpointStore:
             elif kind in slots:
                 slots[kind][key] = value
         return out
-
-    def _read_file(self, s: StepDir, name: str, expect: dict | None) -> bytes:
-        path = f"{s.path}/{name}"
-        try:
-            data = self._call(self.location.fs.cat_file, path, action="reading", where=path)
-        except FileNotFoundError:
-            raise CorruptCheckpointError(s.step, self.url, f"{name} is missing") from None
-        if expect is not None:
-            problems = hash_problems({name: expect}, lambda _: (len(data), sha256(data)))
-            if problems:
-                raise CorruptCheckpointError(s.step, self.url, problems[0])
-        return data
 
     def verify(self, step: int | None = None, *, full: bool = True) -> dict[int, list[str]]:
         """{step: problems} for ``step`` or every committed step (quarantined ones included).
@@ -461,8 +391,13 @@ class CheckpointStore:
             s = steps.get(step)
             if s is None or not s.committed:
                 self._require(steps, step)  # raises, naming the steps that are committed
-            return {step: self._problems(s, full=full)}
-        return {k: self._problems(s, full=full) for k, s in sorted(steps.items()) if s.committed}
+            return {step: self._reader(s).problems(full=full)}
+        found = {}
+        for k, s in sorted(steps.items()):
+            if s.committed:
+                with contextlib.suppress(StepGone):  # deleted meanwhile: nothing to report
+                    found[k] = self._reader(s).problems(full=full)
+        return found
 
     # -- deleting ---------------------------------------------------------------------------
 

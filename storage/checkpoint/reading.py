@@ -1,0 +1,132 @@
+"""Reading a committed step back, and when what was read quarantines it.
+
+The quarantine rule: only bytes that were read completely and proven wrong mark a step
+QUARANTINED. Proof is
+
+* a COMMIT or MANIFEST.json record that is malformed (see :mod:`.manifest`),
+* a MANIFEST.json whose sha256 is not the one its COMMIT sealed,
+* a file MANIFEST names that the step's listing lacks, or lists with another size,
+* a file whose bytes fail their sha256, or that will not parse (:mod:`.serialize`).
+
+Nothing else is proof, and none of it changes what is in the bucket:
+
+* A read that failed is retried with the store's RetryPolicy (a read shorter than the listed
+  size counts as failed); then StorageUnavailable (or, for a refusal such as a denied read, a
+  StorageError) stops the caller, who reports "storage unreachable; nothing was changed".
+* A file that vanished after the listing, in a step whose COMMIT is gone as well, belongs to a
+  step being deleted (a concurrent retention; deletes remove COMMIT first): :class:`StepGone`,
+  and whoever was looking for the newest step looks at the one before.
+
+Every path read is ``<step dir>/<name>`` with ``name`` from the step's own listing or a
+MANIFEST whose names :func:`.manifest.manifest_files` checked, so nothing outside the step
+directory is ever read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tlaunch.storage.checkpoint.discovery import StepDir, read_complete
+from tlaunch.storage.checkpoint.manifest import (
+    COMMIT,
+    MANIFEST,
+    CheckpointError,
+    hash_problems,
+    manifest_files,
+    read_chunks,
+    sha256,
+    sha256_stream,
+    size_problems,
+)
+from tlaunch.storage.store import Location, RetryPolicy, redact
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A committed step whose bytes do not match its MANIFEST; it is quarantined."""
+
+    def __init__(self, step: int, url: str, detail: str) -> None:
+        super().__init__(
+            f"checkpoint step {step} at {redact(url)} failed verification ({detail}); quarantined it"
+        )
+        self.step = step
+        self.detail = detail
+
+
+class StepGone(CheckpointError):
+    """The step was deleted while it was being read: not damaged, just no longer there."""
+
+    def __init__(self, step: int, url: str) -> None:
+        super().__init__(
+            f"checkpoint step {step} at {redact(url)} was deleted while it was being read "
+            "(another process's retention?)"
+        )
+        self.step = step
+
+
+class StepReader:
+    """Reads the files of one committed step from a scan; judges only what it read whole."""
+
+    def __init__(self, location: Location, retry: RetryPolicy, url: str, s: StepDir) -> None:
+        self.fs, self.retry, self.url, self.s = location.fs, retry, url, s
+
+    def corrupt(self, detail: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(self.s.step, self.url, detail)
+
+    def manifest(self) -> dict[str, dict[str, Any]]:
+        """MANIFEST's file table, after checking it is the one COMMIT sealed."""
+        if self.s.problem:
+            raise self.corrupt(self.s.problem)
+        if MANIFEST not in self.s.files:
+            raise self.corrupt(f"{MANIFEST} is missing")
+        data = self._read_listed(MANIFEST)
+        try:
+            return manifest_files(self.s.record or {}, data)
+        except ValueError as e:
+            raise self.corrupt(str(e)) from None
+
+    def read(self, name: str, expect: dict[str, Any] | None) -> bytes:
+        """The bytes of file ``name``, checked against its MANIFEST entry ``expect`` if given."""
+        if name not in self.s.files:
+            raise self.corrupt(f"{name} is missing")
+        data = self._read_listed(name)
+        if expect is not None:
+            problems = hash_problems({name: expect}, lambda _: (len(data), sha256(data)))
+            if problems:
+                raise self.corrupt(problems[0])
+        return data
+
+    def problems(self, *, full: bool) -> list[str]:
+        """What is proven wrong: sizes against the listing, with ``full`` every byte against its
+        sha256 too. Empty when sound; StepGone or a StorageError when nothing can be told."""
+        try:
+            files = self.manifest()
+        except CorruptCheckpointError as e:
+            return [e.detail]
+        problems = size_problems(files, self.s.files)
+        if problems or not full:
+            return problems
+        return hash_problems(files, self._digest)
+
+    def _digest(self, name: str) -> tuple[int, str]:
+        path = f"{self.s.path}/{name}"
+        return self.retry.call(
+            lambda: sha256_stream(read_chunks(self.fs, path)), action="reading", where=path
+        )
+
+    def _read_listed(self, name: str) -> bytes:
+        try:
+            return read_complete(
+                self.fs, self.retry, f"{self.s.path}/{name}", self.s.files.get(name)
+            )
+        except FileNotFoundError:
+            raise self._vanished(name) from None
+
+    def _vanished(self, name: str) -> CheckpointError:
+        """The listing had ``name`` and now it is gone: a delete in progress removed COMMIT
+        first, so with COMMIT gone too the step is going; with COMMIT still there, the step
+        lost a file: damage."""
+        commit = f"{self.s.path}/{COMMIT}"
+        self.fs.invalidate_cache(self.s.path)
+        if self.retry.call(self.fs.exists, commit, action="checking", where=commit):
+            return self.corrupt(f"{name} is missing")
+        return StepGone(self.s.step, self.url)
