@@ -417,8 +417,13 @@ class CheckpointStore:
         self.location.fs.invalidate_cache(self._root)
 
     def apply_retention(self, policy: Any) -> list[int]:
-        """Delete what ``policy.to_delete`` names, never the newest committed step."""
-        infos = self.committed()
+        """Delete what ``policy.to_delete`` names, never the newest committed step.
+
+        The policy sees only steps whose COMMIT was read and understood: a step that could not
+        be read stops the pass (StorageUnavailable, nothing deleted), and a damaged record is
+        left for the quarantine, never ranked as a step without metrics.
+        """
+        infos = [self._info(s) for s in self._candidates(self._scan()[0]) if s.record is not None]
         doomed = [s for s in policy.to_delete(infos) if infos and s != infos[-1].step]
         for step in doomed:
             self.delete(step)

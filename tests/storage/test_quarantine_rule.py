@@ -128,3 +128,37 @@ def test_a_missing_file_in_a_committed_step_is_still_corruption(memory_url):
     with pytest.warns(UserWarning, match=r"step 2 .*optimizer.pt is missing.*using step 1"):
         assert _store(memory_url).load_latest().info.step == 1
     assert len(_markers(memory_url)) == 1
+
+
+# -- retention -----------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_retention_deletes_only_steps_it_could_read(memory_url):
+    # The issue's reproduction: keep_best=1 by val 0.1/0.5/0.9, one reset on step 1's COMMIT.
+    _saved(memory_url, {1: 0.1, 2: 0.5, 3: 0.9})
+    store = _store(memory_url, Fault("cat_file", f"*step-000000001/{COMMIT}", ConnectionResetError))
+    deleted = store.apply_retention(RetentionPolicy(keep_best=1, monitor="loss"))
+    assert deleted == [2]
+    assert [i.step for i in CheckpointStore(memory_url).committed()] == [1, 3]
+
+
+@pytest.mark.timeout(60)
+def test_retention_with_an_unreadable_step_deletes_nothing(memory_url):
+    _saved(memory_url, {1: 0.1, 2: 0.5, 3: 0.9})
+    store = _store(
+        memory_url, Fault("cat_file", f"*step-000000001/{COMMIT}", http(503), times=None)
+    )
+    with pytest.raises(StorageUnavailable):
+        store.apply_retention(RetentionPolicy(keep_best=1, monitor="loss"))
+    assert [i.step for i in CheckpointStore(memory_url).committed()] == [1, 2, 3]
+
+
+@pytest.mark.timeout(60)
+def test_retention_leaves_a_step_with_a_damaged_record_alone(memory_url):
+    # A malformed COMMIT is evidence for quarantine, not a step with no metrics to rank.
+    _saved(memory_url, {1: 0.1, 2: 0.5, 3: 0.9})
+    plain = CheckpointStore(memory_url)
+    plain.location.fs.pipe_file(file_path(plain, 1, COMMIT), b"{not json")
+    assert plain.apply_retention(RetentionPolicy(keep_best=1, monitor="loss")) == []
+    assert [i.step for i in plain.all_steps()] == [1, 2, 3]
