@@ -52,8 +52,12 @@ Control files (in ``TLAUNCH_CONTROL_DIR``)
 
 ``STOP``                  launcher → workers: a stop was requested; workers poll it
 ``WORKERS_STOPPING``      workers → launcher: they agreed to stop on their own trigger
-``preempted.json``        workers → launcher: the stop checkpoint is committed
-                          (``{"step", "epoch", "batch"}``), written by local rank 0
+``preempted.json``        workers → launcher: everything is kept: the stop checkpoint is
+                          committed, or no step was taken since the last one
+                          (``{"step", "epoch", "batch", "nothing_new"}``); by local rank 0
+``ready-<local rank>``    worker → launcher: this worker runs the Run API and its stop
+                          handlers are in place; a stop then reaches it through ``STOP``
+                          alone, never as a signal (which would also hit its loader workers)
 
 Run-directory files (in ``TLAUNCH_LAUNCH_DIR``)
 -----------------------------------------------
@@ -94,12 +98,17 @@ DRIVE_ROOT_ENV = "TLAUNCH_DRIVE_ROOT"
 STOP_FILE = "STOP"
 WORKERS_STOPPING = "WORKERS_STOPPING"
 PREEMPTED_REPORT = "preempted.json"
+READY_PREFIX = "ready-"
 
 # -- run-directory files -----------------------------------------------------------------------
 CONFIG_FILE = "config.json"
 LAUNCHER_LOG = "launcher.log"
 EXIT_FILE = "exit.json"
 METRICS_FILE = "metrics.jsonl"
+
+
+def ready_file(local_rank: int) -> str:
+    return f"{READY_PREFIX}{local_rank}"
 
 
 def flag_env(field_name: str) -> str:

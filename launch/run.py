@@ -170,6 +170,8 @@ class Run:
             last = min(last, self.resume.epoch + 1)
         epoch = self.resume.epoch
         pos = self.position
+        if self.stops.agree_before_start():  # a stop that came while the workers started
+            self._stop_with_checkpoint()
         while epoch < last and not self._done():
             pos.epoch = epoch
             self._maybe_restore_rng(epoch, at_epoch_start=True)
@@ -341,14 +343,17 @@ class Run:
         """Commit a checkpoint at this step, flush it, report, and leave the script."""
         self.stops.announce()
         self._metrics.close()  # everything logged is on disk before the process leaves
-        committed = self.checkpoints.enabled
-        if committed:
-            self.checkpoints.save(self.position, self._metrics.latest(), force=True)
-            self.checkpoints.flush()  # rank 0 waits for the commit; the others wait for rank 0
+        ckpt, pos = self.checkpoints, self.position
+        # No step since the last commit (or since a fresh start): nothing to lose, nothing to save.
+        nothing_new = ckpt.saved_step == pos.step or (pos.step == 0 and ckpt.loaded is None)
+        if ckpt.enabled:
+            if not nothing_new:
+                ckpt.save(pos, self._metrics.latest(), force=True)
+            ckpt.flush()  # rank 0 waits for the commit; the others wait for rank 0
         self._progress.close()
-        pos = self.position
         self.stops.exit(
-            committed=committed,
+            kept=nothing_new or ckpt.enabled,
+            nothing_new=nothing_new,
             step=pos.step,
             epoch=pos.epoch,
             batch=pos.batch_in_epoch,

@@ -37,6 +37,7 @@ from tlaunch.contract import (
     START_TIME_ENV,
     STOP_FILE,
     WORKERS_STOPPING,
+    ready_file,
 )
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -92,7 +93,8 @@ class StopController:
         self.strategy, self.accelerator = strategy, accelerator
         self.control_dir = os.environ.get(CONTROL_DIR_ENV)
         self._stop_file = os.path.join(self.control_dir, STOP_FILE) if self.control_dir else None
-        self._local_rank0 = int(os.environ.get("LOCAL_RANK", "0")) == 0
+        self._local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self._local_rank0 = self._local_rank == 0
         self.clock = StepClock(config.time_limit_seconds)
         #: This rank's own request (a signal); ``agreed``: every rank's decision.
         self.requested = False
@@ -114,6 +116,10 @@ class StopController:
             self._previous[s] = signal.signal(s, self._handle)
         if self.under_launcher:
             _die_with_launcher()
+            # From here on the launcher stops us through the STOP file alone; one that is
+            # there already (a stop while we started) is a request like any other.
+            open(os.path.join(self.control_dir, ready_file(self._local_rank)), "w").close()
+            self.requested = self.requested or os.path.exists(self._stop_file)
 
     def restore(self) -> None:
         for s, handler in self._previous.items():
@@ -154,6 +160,13 @@ class StopController:
         self.agreed = self.agreed or stop
         return stop, save_due
 
+    def agree_before_start(self) -> bool:
+        """Before the first step: has any rank been asked to stop? (One blocking all-reduce.)"""
+        local = self.requested or (self._stop_file is not None and os.path.exists(self._stop_file))
+        (stop,) = self.strategy.any_rank(self.accelerator, [local])
+        self.agreed = self.agreed or stop
+        return stop
+
     @property
     def should_stop(self) -> bool:
         return self.agreed or (self.accelerator.num_processes == 1 and self.requested)
@@ -164,17 +177,22 @@ class StopController:
         if self.under_launcher and self._local_rank0:
             open(os.path.join(self.control_dir, WORKERS_STOPPING), "w").close()
 
-    def exit(self, *, committed: bool, step: int, epoch: int, batch: int, is_main: bool) -> None:
-        """Report the stop, end the process group and leave the script."""
-        if committed and self.under_launcher and self._local_rank0:
+    def exit(
+        self, *, kept: bool, nothing_new: bool, step: int, epoch: int, batch: int, is_main: bool
+    ) -> None:
+        """Report the stop, end the process group and leave the script. ``kept``: everything
+        is in a committed checkpoint (``nothing_new``: no step since the last one)."""
+        if kept and self.under_launcher and self._local_rank0:
+            record = {"step": step, "epoch": epoch, "batch": batch, "nothing_new": nothing_new}
             with open(os.path.join(self.control_dir, PREEMPTED_REPORT), "w") as f:
-                json.dump({"step": step, "epoch": epoch, "batch": batch}, f)
+                json.dump(record, f)
         if is_main:
-            what = (
-                f"checkpoint committed at step {step}"
-                if committed
-                else "no --checkpoint-dir, nothing saved"
-            )
+            if nothing_new:
+                what = f"nothing to lose: no step since {_since(step)}"
+            elif kept:
+                what = f"checkpoint committed at step {step}"
+            else:
+                what = "--checkpoint-dir none, nothing saved"
             print(f"tlaunch: stop requested; {what}", file=sys.stderr, flush=True)
         self.strategy.end_process_group(self.accelerator)
         self.restore()
@@ -182,7 +200,11 @@ class StopController:
         # agent from treating the stop as a failure to restart from.
         if self.under_launcher:
             raise SystemExit(0)
-        raise SystemExit(EXIT_PREEMPTED if committed else EXIT_FAILED)
+        raise SystemExit(EXIT_PREEMPTED if kept else EXIT_FAILED)
+
+
+def _since(step: int) -> str:
+    return "the start" if step == 0 else f"the checkpoint at step {step}"
 
 
 def _die_with_launcher() -> None:

@@ -28,7 +28,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tlaunch.contract import EXIT_OK, EXIT_PREEMPTED, PREEMPTED_REPORT, STOP_FILE, WORKERS_STOPPING
+from tlaunch.contract import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    PREEMPTED_REPORT,
+    STOP_FILE,
+    WORKERS_STOPPING,
+)
 
 
 class RunState(str, enum.Enum):
@@ -86,6 +93,7 @@ class Supervisor:
         # _enter, holding the lock.
         self._lock = threading.RLock()
         self._sigint_at: float | None = None
+        self._stopping = threading.Event()
 
     # -- transitions ---------------------------------------------------------------------------
     def _enter(self, state: RunState, why: str = "") -> None:
@@ -117,6 +125,7 @@ class Supervisor:
             if ctrl_c and self._sigint_at is None:
                 self._sigint_at = now
         if first:
+            self._stopping.set()
             open(os.path.join(self.control_dir, STOP_FILE), "w").close()
             if self.state in (RunState.RUNNING, RunState.STARTING):
                 self._enter(RunState.STOPPING, why or signal.Signals(signum).name)
@@ -132,11 +141,9 @@ class Supervisor:
             if self.state == RunState.STARTING:
                 self._enter(RunState.RUNNING)
             result = self._start(attempt)
-            if self.stop_signal is not None:
+            if self.stop_signal is not None or self._workers_stopped():
                 return self._finish_stop(result)
             if result.exit_code == EXIT_OK:
-                if self._preempted_report() is not None:  # workers stopped on their own signal
-                    return self._finish_stop(result)
                 self._enter(RunState.SUCCEEDED)
                 return EXIT_OK
             self._enter(RunState.FAILED, result.detail or f"exit code {result.exit_code}")
@@ -152,21 +159,40 @@ class Supervisor:
                 RunState.RESTARTING,
                 f"attempt {attempt + 1} of {self.max_restarts + 1} in {backoff:.0f}s, resuming from the latest checkpoint",
             )
-            time.sleep(backoff)
+            self._pause(backoff)
+            if self.stop_signal is not None:  # stopped while no worker ran: nothing to save
+                return self._finish_stop(Attempt(EXIT_OK, "stopped during the restart backoff"))
             self._enter(RunState.STARTING)
+
+    def _pause(self, seconds: float) -> None:
+        """The restart backoff; a stop request ends it at once."""
+        self._stopping.wait(seconds)
+
+    def _workers_stopped(self) -> bool:
+        """The workers stopped on their own trigger (a signal sent to them directly, their
+        --time-limit margin): they said so before saving, and again once everything was kept."""
+        return self._preempted_report() is not None or os.path.exists(
+            os.path.join(self.control_dir, WORKERS_STOPPING)
+        )
 
     def _finish_stop(self, result: Attempt) -> int:
         report = self._preempted_report()
         preserved = self._after_stop() if self._after_stop else False
         if report is not None or preserved:
-            where = f"checkpoint at step {report['step']}" if report else "synced folders"
-            self._enter(
-                RunState.PREEMPTED, f"{where} committed; run the same command again to resume"
-            )
+            if report is None:
+                where = "synced folders committed"
+            elif report.get("nothing_new"):
+                since = "the start" if not report["step"] else f"step {report['step']}"
+                where = f"nothing to lose (no step since {since})"
+            else:
+                where = f"checkpoint at step {report['step']} committed"
+            self._enter(RunState.PREEMPTED, f"{where}; run the same command again to resume")
             return EXIT_PREEMPTED
+        if self.stop_signal is None:  # the workers' own stop, with nothing saved
+            self._enter(RunState.FAILED, "the workers stopped with nothing saved")
+            return result.exit_code or EXIT_FAILED
         self._enter(RunState.FAILED, "stopped before any checkpoint was committed")
-        signum = self.stop_signal or signal.SIGTERM
-        return 128 + signum if result.exit_code in (0, 1) else result.exit_code
+        return 128 + self.stop_signal if result.exit_code in (0, 1) else result.exit_code
 
     def _preempted_report(self) -> dict | None:
         path = os.path.join(self.control_dir, PREEMPTED_REPORT)

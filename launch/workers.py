@@ -15,11 +15,12 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Callable
 
 from tlaunch.config import LaunchConfig
-from tlaunch.contract import RUN_ID_ENV
+from tlaunch.contract import CONTROL_DIR_ENV, RUN_ID_ENV, ready_file
 from tlaunch.strategies import DIRECT, ELASTIC, LaunchPlan
 from tlaunch.supervisor import Attempt
 
@@ -33,8 +34,8 @@ def _free_port() -> int:
 class DirectWorkers:
     """One child process. It gets its own session so a terminal's Ctrl-C reaches it once, via us."""
 
-    def __init__(self, command: list[str], env: dict[str, str], grace: float) -> None:
-        self.command, self.env, self.grace = command, env, grace
+    def __init__(self, command: list[str], env: dict[str, str], delivery: StopDelivery) -> None:
+        self.command, self.env, self.delivery = command, env, delivery
         self.proc: subprocess.Popen | None = None
 
     def start(self, attempt: int) -> Attempt:
@@ -48,10 +49,7 @@ class DirectWorkers:
         proc = self.proc
         if proc is None or proc.poll() is not None:
             return
-        proc.send_signal(signum)
-        timer = threading.Timer(self.grace, lambda: proc.poll() is None and proc.kill())
-        timer.daemon = True
-        timer.start()
+        self.delivery.deliver(signum, send=proc.send_signal, kill=self.kill)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -77,9 +75,10 @@ class ElasticWorkers:
         command: list[str],
         env: dict[str, str],
         on_signal: Callable[[int], None],
+        delivery: StopDelivery,
     ) -> None:
         self.config, self.nproc, self.command, self.env = config, nproc, command, env
-        self.on_signal = on_signal
+        self.on_signal, self.delivery = on_signal, delivery
         # Every machine of a job must name the same rendezvous: derive it from the endpoint.
         self.run_id = os.environ.get(RUN_ID_ENV) or (
             "tlaunch-" + config.rdzv_endpoint.replace(":", "-")
@@ -170,13 +169,16 @@ class ElasticWorkers:
             raise SignalException(f"tlaunch stop ({sig.name})", sigval=sig)
 
     def stop(self, signum: int) -> None:
-        """Have the agent forward ``signum`` to the workers and wait for them (once)."""
         if not getattr(self, "running", False) or self.agent_stopped:
             return
+        self.delivery.deliver(signum, send=self._agent_forward, kill=self.kill)
+
+    def _agent_forward(self, signum: int) -> None:
+        """Have the agent forward ``signum`` to the workers and wait for them (once)."""
         self._raise_stop = True
         if not self._in_handler:
-            # A trigger the agent's handler did not see (a watcher thread, SIGUSR1): the
-            # agent's wait runs in the main thread; interrupt it there.
+            # A trigger the agent's handler did not see (a watcher thread, SIGUSR1, the
+            # delivery's wait): the agent's wait runs in the main thread; interrupt it there.
             os.kill(os.getpid(), signal.SIGTERM)
 
     def kill(self) -> None:
@@ -210,6 +212,72 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+class StopDelivery:
+    """How a stop reaches the workers of one machine.
+
+    Workers that run the Run API poll the launcher's STOP file at every step, and say so with
+    a ready file once their handlers are in place: they are stopped through STOP alone. A
+    signal would add nothing for them and would also reach their DataLoader workers, whose
+    death ends the rank before it can save. Other scripts get the signal, as under torchrun.
+    A stop that comes while a Run API script is still starting (importing torch) waits a
+    little for its ready files instead of killing it mid-import. Either way the workers get
+    ``--grace`` seconds to save and exit, then SIGKILL.
+    """
+
+    #: At most this long (or half the grace) for starting Run API workers to become ready.
+    READY_WAIT = 10.0
+
+    def __init__(self, control_dir: str, nproc: int, grace: float, expects_run_api: bool) -> None:
+        self.control_dir, self.nproc, self.grace = control_dir, nproc, grace
+        self.expects_run_api = expects_run_api
+
+    def ready(self) -> bool:
+        return all(
+            os.path.exists(os.path.join(self.control_dir, ready_file(r))) for r in range(self.nproc)
+        )
+
+    def deliver(
+        self, signum: int, *, send: Callable[[int], None], kill: Callable[[], None]
+    ) -> None:
+        timer = threading.Timer(self.grace, kill)
+        timer.daemon = True
+        timer.start()
+        if self.ready():
+            return
+        if not self.expects_run_api:
+            send(signum)
+            return
+        waiter = threading.Thread(target=self._wait_then_send, args=(signum, send), daemon=True)
+        waiter.start()
+
+    def _wait_then_send(self, signum: int, send: Callable[[int], None]) -> None:
+        deadline = time.monotonic() + min(self.READY_WAIT, self.grace / 2)
+        while time.monotonic() < deadline:
+            if self.ready():
+                return
+            time.sleep(0.05)
+        send(signum)  # not a Run API script after all, or one that starts very slowly
+
+
+def mentions_run_api(config: LaunchConfig) -> bool:
+    """Whether the script's source names tlaunch: a guess, used only to decide whether a stop
+    that comes while the workers start waits a few seconds for them (see StopDelivery)."""
+    path = config.script
+    if config.module:
+        import importlib.util
+
+        try:
+            spec = importlib.util.find_spec(config.module)
+        except (ImportError, ValueError):
+            return False
+        path = spec.origin if spec is not None else None
+    try:
+        with open(path or "", "rb") as f:
+            return b"tlaunch" in f.read()
+    except OSError:
+        return False
+
+
 def build_workers(
     plan: LaunchPlan,
     config: LaunchConfig,
@@ -219,8 +287,11 @@ def build_workers(
 ) -> DirectWorkers | ElasticWorkers:
     """The workers ``plan`` asks for. Several machines always go through the elastic agent,
     whatever the per-machine count: it is what joins them."""
+    delivery = StopDelivery(
+        env[CONTROL_DIR_ENV], plan.nproc_per_node, config.grace, mentions_run_api(config)
+    )
     if plan.launcher == DIRECT and config.nnodes == 1:
-        return DirectWorkers(command, env, config.grace)
+        return DirectWorkers(command, env, delivery)
     if plan.launcher not in (DIRECT, ELASTIC):
         raise ValueError(f"launch plan names an unknown launcher {plan.launcher!r}")
-    return ElasticWorkers(config, plan.nproc_per_node, command, env, on_signal)
+    return ElasticWorkers(config, plan.nproc_per_node, command, env, on_signal, delivery)

@@ -117,7 +117,8 @@ def test_signals_reach_the_script_and_no_traceback_is_printed(tmp_path, nprocs, 
         text=True,
     )
     try:
-        wait_for(lambda: ready.exists() and ready.read_text(), 60, "the script to start")
+        files = [tmp_path / f"pid.{rank}" for rank in range(int(nprocs))]
+        wait_for(lambda: all(f.exists() and f.read_text() for f in files), 60, "every rank")
         proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=60)
     finally:

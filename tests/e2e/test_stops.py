@@ -10,7 +10,7 @@ import subprocess
 import threading
 
 import pytest
-from helpers import clean_env, tlaunch_cmd, wait_for
+from helpers import SCRIPTS, clean_env, tlaunch_cmd, wait_for
 
 from tests.e2e.test_preemption import (
     FLAGS,
@@ -110,3 +110,27 @@ def test_a_second_ctrl_c_forces_the_exit_and_leaves_no_corrupt_checkpoint(tmp_pa
     )  # fmt: skip
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert committed(ckpt), "the checkpoint committed before the Ctrl-Cs survives"
+
+
+@pytest.mark.parametrize("nprocs", ["1", "2"])
+def test_a_stop_while_the_workers_start_exits_75_and_loses_nothing(tmp_path, ref_root, nprocs):  # noqa: F811
+    # SIGTERM as soon as the launcher has started the workers: they are still importing torch.
+    expected = reference(ref_root, FLAGS[:4])
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "final.pt")
+    flags = ("--cpus", nprocs, *FLAGS[2:], "--checkpoint-dir", ckpt)
+    proc = subprocess.Popen(
+        tlaunch_cmd(str(SCRIPTS / "resume_train.py"), *flags, "--", "--out", out),
+        cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        workers = lambda: [p for p in processes_mentioning(out) if p != proc.pid]  # noqa: E731
+        wait_for(workers, 60, "the workers to start")
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, stderr[-3000:]
+    assert "Traceback" not in stderr and "nothing to lose" in stderr
+    assert not trained(out), "no step was taken"
+    if nprocs == "2":
+        finish_and_compare(tmp_path, ckpt, out, expected)

@@ -17,6 +17,7 @@ import pytest
 
 import tlaunch.supervisor as supervisor_module
 from tlaunch.contract import (
+    EXIT_FAILED,
     EXIT_OK,
     EXIT_PREEMPTED,
     PREEMPTED_REPORT,
@@ -78,10 +79,10 @@ def clock() -> Clock:
 
 @pytest.fixture
 def sleeps(monkeypatch, clock) -> list[float]:
-    """The backoff delays the supervisor asked for (it does not really sleep)."""
+    """The backoff delays the supervisor asked for (it does not really wait)."""
     asked: list[float] = []
-    fake_time = types.SimpleNamespace(sleep=asked.append, monotonic=clock.monotonic)
-    monkeypatch.setattr(supervisor_module, "time", fake_time)
+    monkeypatch.setattr(Supervisor, "_pause", lambda self, seconds: asked.append(seconds))
+    monkeypatch.setattr(supervisor_module, "time", types.SimpleNamespace(monotonic=clock.monotonic))
     return asked
 
 
@@ -347,37 +348,47 @@ def test_a_signal_is_not_ignored_when_the_workers_are_stopping(build, tmp_path):
 # -- what the docstrings promise and the code does not do (yet) -------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="workers that stop on their own trigger without a checkpoint dir exit 0, and "
-    "the supervisor ignores WORKERS_STOPPING there: it reports SUCCEEDED / exit 0 for a run "
-    "that did not finish (e.g. --time-limit without --checkpoint-dir)",
-)
 def test_workers_that_stopped_on_their_own_without_a_commit_do_not_succeed(build, tmp_path):
+    # e.g. --time-limit with --checkpoint-dir none: the workers stop cleanly, nothing is kept.
     def attempt(workers: FakeWorkers) -> Attempt:
         (tmp_path / WORKERS_STOPPING).touch()
         return Attempt(0)
 
-    sup, _, _ = build([attempt])
-    assert sup.run() == SIGTERM_CODE
+    sup, _, lines = build([attempt], max_restarts=2)
+    assert sup.run() == EXIT_FAILED, "not 0, and not a signal's code: no signal was sent"
     assert sup.history[-1] == S.FAILED
+    assert any("stopped with nothing saved" in line for line in lines)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a stop requested during the restart backoff is not seen until the backoff ends, "
-    "and the loop then starts a new attempt anyway",
-)
+def test_a_stop_before_the_first_step_with_nothing_to_lose_exits_75(build, tmp_path):
+    def attempt(workers: FakeWorkers) -> Attempt:
+        workers.supervisor.request_stop(signal.SIGTERM)
+        (tmp_path / PREEMPTED_REPORT).write_text(
+            json.dumps({"step": 0, "epoch": 0, "batch": 0, "nothing_new": True})
+        )
+        return Attempt(0)
+
+    sup, _, lines = build([attempt])
+    assert sup.run() == EXIT_PREEMPTED
+    assert any("nothing to lose (no step since the start)" in line for line in lines)
+
+
 def test_a_stop_during_the_restart_backoff_starts_no_new_attempt(build, monkeypatch):
     sup, workers, _ = build([Attempt(3), Attempt(0)], max_restarts=1)
-    monkeypatch.setattr(
-        supervisor_module,
-        "time",
-        types.SimpleNamespace(sleep=lambda seconds: sup.request_stop(signal.SIGTERM)),
-    )
+    monkeypatch.setattr(Supervisor, "_pause", lambda self, seconds: sup.request_stop())
     code = sup.run()
     assert workers.attempts == [0]
     assert code == SIGTERM_CODE
+
+
+@pytest.mark.timeout(10)
+def test_the_backoff_itself_ends_at_a_stop_request(tmp_path):
+    sup = Supervisor(
+        start_workers=lambda attempt: Attempt(3), stop_workers=lambda s: None,
+        control_dir=str(tmp_path), max_restarts=1, log=lambda line: None,
+    )  # fmt: skip
+    threading.Timer(0.2, sup.request_stop).start()
+    assert sup.run() == SIGTERM_CODE  # a 1 s backoff cut short, no second attempt
 
 
 class _SignalDuringAppend(list):
