@@ -32,6 +32,21 @@ def is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
 
+def unsafe_path_reason(path: str) -> str | None:
+    """Why ``path``, a "/"-separated name from an archive or a bucket, may not name a file
+    inside a local folder (a phrase after "it"), or None when it may."""
+    if not path or "\0" in path:
+        return "is empty or contains a NUL byte"
+    if path.startswith("/"):
+        return "is an absolute path"
+    parts = path.split("/")
+    if ".." in parts:
+        return "leaves the destination ('..' in its path)"
+    if "" in parts or "." in parts:
+        return "is not a normalized relative path"
+    return None
+
+
 def temp_path(path: str) -> str:
     """A hidden name beside ``path``, unique to this writer: ``DIR/.NAME.tmp-<pid>-<random>``."""
     head, tail = os.path.split(path)

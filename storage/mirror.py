@@ -6,15 +6,22 @@ being written is not copied half-way; files the script deletes (checkpoint rotat
 deleted at the URL once everything else is uploaded. Atomic per file: on object stores a
 single PUT either creates the whole object or nothing; on local disks and Drive mounts the
 bytes go to a temp name first and are renamed (:func:`tlaunch.storage.localfs.write_atomic`).
+
+Restoring writes only inside LOCAL: a key the bucket holds that is absolute, has a ``..``
+or NUL, or whose folder resolves outside LOCAL (through a symlink already there) is skipped
+with one warning. S3 and GCS accept any key, ``run1/../../../../.bashrc`` included.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
-from tlaunch.storage.localfs import write_atomic
+from tlaunch.storage.localfs import unsafe_path_reason, write_atomic
 from tlaunch.storage.store import Location, StorageError, redact, resolve
+
+log = logging.getLogger(__name__)
 
 
 def _local_files(root: str) -> dict[str, tuple[int, int]]:
@@ -74,13 +81,15 @@ class FolderMirror:
         count = 0
         same: set[str] = set()  # here and at the URL alike: restored or already present
         for path, info in remote.items():
-            rel = path[len(root) :].lstrip("/")
+            rel = path[len(root) + 1 :] if path.startswith(root + "/") else ""
             if not rel or os.path.basename(rel).startswith(".") and ".tmp-" in rel:
+                continue
+            dest = self._restore_target(rel)
+            if dest is None:
                 continue
             same.add(rel)
             if rel in local and local[rel][0] == info.get("size"):
                 continue
-            dest = os.path.join(self.local, *rel.split("/"))
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             with fs.open(path, "rb") as src:
                 write_atomic(dest, src)
@@ -88,6 +97,23 @@ class FolderMirror:
         # What the URL has: files only here are uploaded by the first sync.
         self.uploaded = {r: st for r, st in _local_files(self.local).items() if r in same}
         return count
+
+    def _restore_target(self, rel: str) -> str | None:
+        """Where the key ``rel`` is restored to, or None (with a warning) when that would
+        not be a file inside LOCAL."""
+        reason = unsafe_path_reason(rel)
+        dest = os.path.join(self.local, *rel.split("/"))
+        if reason is None:
+            root = os.path.realpath(self.local)
+            folder = os.path.realpath(os.path.dirname(dest))  # the file itself is replaced
+            if folder != root and not folder.startswith(root + os.sep):
+                reason = f"resolves to {folder}, outside the folder (through a symlink)"
+        if reason is None:
+            return dest
+        log.warning(
+            "tlaunch: warning: --sync-dir: skipping %r at %s: it %s", rel, redact(self.url), reason
+        )
+        return None
 
     def sync(self, *, final: bool = False) -> tuple[int, int]:
         """Upload new and changed files (before ``final``, only those stable since the last

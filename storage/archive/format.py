@@ -66,6 +66,7 @@ from dataclasses import dataclass
 
 from blake3 import blake3
 
+from tlaunch.storage.localfs import unsafe_path_reason
 from tlaunch.storage.store import StorageError
 
 try:  # Python 3.14+
@@ -73,7 +74,7 @@ try:  # Python 3.14+
 except ImportError:
     from backports import zstd  # type: ignore[no-redef]
 
-__all__ = ["zstd"]
+__all__ = ["unsafe_path_reason", "zstd"]
 
 FORMAT = "tlaunch-data/2"  # 1: SHA-256 digests
 MANIFEST_NAME = "MANIFEST.json"
@@ -199,20 +200,6 @@ def data_mode(st_mode: int) -> int:
     if not mode & 0o100:
         mode &= ~0o111
     return mode | 0o600
-
-
-def unsafe_path_reason(path: str) -> str | None:
-    """Why ``path`` may not name a file inside an archive, or None when it may."""
-    if not path or "\0" in path:
-        return "is empty or contains a NUL byte"
-    if path.startswith("/"):
-        return "is an absolute path"
-    parts = path.split("/")
-    if ".." in parts:
-        return "leaves the destination ('..' in its path)"
-    if "" in parts or "." in parts:
-        return "is not a normalized relative path"
-    return None
 
 
 def hasher(data: bytes | memoryview = b"") -> blake3:

@@ -85,3 +85,36 @@ def test_restore_brings_the_url_back_and_uploads_what_only_this_machine_has(mirr
         "step-1/model.bin": b"weights one",
         "notes.txt": b"written before the restore",
     }
+
+
+# -- restore takes only keys that name a file inside LOCAL -------------------------------------
+
+
+HOSTILE_KEYS = {
+    "parent": "../../../../x",  # S3 and GCS accept such keys
+    "absolute": "/abs.txt",  # run1//abs.txt
+    "nul": "a/\0b",
+    "through a link": "link/y.txt",  # LOCAL/link -> a folder outside LOCAL
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_KEYS))
+def test_restore_refuses_a_key_that_leaves_the_folder(case, memory_url, tmp_path, caplog):
+    url = memory_url + "/run1"
+    loc = resolve(url)
+    loc.fs.pipe_file(loc.path + "/good.txt", b"kept")
+    loc.fs.pipe_file(loc.path + "/" + HOSTILE_KEYS[case], b"evil")
+    local = tmp_path / "w1" / "w2" / "w3" / "w4" / "ckpts"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    local.mkdir(parents=True)
+    (local / "link").symlink_to(outside)
+
+    with caplog.at_level("WARNING"):
+        assert FolderMirror(str(local), url).restore() == 1
+
+    assert (local / "good.txt").read_bytes() == b"kept"
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "good.txt"]
+    assert written == []
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "skipping" in warning and "\n" not in warning
