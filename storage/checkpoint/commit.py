@@ -18,15 +18,21 @@ A reader must never take a half-written step for a whole one, whatever moment th
 
 Deleting runs the same protocol backwards: COMMIT goes first, so a delete killed half-way leaves
 an uncommitted directory, never a committed one with files missing.
+
+Paths are literal: a step directory is removed file by file from its own listing
+(``find`` + ``rm_file``), never with fsspec's ``rm``, which expands ``[``, ``*`` and ``?``:
+``rm("b/exp[1]/step-1", recursive=True)`` removes ``b/exp1/step-1``, a sibling run's step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from typing import Any
 
 from tlaunch.storage.checkpoint.manifest import COMMIT, TMP_PREFIX, step_dir
+from tlaunch.storage.checkpoint.threads import in_parallel
 from tlaunch.storage.localfs import fsync_dir, write_atomic
 from tlaunch.storage.store import Location, RetryPolicy
 
@@ -56,22 +62,40 @@ class CommitProtocol:
 
     def abort(self, staging: str) -> None:
         """Best-effort removal of a failed save's files; clean_stale catches what this misses."""
-        try:
-            self.uncommit(staging)
-        except Exception:
-            pass
-        try:
-            self.fs.rm(staging, recursive=True)
-        except Exception:
-            pass
+        for undo in (self.uncommit, self.remove):
+            with contextlib.suppress(Exception):
+                undo(staging)
 
     def uncommit(self, path: str) -> None:
         """Remove ``path``/COMMIT durably: the step is invisible from here on."""
         raise NotImplementedError
 
     def remove(self, path: str) -> None:
-        """Remove a step directory and all it holds (call :meth:`uncommit` first)."""
-        self.retry.call(self.fs.rm, path, recursive=True, action="deleting", where=path)
+        """Remove a step directory and all it holds (call :meth:`uncommit` first).
+
+        Every file the directory's listing names is removed by that name, then the
+        directories, deepest first. Object stores have no directories: gcsfs ignores
+        ``rmdir`` below a bucket and s3fs finds nothing there.
+        """
+        fs = self.fs
+        fs.invalidate_cache(path)
+        try:
+            listing = self.retry.call(
+                fs.find, path, withdirs=True, detail=True, action="listing", where=path
+            )
+        except FileNotFoundError:
+            listing = {}
+        inside = {p: meta for p, meta in listing.items() if p.startswith(path + "/")}
+        in_parallel(self._remove_file, [p for p, m in inside.items() if m["type"] != "directory"])
+        dirs = [p for p, meta in inside.items() if meta["type"] == "directory"]
+        for d in [*sorted(dirs, key=lambda p: p.count("/"), reverse=True), path]:
+            with contextlib.suppress(OSError):  # gone already, or not a directory here
+                fs.rmdir(d)
+        fs.invalidate_cache(path)
+
+    def _remove_file(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):  # deleting is idempotent
+            self.retry.call(self.fs.rm_file, path, action="deleting", where=path)
 
 
 class RenameCommit(CommitProtocol):
