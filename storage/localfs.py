@@ -1,7 +1,10 @@
 """This machine's disk: which URLs name it, and files on it that appear whole or not at all.
 
 :func:`is_local` is the one test of locality in storage: ``store.is_remote`` is its negation,
-and ``store.resolve`` derives ``Location.local`` and ``Location.atomic_rename`` from it.
+and ``store.resolve`` derives ``Location.local`` and ``Location.atomic_rename`` from it, the
+latter together with :func:`renames_atomically`: a local path on a FUSE mount (the Colab
+Drive mount, gcsfuse, rclone, ...) is this machine's file system to ``os`` calls, but a
+directory renamed there is not renamed atomically.
 
 Every local file in storage that someone may read while it is being written -- a checkpoint
 file, an archive shard or manifest, a mirrored file, the archive cache's pointers -- is written
@@ -19,17 +22,58 @@ Object stores need none of this: one PUT is atomic there.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
 _COPY_CHUNK = 8 << 20
+#: The mount table :func:`renames_atomically` reads (tests point it at a fixture file).
+MOUNTS_FILE = "/proc/mounts"
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")  # /proc/mounts writes a space as \040
 
 
 def is_local(url: str) -> bool:
     """True when ``url`` names this machine's disk: a plain path or ``file://``."""
     return "://" not in url or url.startswith("file://")
+
+
+def renames_atomically(path: str) -> bool:
+    """False when the local ``path`` is on a FUSE file system, where a rename is not atomic.
+
+    Every ``fuse`` and ``fuse.*`` type counts except ``fuseblk`` (ntfs-3g, exFAT: a driver
+    for a disk in this machine, which renames in one metadata update). In practice FUSE
+    mounts are network and cloud stores: Colab's Drive (``fuse.drive``) uploads files one
+    by one, gcsfuse, s3fs and rclone rename a directory by copying its objects, and some
+    (mountpoint-s3 shows as plain ``fuse``) name no kind at all. Guessing wrong the other way
+    costs little: the MANIFEST + COMMIT protocol used instead is correct on every file
+    system and costs two small files. The mount holding ``path`` is the longest mount point
+    that contains its real path (symlinks resolved), the last one mounted there winning.
+    """
+    real = os.path.realpath(path)
+    best, kind = "", ""
+    for mount_point, fstype in _mounts():
+        inside = real == mount_point or real.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) >= len(best):
+            best, kind = mount_point, fstype
+    return not ((kind == "fuse" or kind.startswith("fuse.")) and kind != "fuseblk")
+
+
+def _mounts() -> list[tuple[str, str]]:
+    """(mount point, file system type) of every line of :data:`MOUNTS_FILE`, in order."""
+    try:
+        with open(MOUNTS_FILE, encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:  # not Linux, or no /proc: nothing known to be FUSE
+        return []
+    table = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 3:
+            point = _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[1])
+            table.append((point, fields[2]))
+    return table
 
 
 def unsafe_path_reason(path: str) -> str | None:

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from tlaunch.storage.localfs import is_local
+from tlaunch.storage.localfs import is_local, renames_atomically
 
 COLAB_DRIVE_ROOT = "/content/drive/MyDrive"
 #: Where Google Drive is mounted, when not at COLAB_DRIVE_ROOT (tests point it at a folder).
@@ -82,9 +82,10 @@ class Location:
 
         The Drive FUSE mount is local too, but it syncs files to the cloud one by one, so a
         directory rename there is not atomic: Drive commits with MANIFEST + COMMIT like an
-        object store.
+        object store -- as ``drive://`` and as a plain path on any FUSE mount
+        (``/content/drive/MyDrive/...``; see :func:`~tlaunch.storage.localfs.renames_atomically`).
         """
-        return self.local and is_local(self.url)
+        return self.local and is_local(self.url) and renames_atomically(self.path)
 
     def join(self, *parts: str) -> str:
         return "/".join([self.path.rstrip("/"), *parts])
