@@ -24,7 +24,12 @@ from typing import Any
 
 from tlaunch.config import LaunchConfig
 from tlaunch.contract import EXIT_FAILED, EXIT_UNAVAILABLE, fail
-from tlaunch.drift import check_drift, config_hash
+from tlaunch.drift import (
+    check_drift,
+    config_hash,
+    refuse_tensor_changes,
+    tensor_differences,
+)
 
 #: Names of the saved states. The i-th object of a kind past the first is ``<kind>_<i>``.
 MODEL, OPTIMIZER, SCHEDULER, SCALER = "model", "optimizer", "scheduler", "scaler"
@@ -107,6 +112,8 @@ class CheckpointManager:
         self.store: Any = None
         self.writer: Any = None
         self.loaded: Any = None
+        #: Where the data and RNG streams re-enter (set by :meth:`open`).
+        self.point = ResumePoint()
         self.saved_step = -1
         #: Slowest save so far (snapshot, or the background write): the deadline's margin.
         self.slowest_save = 0.0
@@ -120,7 +127,7 @@ class CheckpointManager:
     def open(self, position: Position, metrics: Any) -> ResumePoint:
         """Open the store, pick and load the checkpoint to resume from, and move ``position``
         and ``metrics`` there. Returns where the data and RNG streams re-enter."""
-        point = ResumePoint()
+        point = self.point
         if not self.enabled:
             return point
         from tlaunch.storage import AsyncCheckpointWriter, CheckpointStore, RetentionPolicy
@@ -237,35 +244,75 @@ class CheckpointManager:
             obj.load_state_dict(self.loaded.objects[name])
 
     def restore_prepared(self) -> None:
-        """Put the loaded checkpoint into everything tracked so far (at each ``prepare``)."""
+        """Put the loaded checkpoint into everything tracked so far (at each ``prepare``),
+        after checking that the edited script still fits it: the models' tensors, the
+        optimizers' kinds, the loaders' batch size and dataset length."""
         loaded = self.loaded
         if loaded is None:
             return
+        step = loaded.info.step
         for i, model in enumerate(self.states.models):
             weights = loaded.tensors.get(state_name(MODEL, i))
             if weights is not None:
-                self.strategy.unwrap(self.accelerator, model).load_state_dict(weights)
-        for kind, objs in (
-            (OPTIMIZER, self.states.optimizers),
-            (SCHEDULER, self.states.schedulers),
-        ):
-            for i, obj in enumerate(objs):
-                state = loaded.objects.get(state_name(kind, i))
-                if state is not None:
-                    obj.load_state_dict(state)
+                module = self.strategy.unwrap(self.accelerator, model)
+                changes = tensor_differences(weights, module.state_dict())
+                refuse_tensor_changes(state_name(MODEL, i), changes, step)
+                module.load_state_dict(weights)
+        saved_kinds = loaded.state.get("optimizers") or []
+        for i, opt in enumerate(self.states.optimizers):
+            state = loaded.objects.get(state_name(OPTIMIZER, i))
+            if state is not None and self._same_optimizer(i, opt, saved_kinds, step):
+                opt.load_state_dict(state)
+        for i, sched in enumerate(self.states.schedulers):
+            state = loaded.objects.get(state_name(SCHEDULER, i))
+            if state is not None:
+                sched.load_state_dict(state)
         if SCALER in loaded.objects:
             self.strategy.load_scaler_state(self.accelerator, loaded.objects[SCALER])
-        saved_bs = loaded.state.get("batch_size")
         for loader in self.states.loaders:
-            if (
-                saved_bs is not None
-                and loader.batch_size != saved_bs
-                and not self.config.resume_force
-            ):
-                fail(
-                    f"the checkpoint at step {loaded.info.step} was trained with batch size "
-                    f"{saved_bs}, this run uses {loader.batch_size}; restore it, or pass --resume-force"
+            self._check_loader(loader, loaded)
+
+    def _same_optimizer(self, i: int, opt: Any, saved_kinds: list[str], step: int) -> bool:
+        """Whether the i-th optimizer's saved state can be loaded (same kind of optimizer)."""
+        kind = _optimizer_kind(opt)
+        if i >= len(saved_kinds) or saved_kinds[i] == kind:
+            return True
+        what = (
+            f"the checkpoint at step {step} was trained with {saved_kinds[i]}, this run uses {kind}"
+        )
+        if not self.config.resume_force:
+            fail(f"{what}; restore it, or pass --resume-force to continue with a fresh {kind}")
+        if self.is_main:
+            warnings.warn(
+                f"{what}: its optimizer state is not restored (--resume-force)", stacklevel=4
+            )
+        return False
+
+    def _check_loader(self, loader: Any, loaded: Any) -> None:
+        step, force = loaded.info.step, self.config.resume_force
+        saved_bs = loaded.state.get("batch_size")
+        if saved_bs is not None and loader.batch_size != saved_bs and not force:
+            fail(
+                f"the checkpoint at step {step} was trained with batch size {saved_bs}, this "
+                f"run uses {loader.batch_size}; restore it, or pass --resume-force"
+            )
+        saved_len, length = loaded.state.get("dataset_length"), _dataset_length(loader)
+        if saved_len is None or length is None or saved_len == length:
+            return
+        what = (
+            f"the checkpoint at step {step} was trained on a dataset of {saved_len} samples, "
+            f"this run's has {length}"
+        )
+        if not force:
+            # Another length is another permutation: the saved position means nothing there.
+            fail(f"{what}; restore it, or pass --resume-force to redo the interrupted epoch")
+        if self.point.batch:
+            if self.is_main:
+                warnings.warn(
+                    f"{what}: resuming from the start of epoch {self.point.epoch} (--resume-force)",
+                    stacklevel=4,
                 )
+            self.point.batch = 0
 
     # -- when ----------------------------------------------------------------------------------
     def timed_save_due(self) -> bool:
@@ -328,7 +375,14 @@ class CheckpointManager:
         return tensors, objects
 
     def _state_record(self, position: Position, metrics: dict[str, float]) -> dict[str, Any]:
+        import json
+
+        from tlaunch.storage import redact
+
         config = asdict(self.config)
+        # state.json goes to the bucket: URLs in flags (--sync-dir, --data, script arguments)
+        # may carry credentials. The hashed settings hold no URL, so the hash is unchanged.
+        redacted = json.loads(redact(json.dumps(config)))
         loaders = self.states.loaders
         return {
             "step": position.step,
@@ -338,9 +392,11 @@ class CheckpointManager:
             "world_size": self.world_size,
             "hparams": self.hparams,
             "metrics": dict(metrics),  # the writer serializes it while training logs on
-            "config": config,
+            "config": redacted,
             "config_hash": config_hash(config),
             "batch_size": loaders[0].batch_size if loaders else None,
+            "dataset_length": _dataset_length(loaders[0]) if loaders else None,
+            "optimizers": [_optimizer_kind(o) for o in self.states.optimizers],
             "versions": _versions(),
             "time": time.time(),
         }
@@ -403,6 +459,18 @@ def _refuse_older_timeline(store: Any, config: LaunchConfig, chosen: int, loaded
             f"({later[0]}..{later[-1]}); resume into a new directory: --resume "
             f"{loaded.info.url} --checkpoint-dir NEW_DIR"
         )
+
+
+def _optimizer_kind(optimizer: Any) -> str:
+    """The class of the user's optimizer inside Accelerate's wrapper: ``Adam``, ``SGD``."""
+    return type(getattr(optimizer, "optimizer", optimizer)).__name__
+
+
+def _dataset_length(loader: Any) -> int | None:
+    try:
+        return len(loader.original.dataset)
+    except TypeError:  # an IterableDataset without a length
+        return None
 
 
 def _versions() -> dict[str, str]:

@@ -73,3 +73,30 @@ def check_drift(loaded: Any, hparams: dict[str, Any], config: LaunchConfig, *, w
         )
     if warn:
         warnings.warn(f"resuming with changed settings: {listing}", stacklevel=4)
+
+
+def tensor_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """How a model's saved weights differ from the model the script now builds: one line per
+    tensor (missing, unexpected, or another shape)."""
+    lines = []
+    for name in sorted(set(saved) | set(current)):
+        if name not in current:
+            lines.append(f"{name}: in the checkpoint, not in the model")
+        elif name not in saved:
+            lines.append(f"{name}: in the model, not in the checkpoint")
+        elif tuple(saved[name].shape) != tuple(current[name].shape):
+            before, after = tuple(saved[name].shape), tuple(current[name].shape)
+            lines.append(f"{name}: saved {before}, now {after}")
+    return lines
+
+
+def refuse_tensor_changes(model_name: str, lines: list[str], step: int) -> None:
+    """Weights of another shape cannot be loaded, --resume-force or not."""
+    if not lines:
+        return
+    shown = lines[:20] + ([f"... and {len(lines) - 20} more"] if len(lines) > 20 else [])
+    fail(
+        f"the checkpoint at step {step} holds a {model_name} of another architecture "
+        f"({len(lines)} tensor(s) differ); restore the model, or start fresh with --resume "
+        "never or another --checkpoint-dir:\n" + "\n".join(f"  {line}" for line in shown)
+    )

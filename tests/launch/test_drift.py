@@ -6,9 +6,16 @@ import dataclasses
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from tlaunch.config import LaunchConfig
-from tlaunch.drift import check_drift, config_hash, differences
+from tlaunch.drift import (
+    check_drift,
+    config_hash,
+    differences,
+    refuse_tensor_changes,
+    tensor_differences,
+)
 
 
 def _loaded(hparams: dict, config: LaunchConfig, step: int = 40) -> SimpleNamespace:
@@ -71,3 +78,24 @@ def test_the_config_hash_covers_what_changes_the_numbers_only():
     assert config_hash(base) == config_hash({**base, "max_epochs": 9, "cpus": 2})
     for key, value in [("precision", "bf16"), ("grad_accum", 2), ("clip_grad_norm", 1.0)]:
         assert config_hash(base) != config_hash({**base, key: value})
+
+
+def test_tensor_differences_name_each_tensor_and_both_shapes():
+    saved = {"a.weight": torch.zeros(4, 2), "b": torch.zeros(3), "gone": torch.zeros(1)}
+    now = {"a.weight": torch.zeros(8, 2), "b": torch.zeros(3), "new": torch.zeros(1)}
+    assert tensor_differences(saved, now) == [
+        "a.weight: saved (4, 2), now (8, 2)",
+        "gone: in the checkpoint, not in the model",
+        "new: in the model, not in the checkpoint",
+    ]
+    assert tensor_differences(saved, dict(saved)) == []
+
+
+def test_tensor_changes_are_refused_with_one_line_each(capsys):
+    with pytest.raises(SystemExit) as exit:
+        refuse_tensor_changes("model", ["a: saved (4,), now (8,)", "b: saved (1,), now (2,)"], 40)
+    assert exit.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("tlaunch: error: the checkpoint at step 40 holds a model of")
+    assert lines[1:] == ["  a: saved (4,), now (8,)", "  b: saved (1,), now (2,)"]
+    refuse_tensor_changes("model", [], 40)  # nothing differs: nothing happens

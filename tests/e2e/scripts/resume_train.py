@@ -29,12 +29,20 @@ parser.add_argument("--signal-at-batch", type=int, default=-1)
 parser.add_argument("--out", required=True)
 parser.add_argument("--stop-file-at-batch", type=int, default=-1)
 parser.add_argument("--crash-at-batch", type=int, default=-1, help="rank 1 exits 13 there, once")
+# An edited script meeting its old checkpoint:
+parser.add_argument("--hidden", type=int, default=64)
+parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+parser.add_argument("--samples", type=int, default=384)
 args = parser.parse_args()
 
 run = tlaunch.init(hparams={"lr": args.lr, "batch_size": args.batch_size})
-data = make_data(n=384)
-model = Classifier()
-optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+data = make_data(n=args.samples)
+model = Classifier(hidden=args.hidden)
+optimizer = (
+    torch.optim.Adam(model.parameters(), lr=args.lr)
+    if args.optimizer == "adam"
+    else torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+)
 scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.7)
 loader = DataLoader(data, batch_size=args.batch_size, shuffle=True)
 model, optimizer, loader, scheduler = run.prepare(model, optimizer, loader, scheduler)
