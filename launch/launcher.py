@@ -125,7 +125,7 @@ def launch(config: LaunchConfig) -> int:
     for w in watchers:
         w.close()
     if syncs.mirrors and supervisor.stop_signal is None:
-        syncs.flush()
+        syncs.flush(complete=code == 0)  # exited 0 on its own: every file it wrote is whole
     with open(os.path.join(run_dir, EXIT_FILE), "w") as f:
         json.dump({"exit_code": code, "states": [s.value for s in supervisor.history]}, f)
     log_file.close()
