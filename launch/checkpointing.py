@@ -181,8 +181,9 @@ class CheckpointManager:
             return None
         source, step = store, None
         if choice != "auto":
-            m = re.fullmatch(r"(?:(.*?)/+)?step-(\d+)/?", choice)
-            if choice.isdigit():
+            # [0-9], not \d or isdigit(): those accept other scripts' digits ("٣").
+            m = re.fullmatch(r"(?:(.*?)/+)?step-([0-9]+)/?", choice)
+            if re.fullmatch("[0-9]+", choice):
                 step = int(choice)
             elif m:
                 source, step = CheckpointStore(m.group(1) or "."), int(m.group(2))

@@ -30,6 +30,9 @@ from tlaunch import __version__
 from tlaunch.config import POSITIONAL, LaunchConfig, UsageError, cli_flag, field_kind
 from tlaunch.contract import EXIT_USAGE, flag_env
 
+#: 128 + SIGPIPE: what a tool killed by the closed pipe reports (``set -o pipefail`` sees it).
+EXIT_BROKEN_PIPE = 141
+
 SUBCOMMANDS = ("data", "ckpt")
 
 
@@ -141,7 +144,15 @@ def parse_args(argv: list[str]) -> LaunchConfig:
 def _subcommand(name: str, argv: list[str]) -> int:
     from tlaunch import storage
 
-    return (storage.data_main if name == "data" else storage.ckpt_main)(argv)
+    try:
+        code = (storage.data_main if name == "data" else storage.ckpt_main)(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `tlaunch ckpt ls URL | head`: the reader left; so do we, quietly, as `ls | head`
+        # does. Point stdout at /dev/null so the interpreter's final flush fails no more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

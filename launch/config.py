@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shlex
@@ -47,9 +48,9 @@ class UsageError(ValueError):
 def parse_duration(text: str) -> float:
     """``"11h30m"``, ``"90s"``, ``"45m"``, ``"1.5h"`` or plain seconds → seconds."""
     text = text.strip().lower()
-    if re.fullmatch(r"\d+(\.\d+)?", text):
+    if re.fullmatch(r"[0-9]+(\.[0-9]+)?", text):
         return float(text)
-    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", text)
+    parts = re.findall(r"([0-9]+(?:\.[0-9]+)?)([hms])", text)
     if not parts or "".join(n + u for n, u in parts) != text:
         raise UsageError(
             f"--time-limit {text!r} is not a duration; write it like 11h30m, 45m or 90s"
@@ -69,19 +70,20 @@ def parse_precision(value: str) -> str:
 
 def _time_limit(text: str) -> str:
     """Refuse a bad ``--time-limit`` now; keep the text the user wrote (shown back in commands)."""
-    parse_duration(text)
+    if parse_duration(text) <= 0:
+        raise UsageError(f"--time-limit {text!r} leaves no time to train; give e.g. 11h30m")
     return text
 
 
 def _gpu_count(value: str | int) -> str:
     value = str(value)
-    if value != "all" and not (value.isdigit() and int(value) >= 1):
+    if value != "all" and not (re.fullmatch("[0-9]+", value) and int(value) >= 1):
         raise UsageError(f"--gpus {value} is neither a count >= 1 nor 'all'")
     return value
 
 
 def _host_port(value: str) -> str:
-    if not re.fullmatch(r"[^:\s]+:\d+", value):
+    if not re.fullmatch(r"[^:\s]+:[0-9]+", value):
         raise UsageError(f"--rdzv-endpoint {value!r} must be HOST:PORT, e.g. 10.0.0.2:29400")
     return value
 
@@ -113,6 +115,8 @@ def _checked(flag: str, value: Any, meta: Mapping[str, Any]) -> Any:
     """One field's value after its metadata checks: normalized, or a UsageError naming the flag."""
     if meta["parse"] is not None:
         value = meta["parse"](value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UsageError(f"{flag} must be a finite number, got {value}")
     if meta["choices"] and value not in meta["choices"]:
         *rest, last = meta["choices"]
         raise UsageError(f"{flag} {value!r}: use {', '.join(rest)} or {last}")
@@ -248,7 +252,7 @@ class LaunchConfig:
     grace: float = _doc(
         "Seconds workers get to save and exit after a stop before being killed.",
         default=25.0,
-        min=0,
+        positive=True,
     )
 
     # -- data and folders ------------------------------------------------------------------

@@ -83,9 +83,13 @@ def launch(config: LaunchConfig) -> int:
     plan = strategy.plan()
     run_dir = make_run_dir(config)
     control_dir = tempfile.mkdtemp(prefix="tlaunch-control-")
-    log_file = open(os.path.join(run_dir, LAUNCHER_LOG), "a")
+    log_flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+    log_file = open(os.open(os.path.join(run_dir, LAUNCHER_LOG), log_flags, 0o600), "a")
 
     def log(line: str) -> None:
+        from tlaunch.storage import redact
+
+        line = redact(line)  # URLs in flags and errors may carry credentials
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         print(f"tlaunch: {line}", file=sys.stderr, flush=True)
         log_file.write(f"{stamp} {line}\n")
@@ -136,15 +140,31 @@ def _stage_data(config: LaunchConfig, log: Callable[[str], None]) -> dict[str, s
     """Fetch every --data archive into the local cache (once per machine) before start."""
     if not config.data:
         return {}
-    from tlaunch.storage import fetch
-
-    paths = []
-    for spec in config.data:
-        url, sep, dest = spec.rpartition("=")
-        url, dest = (url, dest) if sep else (spec, "")
-        paths.append(fetch(url, dest or None, progress=True))
-        log(f"data {url} ready at {paths[-1]}")
+    paths = [_fetch_data(spec, log) for spec in config.data]
     return {DATA_DIR_ENV: paths[0], DATA_DIRS_ENV: os.pathsep.join(paths)}
+
+
+def _fetch_data(spec: str, log: Callable[[str], None]) -> str:
+    """``--data URL[=DEST]``. A URL may hold ``=`` itself (``s3://b/lr=0.1/ds.tlar``), so the
+    whole spec is tried as a URL first, then split at its last ``=`` into URL and DEST."""
+    from tlaunch.storage import ArchiveMissing, fetch
+
+    url, sep, dest = spec.rpartition("=")
+    try:
+        path = fetch(spec, None, progress=True)
+        url = spec
+    except ArchiveMissing:
+        if not sep:
+            raise
+        try:
+            path = fetch(url, dest or None, progress=True)
+        except ArchiveMissing:
+            raise ArchiveMissing(
+                f"no tlaunch data archive at {spec!r}, nor at {url!r} (read as URL=DEST); "
+                "check the URL, or create one with `tlaunch data pack DIR URL`"
+            ) from None
+    log(f"data {url} ready at {path}")
+    return path
 
 
 def _start_watchers(config: LaunchConfig, supervisor: Supervisor, started: float) -> list:

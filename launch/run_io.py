@@ -26,11 +26,20 @@ def make_run_dir(config: LaunchConfig) -> str:
         base = os.path.join(config.checkpoint_dir, "runs")
     else:
         base = os.path.join(os.getcwd(), "tlaunch-runs")
+    from tlaunch.storage import redact
+
     name = time.strftime("%Y%m%d-%H%M%S") + f"-node{config.node_rank}-{os.getpid()}"
     path = os.path.join(base, name)
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, CONFIG_FILE), "w") as f:
-        f.write(config.to_json())
+    # Private: the config and the logs name buckets, hosts and paths. A new base is made
+    # private too (makedirs' mode does not reach the parents it creates).
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.chmod(path, 0o700)  # whatever the umask
+    for file, text in ((CONFIG_FILE, redact(config.to_json())), (METRICS_FILE, "")):
+        # metrics.jsonl is created here, empty, so that its writer (which appends) keeps 0600.
+        fd = os.open(os.path.join(path, file), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w") as f:
+            f.write(text)
     return path
 
 

@@ -42,7 +42,17 @@ _BACKENDS = {
     "gdrive": ("gdrive_fsspec", "drive"),
 }
 
-_CREDENTIALS_IN_URL = re.compile(r"(?<=://)[^/@\s]+@")
+# ``user:password@`` right after ``scheme://``. The password may hold "/", "+", ":" and even
+# "@" (AWS secret keys have "/" and "+"), so it runs to the last "@" of the URL; without a ":"
+# (a bare token) it ends at the first "/", so "bucket/alice@example.com" is a path, not a user.
+_CREDENTIALS_IN_URL = re.compile(r"(?<=://)(?:[^\s/@:\"'<>]*:[^\s\"'<>]*|[^\s/@\"'<>]+)@")
+# Query parameters that carry a credential: presigned S3 / GCS URLs (X-Amz-Signature,
+# X-Amz-Credential, X-Amz-Security-Token, X-Goog-Signature), Azure SAS (sig), OAuth
+# (access_token), API keys (key, api_key) and anything else named like a secret.
+_SECRET_PARAM = re.compile(
+    r"([?&;][\w.-]*(?:token|sig|key|secret|passw|credential|auth)[\w.-]*=)[^&#\s\"'<>]*",
+    re.IGNORECASE,
+)
 
 
 class StorageError(RuntimeError):
@@ -56,8 +66,11 @@ class StorageUnavailable(StorageError):
 
 
 def redact(text: str) -> str:
-    """Strip ``user:secret@`` from any URL in ``text`` so credentials never reach a log."""
-    return _CREDENTIALS_IN_URL.sub("***@", text)
+    """``text`` with the credentials of every URL in it replaced by ``***``: userinfo
+    (``s3://KEY:SECRET@bucket`` -> ``s3://***@bucket``) and secret query parameters
+    (``?X-Amz-Signature=...``, ``&token=...``). Call it on anything written where others
+    may read it: logs, run files, records uploaded to a bucket, error messages."""
+    return _SECRET_PARAM.sub(r"\1***", _CREDENTIALS_IN_URL.sub("***@", text))
 
 
 def is_remote(url: str) -> bool:

@@ -120,3 +120,20 @@ def test_a_bad_environment_value_is_one_line_naming_the_variable(script, monkeyp
     monkeypatch.setenv("TLAUNCH_CPUS", "x")
     assert main(["train.py"]) == 2
     assert capsys.readouterr().err == "tlaunch: error: TLAUNCH_CPUS='x' is not a valid int\n"
+
+
+@pytest.mark.timeout(60)
+def test_a_listing_into_a_closed_pipe_ends_quietly(tmp_path):
+    # `tlaunch ckpt ls URL | head`: the reader is gone before tlaunch writes a line.
+    import subprocess
+    import sys
+
+    (tmp_path / "step-000000001").mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tlaunch", "ckpt", "ls", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    proc.stdout.close()
+    _, stderr = proc.communicate(timeout=50)
+    assert b"Traceback" not in stderr and b"BrokenPipeError" not in stderr, stderr.decode()
+    assert proc.returncode == 141

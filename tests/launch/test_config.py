@@ -80,3 +80,23 @@ def test_env_defaults_convert_each_variable_to_its_field_type():
 def test_a_bad_variable_is_named_in_the_error(variable, value, message):
     with pytest.raises(UsageError, match=re.escape(message)):
         LaunchConfig.env_defaults({variable: value})
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"grace": 0.0}, "--grace must be positive, got 0.0"),
+        ({"grace": -5.0}, "--grace must be positive, got -5.0"),
+        ({"grace": float("nan")}, "--grace must be a finite number, got nan"),
+        ({"save_every_minutes": 0.0}, "--save-every-minutes must be positive"),
+        ({"save_every_minutes": float("nan")}, "--save-every-minutes must be a finite number"),
+        ({"clip_grad_norm": float("inf")}, "--clip-grad-norm must be a finite number, got inf"),
+        ({"time_limit": "0s"}, "--time-limit '0s' leaves no time to train"),
+        ({"time_limit": "0"}, "--time-limit '0' leaves no time to train"),
+        ({"gpus": "\u0663"}, "is neither a count >= 1 nor 'all'"),  # an Arabic-Indic three
+        ({"time_limit": "\u0663h"}, "is not a duration"),
+    ],
+)
+def test_values_that_were_once_accepted_are_refused(kwargs, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        LaunchConfig(**kwargs)

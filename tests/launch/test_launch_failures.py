@@ -79,3 +79,31 @@ def test_plain_python_makes_its_own_run_dir_under_tlaunch_run_dir(tmp_path):
     (line,) = (run_dir / METRICS_FILE).read_text().splitlines()
     assert json.loads(line)["loss"] == 1.0
     assert LAUNCH_DIR_ENV not in env
+
+
+@pytest.mark.timeout(120)
+def test_data_urls_may_hold_an_equals_sign(tmp_path, monkeypatch):
+    from tlaunch.storage import pack
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("hello")
+    url = "faulty://bucket/lr=0.1/ds.tlar"
+    pack(str(src), url, progress=False)
+    script = tmp_path / "show.py"
+    script.write_text(
+        "import os, pathlib\n"
+        "print(pathlib.Path(os.environ['TLAUNCH_DATA_DIR'], 'a.txt').read_text())\n"
+    )
+    dest = tmp_path / "here"
+    for spec in (url, f"{url}={dest}"):
+        assert launch(LaunchConfig(script=str(script), cpus=1, data=[spec])) == 0
+    assert (dest / "a.txt").read_text() == "hello", "URL=DEST still splits at the last ="
+
+
+@pytest.mark.timeout(60)
+def test_a_missing_archive_with_an_equals_sign_names_both_readings(script, capsys):
+    spec = "faulty://bucket/lr=0.1/none.tlar"
+    assert launch(LaunchConfig(script=script, cpus=1, data=[spec])) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"no tlaunch data archive at '{spec}', nor at 'faulty://bucket/lr'" in err
