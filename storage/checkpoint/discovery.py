@@ -6,8 +6,9 @@ drops the backend's listing cache first: gcsfs and s3fs cache listings per proce
 What a COMMIT read can tell, and what it cannot (the quarantine rule, see
 :mod:`tlaunch.storage.checkpoint.reading`):
 
-* A record read completely and proven wrong (not JSON, not a record of ours) is evidence:
-  ``StepDir.problem`` is set, and the store quarantines the step when it next meets it.
+* A record read completely and proven wrong (not JSON, a field missing or of the wrong type or
+  size, see :mod:`.records`) is evidence: ``StepDir.problem`` is set, and the store quarantines
+  the step when it next meets it. So is a COMMIT listed larger than any record: it is not read.
 * A read that failed (a reset, a timeout, 429, 5xx) proves nothing. It is retried with the
   store's RetryPolicy; if storage stays down, StorageUnavailable is raised out of the scan and
   nothing is decided. A read shorter than the size the listing gave counts as failed.
@@ -24,13 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tlaunch.storage.checkpoint.manifest import (
-    COMMIT,
-    QUARANTINED,
-    TMP_PREFIX,
-    parse_record,
-    parse_step_dir,
-)
+from tlaunch.storage.checkpoint.manifest import COMMIT, QUARANTINED, TMP_PREFIX, parse_step_dir
+from tlaunch.storage.checkpoint.records import MAX_COMMIT_BYTES, parse_commit
 from tlaunch.storage.checkpoint.threads import in_parallel
 from tlaunch.storage.store import Location, RetryPolicy
 
@@ -98,12 +94,16 @@ def read_complete(fs: Any, retry: RetryPolicy, path: str, size: int | None) -> b
 
 def _read_record(location: Location, retry: RetryPolicy, s: StepDir) -> None:
     """Fill in ``s.record`` (or ``s.problem``) from its COMMIT."""
+    size = s.files[COMMIT]
+    if size is not None and size > MAX_COMMIT_BYTES:
+        s.problem = f"{COMMIT} is {size} bytes, more than any record"
+        return
     try:
-        data = read_complete(location.fs, retry, f"{s.path}/{COMMIT}", s.files[COMMIT])
+        data = read_complete(location.fs, retry, f"{s.path}/{COMMIT}", size)
     except FileNotFoundError:
         del s.files[COMMIT]  # deleted since the listing: the step is going, not damaged
         return
     try:
-        s.record = parse_record(data, COMMIT)
+        s.record = parse_commit(data, s.step)
     except ValueError as e:
         s.problem = str(e)

@@ -16,6 +16,8 @@ helper thread while the same bytes upload, and with SHA-NI it hashes ~1.7 GB/s o
 box, so 500 MB costs ~0.3 s that the upload hides. crc32c would be faster but is only present
 when gcsfs happens to be installed, and a manifest must be checkable everywhere. The COMMIT
 record carries the MANIFEST's own hash, so a damaged MANIFEST is caught too.
+
+Records read back from a bucket are parsed and checked in :mod:`.records`.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ STATE = "state.json"
 TMP_PREFIX = ".tmp-step-"
 
 _STEP_DIR = re.compile(r"^step-(\d{9})$")
+#: A file name in a step directory, and a name a caller gives save(): one path component.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _READ_CHUNK = 8 << 20
 
 
@@ -110,27 +114,6 @@ def commit_record(
         "metrics": metrics,
         "manifest_sha256": sha256(manifest),
     }
-
-
-def parse_record(data: bytes, what: str) -> dict[str, Any]:
-    """A COMMIT or MANIFEST record; ValueError with one line when it is not one."""
-    try:
-        record = json.loads(data)
-    except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
-        raise ValueError(f"{what} is not valid JSON") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{what} has an unknown format (expected format {FORMAT_VERSION})")
-    return record
-
-
-def manifest_files(commit: dict[str, Any], manifest: bytes) -> dict[str, dict[str, Any]]:
-    """The file table of ``manifest``, after checking it is the one ``commit`` sealed."""
-    if sha256(manifest) != commit.get("manifest_sha256"):
-        raise ValueError(f"{MANIFEST} does not match the sha256 recorded in {COMMIT}")
-    files = parse_record(manifest, MANIFEST).get("files")
-    if not isinstance(files, dict):
-        raise ValueError(f"{MANIFEST} has no file table")
-    return files
 
 
 def size_problems(files: dict[str, dict[str, Any]], listed: dict[str, int]) -> list[str]:

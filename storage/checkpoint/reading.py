@@ -6,7 +6,12 @@ QUARANTINED. Proof is
 * a COMMIT or MANIFEST.json record that is malformed (see :mod:`.manifest`),
 * a MANIFEST.json whose sha256 is not the one its COMMIT sealed,
 * a file MANIFEST names that the step's listing lacks, or lists with another size,
-* a file whose bytes fail their sha256, or that will not parse (:mod:`.serialize`).
+* a file whose bytes fail their sha256,
+* a state.json that is not a JSON object (:class:`.serialize.MalformedFile`).
+
+A ``.pt`` or ``.safetensors`` file that passes its sha256 but will not load (refused as
+unsafe, or from a newer torch) is not proof of damage: CheckpointError, no quarantine, since
+every older step would very likely fail the same way.
 
 Nothing else is proof, and none of it changes what is in the bucket:
 
@@ -30,14 +35,16 @@ from tlaunch.storage.checkpoint.discovery import StepDir, read_complete
 from tlaunch.storage.checkpoint.manifest import (
     COMMIT,
     MANIFEST,
+    STATE,
     CheckpointError,
     hash_problems,
-    manifest_files,
     read_chunks,
     sha256,
     sha256_stream,
     size_problems,
 )
+from tlaunch.storage.checkpoint.records import manifest_files
+from tlaunch.storage.checkpoint.serialize import MalformedFile, bytes_to_state
 from tlaunch.storage.store import Location, RetryPolicy, redact
 
 
@@ -105,7 +112,13 @@ class StepReader:
         problems = size_problems(files, self.s.files)
         if problems or not full:
             return problems
-        return hash_problems(files, self._digest)
+        problems = hash_problems(files, self._digest)
+        if not problems and STATE in files:  # what load would refuse: report it now
+            try:
+                bytes_to_state(STATE, self.read(STATE, files[STATE]))
+            except MalformedFile as e:
+                problems.append(str(e))
+        return problems
 
     def _digest(self, name: str) -> tuple[int, str]:
         path = f"{self.s.path}/{name}"

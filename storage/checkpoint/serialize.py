@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from tlaunch.storage.checkpoint.manifest import (
+    NAME_PATTERN,
     RNG_PREFIX,
     STATE,
     CheckpointError,
@@ -28,12 +29,20 @@ from tlaunch.storage.checkpoint.manifest import (
 from tlaunch.storage.store import one_line
 
 _REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+)")
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _TENSORS_SUFFIX = ".safetensors"
 
 
+class MalformedFile(CheckpointError):
+    """A file that passed its checksum but is not what its name says we wrote (state.json that
+    is not a JSON object, say): written that way, so the step is quarantined."""
+
+    def __init__(self, label: str, detail: str) -> None:
+        super().__init__(f"{label} {detail}")
+        self.detail = detail
+
+
 def _check_name(kind: str, name: Any) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or len(name) > 200:
         raise CheckpointError(
             f"{kind} name {name!r} cannot be a file name; use letters, digits, '_', '-', '.'"
         )
@@ -78,7 +87,10 @@ def load_file(name: str, data: bytes, label: str) -> tuple[str, Any, Any]:
     if name.endswith(_TENSORS_SUFFIX):
         return "tensors", name[: -len(_TENSORS_SUFFIX)], bytes_to_tensors(label, data)
     if name.startswith(RNG_PREFIX) and name.endswith(".pt"):
-        return "rng", int(name[len(RNG_PREFIX) : -3]), bytes_to_object(label, data)
+        rank = name[len(RNG_PREFIX) : -3]
+        if not rank.isdigit():
+            raise MalformedFile(label, "is not a rank's RNG file name")
+        return "rng", int(rank), bytes_to_object(label, data)
     if name.endswith(".pt"):
         return "objects", name[:-3], bytes_to_object(label, data)
     return "other", name, data
@@ -179,10 +191,13 @@ def bytes_to_object(label: str, data: bytes) -> Any:
 
 
 def bytes_to_state(label: str, data: bytes) -> dict[str, Any]:
+    """state.json's object; MalformedFile when it is not one (or its metrics are not)."""
     try:
         state = json.loads(data)
-    except ValueError:
-        raise CheckpointError(f"{label} is not valid JSON") from None
+    except (ValueError, RecursionError):  # bad JSON or UTF-8, a 5000-digit int, [[[[...]]]]
+        raise MalformedFile(label, "is not valid JSON") from None
     if not isinstance(state, dict):
-        raise CheckpointError(f"{label} holds a {type(state).__name__}, expected a JSON object")
+        raise MalformedFile(label, f"holds a {type(state).__name__}, expected a JSON object")
+    if not isinstance(state.get("metrics", {}), dict):
+        raise MalformedFile(label, "has 'metrics' that is not a JSON object")
     return state

@@ -120,15 +120,14 @@ class CheckpointStore:
         return scan(self.location, self._retry)
 
     def _info(self, s: StepDir) -> CheckpointInfo:
-        record = s.record or {}
-        metrics = record.get("metrics")
+        record = s.record or {}  # checked field by field in records.parse_commit
         return CheckpointInfo(
             step=s.step,
             url=self.step_url(s.step),
             committed=s.committed,
             time=float(record.get("time", 0.0)),
-            size=int(record.get("size", 0)),
-            metrics=metrics if isinstance(metrics, dict) else {},
+            size=record.get("size", 0),
+            metrics=record.get("metrics", {}),
             quarantined=s.quarantined or s.step in self._bad,
         )
 
@@ -373,7 +372,10 @@ class CheckpointStore:
         for name in sorted(files):
             data = reader.read(name, files[name] if verify else None)
             label = f"step {s.step} at {redact(self.url)}: {name}"
-            kind, key, value = serialize.load_file(name, data, label)
+            try:
+                kind, key, value = serialize.load_file(name, data, label)
+            except serialize.MalformedFile as e:
+                raise reader.corrupt(f"{name} {e.detail}") from None
             if kind == "state":
                 out.state = value
             elif kind in slots:

@@ -90,3 +90,33 @@ def injected(store: CheckpointStore) -> int:
 
 def enospc() -> OSError:
     return OSError(errno.ENOSPC, "No space left on device")
+
+
+def reseal(store: CheckpointStore, step: int, name: str, data: bytes) -> None:
+    """Write ``data`` as file ``name`` of ``step`` and re-sign what seals it, as a hostile writer
+    would: a data file's MANIFEST entry, MANIFEST's sha256 (and the size) in COMMIT. COMMIT
+    itself is written as given."""
+    import json
+
+    from tlaunch.storage.checkpoint.manifest import COMMIT, MANIFEST, encode_json, sha256
+
+    fs = store.location.fs
+    fs.pipe_file(file_path(store, step, name), data)
+    if name == COMMIT:
+        fs.invalidate_cache(store.location.path)
+        return
+    manifest = data
+    if name != MANIFEST:
+        table = json.loads(fs.cat_file(file_path(store, step, MANIFEST)))
+        table["files"][name] = {"size": len(data), "sha256": sha256(data)}
+        manifest = encode_json(table)
+        fs.pipe_file(file_path(store, step, MANIFEST), manifest)
+    commit = json.loads(fs.cat_file(file_path(store, step, COMMIT)))
+    commit["manifest_sha256"] = sha256(manifest)
+    try:
+        files = json.loads(manifest)["files"]
+        commit["size"] = sum(entry["size"] for entry in files.values()) + len(manifest)
+    except Exception:  # a hostile table: keep the old size, the seal is what matters
+        pass
+    fs.pipe_file(file_path(store, step, COMMIT), encode_json(commit))
+    fs.invalidate_cache(store.location.path)
