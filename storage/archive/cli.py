@@ -18,7 +18,8 @@ import argparse
 import re
 import sys
 
-from tlaunch.storage.archive.fetch import CACHE_DIR_ENV, fetch, info
+from tlaunch.storage.archive.cache import CACHE_DIR_ENV
+from tlaunch.storage.archive.fetch import fetch, info
 from tlaunch.storage.archive.format import DEFAULT_LEVEL, DEFAULT_SHARD_SIZE, zstd
 from tlaunch.storage.store import StorageError, redact
 

@@ -9,21 +9,15 @@
     info("gs://bucket/data/coco.tlar").files
 
 ``fetch`` downloads shards in parallel with ranged reads (an interrupted download resumes
-where it stopped), verifies every shard's digest, unpacks into a temp directory beside the
-cache entry and renames it into place; the next ``fetch`` of the same content on this machine
-returns at once. Unpacking refuses anything but the regular files the manifest lists: see
+where it stopped), verifies each download's digest, unpacks into a temp directory beside the
+cache entry, verifying every file's digest, and commits it into place; the next ``fetch`` of
+the same content on this machine returns at once. Unpacking refuses anything but the regular files the manifest lists: see
 :mod:`tlaunch.storage.archive.unpack`.
 
-Cache layout (``$TLAUNCH_CACHE_DIR`` or ``~/.cache/tlaunch/data``)::
-
-    <id>/                 the unpacked data; it exists only once complete (renamed into place)
-    <id>.lock             flock'ed while one process fills <id>; others wait, then reuse it
-    .<id>.shards/         downloaded shards, kept across interruptions so a rerun resumes
-                          (``<name>.part`` grows by ranged reads; complete ones are re-verified
-                          while unpacking)
-    .<id>.unpack-<pid>/   the temp directory being unpacked, next to its final place
-    urls/<hash>.json      which id a URL had when last fetched, so a machine that already
-                          holds the data can start even when the store is unreachable
+The cache, and what makes an entry in it count, is :mod:`tlaunch.storage.archive.cache`.
+Because every file is checked against the manifest's BLAKE3 digest -- and the id is a digest
+of those -- an archive whose shards do not hold what its manifest lists, even one that claims
+another archive's id, cannot fill the cache.
 
 Archives on a local path (or the Drive mount) are unpacked straight from their shard
 files; only remote ones are downloaded first.
@@ -31,20 +25,26 @@ files; only remote ones are downloaded first.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
-import json
 import logging
 import os
 import shutil
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
+from tlaunch.storage.archive.cache import (
+    CACHE_DIR_ENV,  # noqa: F401 -- also read from here (tests/launch/test_contract.py)
+    cache_root,
+    cached_copy,
+    commit,
+    entry_problem,
+    link,
+    remember,
+    reuse_or_fill,
+)
 from tlaunch.storage.archive.format import (
     DEFAULT_LEVEL,
     DEFAULT_SHARD_SIZE,
@@ -59,7 +59,6 @@ from tlaunch.storage.archive.format import (
     parse_manifest,
 )
 from tlaunch.storage.archive.unpack import Aborted, ShardCorrupt, unpack_shard
-from tlaunch.storage.localfs import temp_path, write_atomic
 from tlaunch.storage.store import (
     Location,
     RetryPolicy,
@@ -72,8 +71,6 @@ from tlaunch.storage.store import (
 
 log = logging.getLogger(__name__)
 
-#: The cache's location when ``cache_dir`` is not given (launch/contract.py lists it too).
-CACHE_DIR_ENV = "TLAUNCH_CACHE_DIR"
 DOWNLOAD_CHUNK = 8 << 20  # one ranged read; also how much an interruption can lose
 _DOWNLOADERS = 8  # parallel shard downloads: enough to fill a VM's link from GCS or S3
 
@@ -135,11 +132,10 @@ def fetch(
             "tlaunch: warning: %s; using the copy this machine fetched before: %s", e, cached
         )
         return link(dest, cached, cache) if dest else cached
-    final = os.path.join(cache, manifest.id)
-    if not os.path.isdir(final):
-        with locked(final + ".lock"):
-            if not os.path.isdir(final):  # another process may have filled it while we waited
-                _fetch_into_cache(loc, manifest, cache, threads or default_threads(), progress)
+    final = reuse_or_fill(
+        cache, manifest.id, url,
+        lambda: _fetch_into_cache(loc, manifest, cache, threads or default_threads(), progress),
+    )  # fmt: skip
     remember(cache, url, manifest.id)
     return link(dest, final, cache) if dest else final
 
@@ -147,22 +143,15 @@ def fetch(
 def info(url: str, *, cache_dir: str | None = None) -> ArchiveInfo:
     """Describe the archive at ``url`` and whether this machine has it unpacked."""
     m = read_manifest(url)
-    cached = os.path.join(cache_root(cache_dir), m.id)
+    cache = cache_root(cache_dir)
+    cached = os.path.join(cache, m.id) if entry_problem(cache, m.id) is None else None
     return ArchiveInfo(redact(url), m.id, len(m.files), m.total_size, len(m.shards),
-                       m.compressed_size, m.level, cached if os.path.isdir(cached) else None)  # fmt: skip
+                       m.compressed_size, m.level, cached)  # fmt: skip
 
 
 def read_manifest(url: str) -> Manifest:
     """The manifest of the archive at ``url``."""
     return read_manifest_at(resolve(url))
-
-
-def default_cache_dir() -> str:
-    return os.environ.get(CACHE_DIR_ENV) or os.path.join("~", ".cache", "tlaunch", "data")
-
-
-def cache_root(cache_dir: str | None) -> str:
-    return os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
 
 
 def one_line(e: BaseException) -> str:
@@ -193,65 +182,23 @@ def read_range(fs: Any, path: str, start: int, end: int) -> bytes:
     return fs.cat_file(path, start=start, end=end)
 
 
-@contextlib.contextmanager
-def locked(path: str) -> Iterator[None]:
-    """An exclusive flock on ``path``: released by the kernel even if this process dies."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def remember(cache: str, url: str, archive_id: str) -> None:
-    path = _pointer(cache, url)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_atomic(path, json.dumps({"url": redact(url), "id": archive_id}).encode())
-
-
-def cached_copy(cache: str, url: str) -> str | None:
-    """The unpacked copy of the archive ``url`` had when last fetched here, if still present."""
-    try:
-        with open(_pointer(cache, url)) as f:
-            archive_id = json.load(f)["id"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    path = os.path.join(cache, str(archive_id))
-    return path if os.path.isdir(path) else None
-
-
-def _pointer(cache: str, url: str) -> str:
-    return os.path.join(cache, "urls", hashlib.sha256(url.encode()).hexdigest()[:32] + ".json")
-
-
 def _fetch_into_cache(
     loc: Location, manifest: Manifest, cache: str, threads: int, progress: bool
 ) -> str:
     """Download, verify and unpack ``manifest`` into ``cache/<id>``; call it under the lock."""
-    final = os.path.join(cache, manifest.id)
     tmp = os.path.join(cache, f".{manifest.id}.unpack-{os.getpid()}")
     downloads = os.path.join(cache, f".{manifest.id}.shards")
-    _remove_stale_unpacks(cache, manifest.id)
     os.makedirs(tmp)
     try:
         for d in manifest.dirs:
             os.makedirs(os.path.join(tmp, d), exist_ok=True)
         _FetchJob(loc, manifest, tmp, downloads, threads, progress).run()
-        os.rename(tmp, final)
+        # Before the sync: a download nobody needs any more is not worth writing to disk.
+        shutil.rmtree(downloads, ignore_errors=True)
+        return commit(tmp, cache, manifest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(downloads, ignore_errors=True)
-    return final
-
-
-def _remove_stale_unpacks(cache: str, archive_id: str) -> None:
-    # Left by a process killed mid-unpack; we hold the lock, so none is in use.
-    prefix = f".{archive_id}.unpack-"
-    for name in os.listdir(cache):
-        if name.startswith(prefix):
-            shutil.rmtree(os.path.join(cache, name), ignore_errors=True)
 
 
 class _FetchJob:
@@ -423,26 +370,3 @@ def _hash_file(path: str) -> Any:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest
-
-
-def link(dest: str, target: str, cache: str) -> str:
-    """Make ``dest`` a symlink to the unpacked ``target`` (atomically); return ``dest``."""
-    dest = os.path.abspath(os.path.expanduser(dest))
-    if os.path.islink(dest):
-        if not os.readlink(dest).startswith(cache + os.sep):
-            raise ArchiveError(
-                f"{dest} is a symlink to {os.readlink(dest)}, not to tlaunch's data cache; "
-                "remove it or choose another destination"
-            )
-    elif os.path.isdir(dest) and not os.listdir(dest):
-        os.rmdir(dest)
-    elif os.path.lexists(dest):
-        raise ArchiveError(
-            f"{dest} already exists; choose a new path (tlaunch makes it a link to the "
-            "unpacked data) or remove it"
-        )
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    tmp = temp_path(dest)
-    os.symlink(target, tmp)
-    os.replace(tmp, dest)
-    return dest

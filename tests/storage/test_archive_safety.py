@@ -35,6 +35,11 @@ def member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", **attrs)
     return info, data
 
 
+def entry(path: str, data: bytes = b"", mode: int = 0o644, size: int | None = None) -> FileEntry:
+    """A manifest row for ``data``, with its real digest (``size`` may claim another size)."""
+    return FileEntry(path, len(data) if size is None else size, mode, hasher(data).hexdigest())
+
+
 def write_archive(url: str, members: list[tuple], listed: list[FileEntry] | None = None) -> str:
     """A one-shard archive at ``url`` holding exactly ``members``; returns its id."""
     raw = io.BytesIO()
@@ -44,7 +49,7 @@ def write_archive(url: str, members: list[tuple], listed: list[FileEntry] | None
     shard = zstd.compress(raw.getvalue())
     digest = hasher(shard).hexdigest()
     if listed is None:  # one harmless regular file per member
-        listed = [FileEntry(f"ok{i}.txt", 0, 0o644, "0" * 64) for i in range(len(members))]
+        listed = [entry(f"ok{i}.txt") for i in range(len(members))]
     os.makedirs(os.path.join(url, SHARDS_DIR))
     key = "ab" * 32
     with open(os.path.join(url, SHARDS_DIR, key + ".tar.zst"), "wb") as f:
@@ -143,7 +148,7 @@ def test_manifest_with_a_path_for_a_shard_key_is_refused(places):
 
 def test_manifest_listing_an_unsafe_path_is_refused(places):
     url, cache, _ = places
-    listed = [FileEntry("../escape.txt", 1, 0o644, "0" * 64)]
+    listed = [entry("../escape.txt", b"x")]
     archive_id = write_archive(url, [member("../escape.txt", data=b"x")], listed)
     assert_refused(
         url, cache, archive_id, "its manifest lists '../escape.txt'", "leaves the destination"
@@ -151,17 +156,21 @@ def test_manifest_listing_an_unsafe_path_is_refused(places):
 
 
 MISMATCH = {
-    "other name": ([member("a.txt", data=b"abc")], [FileEntry("b.txt", 3, 0o644, "0" * 64)],
+    "other name": ([member("a.txt", data=b"abc")], [entry("b.txt", b"abc")],
                    "member 'a.txt' is not the file the manifest lists next ('b.txt')"),
-    "other size": ([member("a.txt", data=b"abc")], [FileEntry("a.txt", 4, 0o644, "0" * 64)],
+    "other size": ([member("a.txt", data=b"abc")], [entry("a.txt", b"abc", size=4)],
                    "member 'a.txt' has 3 bytes where the manifest says 4"),
-    "other mode": ([member("a.txt", data=b"abc", mode=0o755)], [FileEntry("a.txt", 3, 0o644, "0" * 64)],
+    "other mode": ([member("a.txt", data=b"abc", mode=0o755)], [entry("a.txt", b"abc")],
                    "member 'a.txt' has mode 755 where the manifest says 644"),
     "extra member": ([member("a.txt", data=b"abc"), member("b.txt", data=b"x")],
-                     [FileEntry("a.txt", 3, 0o644, "0" * 64)], "member 'b.txt' is not in the manifest"),
-    "missing member": ([member("a.txt", data=b"abc")],
-                       [FileEntry("a.txt", 3, 0o644, "0" * 64), FileEntry("b.txt", 1, 0o644, "0" * 64)],
+                     [entry("a.txt", b"abc")], "member 'b.txt' is not in the manifest"),
+    "missing member": ([member("a.txt", data=b"abc")], [entry("a.txt", b"abc"), entry("b.txt", b"x")],
                        "the shard ends before 'b.txt'"),
+    "other bytes": ([member("a.txt", data=b"abc")], [entry("a.txt", b"abd")],
+                    "member 'a.txt' does not match the manifest's blake3 digest"),
+    "other bytes, another writer's header": (
+        [member("a.txt", data=b"abc", mtime=1_700_000_000)], [entry("a.txt", b"abd")],
+        "member 'a.txt' does not match the manifest's blake3 digest"),
 }  # fmt: skip
 
 
@@ -216,8 +225,8 @@ def write_framed(url: str, members: list[tuple], listed: list[FileEntry], cuts: 
     return archive_id
 
 
-def listed_for(*names_sizes: tuple[str, int]) -> list[FileEntry]:
-    return [FileEntry(name, size, 0o644, "0" * 64) for name, size in names_sizes]
+def listed_for(*names_data: tuple[str, bytes]) -> list[FileEntry]:
+    return [entry(name, data) for name, data in names_data]
 
 
 def test_a_member_hidden_inside_an_earlier_frame_is_refused(places):
@@ -225,7 +234,7 @@ def test_a_member_hidden_inside_an_earlier_frame_is_refused(places):
     # the first frame, where the table says that frame ends: tarfile and our checks judge it.
     url, cache, _ = places
     members = [member("a.txt", data=b"abc"), member("x.txt", data=b"x"), member("b.txt", data=b"b")]
-    listed = listed_for(("a.txt", 3), ("b.txt", 1))
+    listed = listed_for(("a.txt", b"abc"), ("b.txt", b"b"))
     archive_id = write_framed(url, members, listed, cuts=["b.txt"], starts=[[0, 0], [1, 0]])
     assert_refused(url, cache, archive_id, "member 'x.txt' is not in the manifest")
 
@@ -235,7 +244,7 @@ def test_a_framed_archive_from_another_writer_unpacks(places):
     url, cache, _ = places
     members = [member("a.txt", data=b"abc", mtime=1_700_000_000, uname="alice"),
                member("b.txt", data=b"defg", mtime=1_700_000_001)]  # fmt: skip
-    listed = listed_for(("a.txt", 3), ("b.txt", 4))
+    listed = listed_for(("a.txt", b"abc"), ("b.txt", b"defg"))
     archive_id = write_framed(url, members, listed, cuts=["b.txt"], starts=[[0, 0], [1, 0]])
     path = fetch(url, cache_dir=cache, progress=False)
     assert path.endswith(archive_id)
@@ -256,7 +265,7 @@ BAD_TABLES = {
 def test_a_frame_table_that_does_not_fit_is_refused(case, places):
     url, cache, _ = places
     members = [member("a.txt", data=b"abc"), member("b.txt", data=b"b")]
-    archive_id = write_framed(url, members, listed_for(("a.txt", 3), ("b.txt", 1)),
+    archive_id = write_framed(url, members, listed_for(("a.txt", b"abc"), ("b.txt", b"b")),
                               cuts=["b.txt"], starts=[[0, 0], [1, 0]])  # fmt: skip
     manifest = os.path.join(url, MANIFEST_NAME)
     with open(manifest) as f:
@@ -270,6 +279,6 @@ def test_a_frame_table_that_does_not_fit_is_refused(case, places):
 def test_a_manifest_mode_the_data_filter_would_not_leave_is_refused(places):
     # Modes are compared to headers byte for byte, so the manifest's own must be safe ones.
     url, cache, _ = places
-    listed = [FileEntry("a.txt", 3, 0o4755, "0" * 64)]
+    listed = [entry("a.txt", b"abc", mode=0o4755)]
     archive_id = write_archive(url, [member("a.txt", data=b"abc", mode=0o4755)], listed)
     assert_refused(url, cache, archive_id, "'a.txt' size 3 and mode 4755")
