@@ -237,6 +237,11 @@ class LaunchConfig:
     resume_force: bool = _doc(
         "Resume even when hyperparameters changed in ways that break the run.", default=False
     )
+    takeover: bool = _doc(
+        "Take the --checkpoint-dir lease from the run holding it (one that is gone but whose "
+        "lease has not expired yet); that run, if alive, can commit nothing more.",
+        default=False,
+    )
 
     # -- preemption and deadlines ----------------------------------------------------------
     preemption_watch: str = _doc(

@@ -35,6 +35,9 @@ few ``ACCELERATE_*`` / ``PJRT_DEVICE`` variables the chosen strategy's plan name
 ``TLAUNCH_START_TIME``    when the launch began (epoch seconds), for ``--time-limit``
 ``TLAUNCH_DATA_DIR``      the local folder of the first ``--data`` archive
 ``TLAUNCH_DATA_DIRS``     every ``--data`` folder, joined by ``os.pathsep``
+``TLAUNCH_LEASE_TOKEN``   the token of the lease the launcher holds on ``--checkpoint-dir``
+                          (``LEASE.json`` there); rank 0 commits only while the lease still
+                          names it. Absent: rank 0 takes the lease itself (plain ``python``)
 
 Variables a user (or a test) sets
 ---------------------------------
@@ -85,6 +88,7 @@ CONTROL_DIR_ENV = "TLAUNCH_CONTROL_DIR"
 START_TIME_ENV = "TLAUNCH_START_TIME"
 DATA_DIR_ENV = "TLAUNCH_DATA_DIR"
 DATA_DIRS_ENV = "TLAUNCH_DATA_DIRS"
+LEASE_TOKEN_ENV = "TLAUNCH_LEASE_TOKEN"
 
 # -- set by users and tests ------------------------------------------------------------------
 RUN_ID_ENV = "TLAUNCH_RUN_ID"

@@ -27,9 +27,11 @@ from tlaunch.contract import (
     EXIT_USAGE,
     LAUNCH_DIR_ENV,
     LAUNCHER_LOG,
+    LEASE_TOKEN_ENV,
     START_TIME_ENV,
 )
 from tlaunch.preemption import Deadline, Watcher, detect
+from tlaunch.preflight import Preflight, preflight
 from tlaunch.run_io import make_run_dir
 from tlaunch.storage import StorageError, StorageUnavailable
 from tlaunch.supervisor import Supervisor
@@ -70,6 +72,7 @@ def worker_env(
     env[LAUNCH_DIR_ENV] = run_dir
     env[CONTROL_DIR_ENV] = control_dir
     env.setdefault(START_TIME_ENV, str(time.time()))
+    env.pop(LEASE_TOKEN_ENV, None)  # only this launch's own lease (Preflight.worker_env)
     return env
 
 
@@ -80,6 +83,19 @@ def launch(config: LaunchConfig) -> int:
     except UsageError as e:
         print(f"tlaunch: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        checked = preflight(config)
+    except StorageError as e:
+        print(f"tlaunch: error: {e}", file=sys.stderr)
+        return EXIT_UNAVAILABLE if isinstance(e, StorageUnavailable) else EXIT_USAGE
+    try:
+        return _supervise(config, strategy, checked)
+    finally:
+        checked.release()  # whatever the exit: 0, 75, a failure, an exception
+
+
+def _supervise(config: LaunchConfig, strategy, checked: Preflight) -> int:
+    """Everything after the checks: run directory, data, sync dirs, the supervisor."""
     plan = strategy.plan()
     run_dir = make_run_dir(config)
     control_dir = tempfile.mkdtemp(prefix="tlaunch-control-")
@@ -95,7 +111,9 @@ def launch(config: LaunchConfig) -> int:
         log_file.write(f"{stamp} {line}\n")
         log_file.flush()
 
+    checked.start(log)
     env = worker_env(config, plan.env, run_dir, control_dir)
+    env.update(checked.worker_env())
     try:
         env.update(_stage_data(config, log))
         syncs = SyncDirs(config.sync_dir, log)

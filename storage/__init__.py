@@ -7,6 +7,7 @@ Built on fsspec; never imports ``tlaunch`` (the launcher) nor ``tlaunch.strategi
     store.py      URLs to fsspec filesystems, retries, one-line storage errors
     localfs.py    which URLs are local; the one way a local file is written (temp, fsync, rename)
     mirror.py     ``--sync-dir LOCAL=URL``: a folder mirrored file by file
+    probe.py      can tlaunch write at a URL? (checked before any worker starts)
     checkpoint/   checkpoints: format, commit protocol, async writer, retention, ``tlaunch ckpt``
     archive/      data archives: pack, fetch, the cache, ``tlaunch data``
 
@@ -29,6 +30,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "resolve": ("tlaunch.storage.store", "resolve"),
     "is_remote": ("tlaunch.storage.store", "is_remote"),
     "redact": ("tlaunch.storage.store", "redact"),
+    "probe_writable": ("tlaunch.storage.probe", "probe_writable"),
     # checkpoints
     "CheckpointStore": ("tlaunch.storage.checkpoint.store", "CheckpointStore"),
     "CheckpointInfo": ("tlaunch.storage.checkpoint.store", "CheckpointInfo"),
@@ -42,6 +44,10 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "KeepEvery": ("tlaunch.storage.checkpoint.retention", "KeepEvery"),
     "KeepBest": ("tlaunch.storage.checkpoint.retention", "KeepBest"),
     "ckpt_main": ("tlaunch.storage.checkpoint.cli", "main"),
+    # one writer per checkpoint directory
+    "Lease": ("tlaunch.storage.checkpoint.lease", "Lease"),
+    "LeaseHeld": ("tlaunch.storage.checkpoint.lease", "LeaseHeld"),
+    "LeaseLost": ("tlaunch.storage.checkpoint.lease", "LeaseLost"),
     # --sync-dir
     "FolderMirror": ("tlaunch.storage.mirror", "FolderMirror"),
     # data archives
