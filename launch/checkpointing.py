@@ -111,6 +111,8 @@ class CheckpointManager:
         self.states = _States()
         self.store: Any = None
         self.writer: Any = None
+        #: The checkpoint directory's lease, when rank 0 took it itself (no launcher).
+        self.lease: Any = None
         self.loaded: Any = None
         #: Where the data and RNG streams re-enter (set by :meth:`open`).
         self.point = ResumePoint()
@@ -133,7 +135,12 @@ class CheckpointManager:
         from tlaunch.storage import AsyncCheckpointWriter, CheckpointStore, RetentionPolicy
 
         config = self.config
-        self.store = CheckpointStore(config.checkpoint_dir)
+        fence = None
+        if self.is_main:  # the one writer: fenced by the launcher's lease, or takes its own
+            from tlaunch.lease import worker_fence
+
+            fence, self.lease = worker_fence(config)
+        self.store = CheckpointStore(config.checkpoint_dir, fence=fence)
         if self.is_main:
             self.store.clean_stale()
             retention = RetentionPolicy(
@@ -437,6 +444,8 @@ class CheckpointManager:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.lease is not None:
+            self.lease.release()
 
 
 def _refuse_existing(store: Any, config: LaunchConfig) -> None:

@@ -10,6 +10,11 @@ against one directory listing (cheap); loading checks every byte against its sha
 fails either is quarantined (a ``QUARANTINED`` marker, on every backend) and the previous
 committed step is used, with a :class:`CheckpointWarning` naming both.
 
+One writer at a time: given a ``fence`` (:meth:`~tlaunch.storage.Lease.check` of the
+directory's lease), the store calls it before a save starts, right before its COMMIT, and before
+clean-up or retention deletes anything, so a writer whose lease changed hands commits and
+deletes nothing (:mod:`tlaunch.storage.checkpoint.lease`).
+
 Only proof quarantines (:mod:`tlaunch.storage.checkpoint.reading` has the rule): a read that
 failed is retried and then raised as StorageUnavailable, and a step deleted while it was being
 read is passed over as gone. Neither changes anything at the URL, and retention deletes only
@@ -29,6 +34,7 @@ from typing import Any
 from tlaunch.storage.checkpoint import serialize
 from tlaunch.storage.checkpoint.commit import build_commit_protocol
 from tlaunch.storage.checkpoint.discovery import StepDir, scan
+from tlaunch.storage.checkpoint.lease import LeaseLost
 from tlaunch.storage.checkpoint.manifest import (
     COMMIT,
     MANIFEST,
@@ -96,8 +102,16 @@ class LoadedCheckpoint:
 class CheckpointStore:
     """Committed checkpoints under one URL (a path, ``gs://``, ``s3://``, ``drive://``, ``memory://``)."""
 
-    def __init__(self, url: str | Location, *, retry: RetryPolicy | None = None) -> None:
+    def __init__(
+        self,
+        url: str | Location,
+        *,
+        retry: RetryPolicy | None = None,
+        fence: Callable[[], None] | None = None,
+    ) -> None:
         self.location = url if isinstance(url, Location) else resolve(url)
+        #: Raises (LeaseLost) when this process may no longer write here; see the module doc.
+        self._fence = fence or (lambda: None)
         self.url = self.location.url.rstrip("/")
         self._root = self.location.path.rstrip("/")
         self._retry = retry or RetryPolicy()
@@ -239,6 +253,7 @@ class CheckpointStore:
         if not isinstance(metrics, dict):
             raise CheckpointError(f"state['metrics'] must be a dict, got {type(metrics).__name__}")
         plan = serialize.plan_files(tensors or {}, objects or {}, rng or {}, state)
+        self._fence()
         if self._is_committed(step):
             raise CheckpointError(
                 f"step {step} is already committed at {redact(self.url)}; committed checkpoints are "
@@ -249,7 +264,10 @@ class CheckpointStore:
             staging = self._protocol.begin(step)
             info = self._write_step(step, staging, plan, metrics)
         except Exception as e:
-            if staging is not None:
+            # A fenced-off writer leaves a shared step directory (object stores write in place)
+            # alone: what is there may be the new owner's. A private temp directory goes.
+            fenced = isinstance(e, LeaseLost) and staging == self._protocol.final_path(step)
+            if staging is not None and not fenced:
                 self._protocol.abort(staging)
             err = self._save_error(e, step)
             if err is e:
@@ -267,6 +285,7 @@ class CheckpointStore:
         manifest = build_manifest(files)
         self._protocol.write(f"{staging}/{MANIFEST}", manifest)
         record = commit_record(step, time.time(), files, manifest, metrics)
+        self._fence()  # the commit point: only the lease holder gets past it
         self._protocol.commit(staging, step, encode_json(record))
         return CheckpointInfo(
             step, self.step_url(step), True, record["time"], record["size"], dict(metrics)
@@ -427,6 +446,8 @@ class CheckpointStore:
         """
         infos = [self._info(s) for s in self._candidates(self._scan()[0]) if s.record is not None]
         doomed = [s for s in policy.to_delete(infos) if infos and s != infos[-1].step]
+        if doomed:
+            self._fence()
         for step in doomed:
             self.delete(step)
         return doomed
@@ -439,6 +460,8 @@ class CheckpointStore:
         """
         steps, stale = self._scan()
         stale += [s.path for s in steps.values() if not s.committed]
+        if stale:
+            self._fence()  # another live writer's in-flight steps look stale too
         removed = []
         for path in sorted(stale):
             self._protocol.remove(path)
