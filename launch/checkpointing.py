@@ -417,8 +417,13 @@ class CheckpointManager:
         if len(durations) > self._durations_seen:  # the writer's whole history: new ones only
             self.slowest_save = max(self.slowest_save, *durations[self._durations_seen :])
             self._durations_seen = len(durations)
+        from tlaunch.storage import LeaseLost
+
         try:
             self.writer.check()
+        except LeaseLost as e:
+            # Another run owns the directory now: training on could never be saved.
+            fail(f"{e}; this run stops; its last committed checkpoint is intact", EXIT_FAILED)
         except Exception as e:  # a storage failure of any kind: report it in one line
             if self.config.on_save_error == "continue":
                 warnings.warn(

@@ -76,3 +76,20 @@ def test_the_slowest_save_keeps_the_slowest_background_save_as_the_history_grows
     assert StepClock(10.0).margin(manager.slowest_save) == pytest.approx(
         1.5 * 9.0 + StepClock.POLL_SECONDS
     )
+
+
+def test_a_lost_lease_ends_the_run_even_with_on_save_error_continue(capsys):
+    from tlaunch.storage import LeaseLost
+
+    class _Lost(_Writer):
+        def check(self) -> None:
+            raise LeaseLost("memory://run", None)
+
+    accelerator = SimpleNamespace(is_main_process=True, num_processes=1)
+    manager = CheckpointManager(LaunchConfig(on_save_error="continue"), None, accelerator, {})
+    manager.writer = _Lost()
+    with pytest.raises(SystemExit) as exit:
+        manager.check_writer()
+    assert exit.value.code == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("tlaunch: error:") and "this run stops" in line
