@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate.utils import send_to_device
 
 from tlaunch.checkpointing import MODEL, OPTIMIZER, SCHEDULER, CheckpointManager, Position
 from tlaunch.config import LaunchConfig
@@ -303,7 +302,7 @@ class Run:
 
     # -- internals -----------------------------------------------------------------------------
     def _to_device(self, batch: Any) -> Any:
-        return send_to_device(batch, self.accelerator.device) if self._move_batches else batch
+        return self.strategy.to_device(self.accelerator, batch) if self._move_batches else batch
 
     def _maybe_restore_rng(self, epoch: int, *, at_epoch_start: bool) -> None:
         rng = self.resume.take_rng(epoch, at_epoch_start=at_epoch_start)

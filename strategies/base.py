@@ -50,6 +50,7 @@ class Strategy(ABC):
 
     - :meth:`build_accelerator` the configured Accelerator; :meth:`seed_device` its RNG;
     - :meth:`prepare` / :meth:`unwrap` wrap models and optimizers, and find the model again;
+      :meth:`to_device` moves a batch where the model is;
     - :meth:`micro_batch`, :meth:`backward`, :meth:`clip_gradients` one micro-batch of an
       accumulation window; :meth:`end_step` after each optimizer step (XLA cuts its graph);
     - :meth:`reduce_mean`, :meth:`any_rank`, :meth:`any_rank_lagged`,
@@ -126,6 +127,16 @@ class Strategy(ABC):
             return []
         prepared = accelerator.prepare(*objects)
         return list(prepared) if len(objects) > 1 else [prepared]
+
+    def to_device(self, accelerator: Accelerator, batch: Any) -> Any:
+        """A batch (tensors in lists, tuples, dicts) moved to this process's device. Called
+        per batch: the function is looked up once, not imported each time."""
+        send = getattr(self, "_send_to_device", None)
+        if send is None:
+            from accelerate.utils import send_to_device as send
+
+            self._send_to_device = send
+        return send(batch, accelerator.device)
 
     def unwrap(self, accelerator: Accelerator, model: Any) -> Any:
         """The user's module inside whatever wrapper :meth:`prepare` put around it."""
