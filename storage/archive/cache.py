@@ -89,14 +89,29 @@ def entry_problem(cache: str, archive_id: str) -> str | None:
     try:
         if record["format"] != RECORD_FORMAT or record["id"] != archive_id:
             return "its completion record is for another archive"
-        files = [(str(p), int(size), int(mtime)) for p, size, mtime in record["files"]]
+        paths = [str(p) for p, _, _ in record["files"]]
+        stamps = [[int(size), int(mtime)] for _, size, mtime in record["files"]]
     except (KeyError, TypeError, ValueError):
         return "its completion record is unreadable"
     if not os.path.isdir(entry):
         return "its folder is missing"
-    for path, size, mtime in files:
+    try:
+        if _stamps(entry, paths) == stamps:  # the common case, in one pass
+            return None
+    except OSError:
+        pass
+    return _first_difference(entry, paths, stamps)
+
+
+def _stamps(entry: str, paths: list[str]) -> list[list[int]]:
+    """[size, mtime_ns] of each file (one lstat each; paths are "/"-separated)."""
+    return [[st.st_size, st.st_mtime_ns] for st in (os.lstat(f"{entry}/{p}") for p in paths)]
+
+
+def _first_difference(entry: str, paths: list[str], stamps: list[list[int]]) -> str:
+    for path, (size, mtime) in zip(paths, stamps, strict=True):
         try:
-            st = os.stat(f"{entry}/{path}", follow_symlinks=False)  # paths are "/"-separated
+            st = os.lstat(f"{entry}/{path}")
         except OSError:
             return f"{path} is missing"
         if not stat.S_ISREG(st.st_mode):
@@ -105,7 +120,7 @@ def entry_problem(cache: str, archive_id: str) -> str | None:
             return f"{path} has {st.st_size} bytes, not {size}"
         if st.st_mtime_ns != mtime:
             return f"{path} was modified after it was unpacked"
-    return None
+    return "it changed while it was being checked"
 
 
 def reuse_or_fill(cache: str, archive_id: str, what: str, fill: Callable[[], None]) -> str:
@@ -132,10 +147,8 @@ def commit(tmp: str, cache: str, manifest: Manifest) -> str:
     sync_tree(tmp)
     os.rename(tmp, final)
     fsync_dir(cache)
-    files = []
-    for f in manifest.files:
-        st = os.stat(f"{final}/{f.path}", follow_symlinks=False)
-        files.append([f.path, st.st_size, st.st_mtime_ns])
+    paths = [f.path for f in manifest.files]
+    files = [[p, *stamp] for p, stamp in zip(paths, _stamps(final, paths), strict=True)]
     record = {"format": RECORD_FORMAT, "id": manifest.id, "files": files}
     write_atomic(_record_path(cache, manifest.id), json.dumps(record).encode(), sync_dir=True)
     return final
