@@ -8,7 +8,8 @@ makes chosen calls fail the way cloud storage fails::
 
 A :class:`Fault` names the operation (one of :data:`OPS`, or a glob over their names), a glob
 over the path the call names, and what happens, ``times`` times (``None``: every time;
-``each_path``: that many times per distinct path):
+``each_path``: that many times per distinct path, or per ``each_path(path)`` when it is a
+function, e.g. one that drops the random part of temp-file names a retry changes):
 
 * ``error``: raised instead of doing the call. Transient kinds a retry may cure:
   ``ConnectionResetError``, ``TimeoutError``, ``http(429)``/``http(503)`` (an error carrying
@@ -95,7 +96,7 @@ class Fault:
     path: str = "*"
     error: type[BaseException] | BaseException | None = ConnectionResetError
     times: int | None = 1
-    each_path: bool = False
+    each_path: bool | Callable[[str], str] = False
     keep: int | float | None = None
     delay: float = 0.0
     action: Callable[[], Any] | None = None
@@ -114,8 +115,10 @@ class Fault:
             return False  # a tear rule on open() leaves reads alone
         if self.times is None:
             return True
-        used = self.calls.count(path) if self.each_path else len(self.calls)
-        return used < self.times
+        if not self.each_path:
+            return len(self.calls) < self.times
+        key = self.each_path if callable(self.each_path) else str
+        return sum(1 for p in self.calls if key(p) == key(path)) < self.times
 
     def exception(self, op: str, path: str) -> BaseException:
         if isinstance(self.error, BaseException):

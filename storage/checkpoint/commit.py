@@ -34,7 +34,7 @@ from typing import Any
 from tlaunch.storage.checkpoint.manifest import COMMIT, TMP_PREFIX, step_dir
 from tlaunch.storage.checkpoint.threads import in_parallel
 from tlaunch.storage.localfs import fsync_dir, write_atomic
-from tlaunch.storage.store import Location, RetryPolicy
+from tlaunch.storage.store import Location, RetryPolicy, StorageError
 
 
 class CommitProtocol:
@@ -89,8 +89,10 @@ class CommitProtocol:
         in_parallel(self._remove_file, [p for p, m in inside.items() if m["type"] != "directory"])
         dirs = [p for p, meta in inside.items() if meta["type"] == "directory"]
         for d in [*sorted(dirs, key=lambda p: p.count("/"), reverse=True), path]:
-            with contextlib.suppress(OSError):  # gone already, or not a directory here
-                fs.rmdir(d)
+            # Gone already, not a directory here, or storage down (the next call will say so):
+            # an empty directory left behind is an uncommitted step clean_stale removes later.
+            with contextlib.suppress(FileNotFoundError, StorageError):
+                self.retry.call(fs.rmdir, d, action="deleting", where=d)
         fs.invalidate_cache(path)
 
     def _remove_file(self, path: str) -> None:
@@ -135,7 +137,8 @@ class MarkerCommit(CommitProtocol):
         if self.retry.call(self.fs.exists, final, action="checking", where=final):
             # Files of a killed save: clear them so the new MANIFEST describes everything there.
             self.abort(final)
-        self.fs.makedirs(final, exist_ok=True)  # a no-op on object stores; Drive needs it
+        # A no-op on object stores; Drive needs it.
+        self.retry.call(self.fs.makedirs, final, exist_ok=True, action="creating", where=final)
         return final
 
     def write(self, path: str, data: bytes) -> None:

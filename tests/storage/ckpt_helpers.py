@@ -38,9 +38,15 @@ def file_path(store: CheckpointStore, step: int, name: str) -> str:
     return store.location.join(step_dir(step), name)
 
 
+def raw_fs(store: CheckpointStore):
+    """The store's filesystem without the fault layer: tests tamper and look through this."""
+    fs = store.location.fs
+    return fs.fs if isinstance(fs, FaultyFS) else fs
+
+
 def rewrite(store: CheckpointStore, step: int, name: str, change) -> None:
     """Replace a file of a saved step with ``change(old_bytes)``, on any backend."""
-    fs, path = store.location.fs, file_path(store, step, name)
+    fs, path = raw_fs(store), file_path(store, step, name)
     fs.pipe_file(path, change(fs.cat_file(path)))
     fs.invalidate_cache(store.location.path)
 
@@ -55,8 +61,8 @@ def truncate(data: bytes) -> bytes:
 
 
 def remove(store: CheckpointStore, step: int, name: str) -> None:
-    store.location.fs.rm_file(file_path(store, step, name))
-    store.location.fs.invalidate_cache(store.location.path)
+    raw_fs(store).rm_file(file_path(store, step, name))
+    raw_fs(store).invalidate_cache(store.location.path)
 
 
 def faulty_location(url: str, *rules: Fault) -> Location:
@@ -100,7 +106,7 @@ def reseal(store: CheckpointStore, step: int, name: str, data: bytes) -> None:
 
     from tlaunch.storage.checkpoint.manifest import COMMIT, MANIFEST, encode_json, sha256
 
-    fs = store.location.fs
+    fs = raw_fs(store)
     fs.pipe_file(file_path(store, step, name), data)
     if name == COMMIT:
         fs.invalidate_cache(store.location.path)
@@ -120,3 +126,31 @@ def reseal(store: CheckpointStore, step: int, name: str, data: bytes) -> None:
         pass
     fs.pipe_file(file_path(store, step, COMMIT), encode_json(commit))
     fs.invalidate_cache(store.location.path)
+
+
+def saved_files(*steps: int) -> dict[int, dict[str, bytes]]:
+    """The files of ``steps`` as save() writes them (make_state), to plant copies cheaply."""
+    url = f"memory://tl-template-{'-'.join(map(str, steps))}-{random.getrandbits(32):08x}"
+    store = CheckpointStore(url)
+    out = {}
+    for step in steps:
+        store.save(step, **make_state(step))
+        folder = store.location.join(step_dir(step))
+        out[step] = {
+            p.rsplit("/", 1)[-1]: store.location.fs.cat_file(p)
+            for p in store.location.fs.find(folder)
+        }
+    for step in steps:
+        store.delete(step)
+    return out
+
+
+def plant(url: str, files: dict[int, dict[str, bytes]]) -> CheckpointStore:
+    """Write ``saved_files`` output under ``url`` (any backend); returns a plain store there."""
+    store = CheckpointStore(url)
+    for step, named in files.items():
+        store.location.fs.makedirs(store.location.join(step_dir(step)), exist_ok=True)
+        for name, data in named.items():
+            store.location.fs.pipe_file(file_path(store, step, name), data)
+    store.location.fs.invalidate_cache(store.location.path)
+    return store

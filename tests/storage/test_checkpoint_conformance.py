@@ -2,7 +2,9 @@
 
 Each class is one behaviour; the ``store`` fixture (tests/storage/conftest.py) runs it on local
 disk, memory://, fake-gcs-server and moto S3, like fsspec's ``tests/abstract``. A backend that
-needs its own setup opts in by overriding ``store`` in a subclass (the Drive mount, below).
+needs its own setup opts in by overriding ``store`` in a subclass (the Drive mount, below; flaky
+storage through the fault layer in test_checkpoint_under_faults.py). Tests tamper and look
+through ``raw_fs(store)``, never through the store's own (possibly faulty) filesystem.
 """
 
 from __future__ import annotations
@@ -12,7 +14,16 @@ import warnings
 
 import pytest
 import torch
-from ckpt_helpers import NO_WAIT, file_path, flip_byte, make_state, remove, rewrite, truncate
+from ckpt_helpers import (
+    NO_WAIT,
+    file_path,
+    flip_byte,
+    make_state,
+    raw_fs,
+    remove,
+    rewrite,
+    truncate,
+)
 
 from tlaunch.storage import CheckpointError, CheckpointStore, CheckpointWarning, RetentionPolicy
 from tlaunch.storage.checkpoint.manifest import (
@@ -62,7 +73,7 @@ class TestRoundTrip:
         store.save(12, **make_state(12))
         names = {
             p.rsplit("/", 1)[-1]
-            for p in store.location.fs.ls(store.location.join("step-000000012"), detail=False)
+            for p in raw_fs(store).ls(store.location.join("step-000000012"), detail=False)
         }
         assert names == {
             "model.safetensors", "model_1.safetensors", "optimizer.pt", "scheduler.pt",
@@ -111,7 +122,7 @@ class TestRetention:
         _save(store, 1, 2, 3, 4)
         assert store.apply_retention(RetentionPolicy(keep_last=2)) == [1, 2]
         assert [i.step for i in store.committed()] == [3, 4]
-        assert not store.location.fs.exists(store.location.join("step-000000001"))
+        assert not raw_fs(store).exists(store.location.join("step-000000001"))
 
     def test_keep_every_and_best_combined(self, store):
         for step, loss in [(10, 0.1), (20, 0.9), (30, 0.5), (40, 0.8), (50, 0.7)]:
@@ -203,7 +214,7 @@ def _reseal(store, step: int, name: str, data: bytes) -> None:
     """Replace a file AND re-sign MANIFEST and COMMIT, as a malicious writer would."""
     import json
 
-    fs = store.location.fs
+    fs = raw_fs(store)
     fs.pipe_file(file_path(store, step, name), data)
     files = json.loads(fs.cat_file(file_path(store, step, MANIFEST)))["files"]
     files[name] = {"size": len(data), "sha256": sha256(data)}
@@ -252,7 +263,7 @@ class TestCleanStale:
     def test_removes_uncommitted_and_keeps_committed(self, store):
         _save(store, 1, 2, 3)
         remove(store, 3, COMMIT)
-        fs = store.location.fs
+        fs = raw_fs(store)
         fs.makedirs(store.location.join(".tmp-step-000000004-abcd1234"), exist_ok=True)
         fs.pipe_file(store.location.join(".tmp-step-000000004-abcd1234", "model.safetensors"), b"x")
         removed = store.clean_stale()
