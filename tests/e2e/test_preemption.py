@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import random
 import signal
 import subprocess
 import threading
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -145,29 +147,35 @@ class _Metadata(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_gce_preemption_notice_stops_the_run_without_any_signal(tmp_path, ref_root):
-    expected = reference(ref_root, FLAGS[:4])
+@contextlib.contextmanager
+def gce_metadata() -> Iterator[tuple[str, threading.Event]]:
+    """A loopback GCE metadata server: (its base URL, the event that turns preemption on)."""
     handler = type("H", (_Metadata,), {"preempted": threading.Event()})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/computeMetadata/v1"
-    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "final.pt")
-    proc = start(
-        tmp_path,
-        "--checkpoint-dir",
-        ckpt,
-        "--preemption-watch",
-        "gce",
-        out=out,
-        env={"TLAUNCH_GCE_METADATA_URL": url, "RESUME_TEST_STEP_DELAY": "0.05"},
-    )
     try:
-        wait_for(lambda: proc.poll() is not None or trained(out), 120, "the first training step")
-        handler.preempted.set()
-        _, stderr = proc.communicate(timeout=120)
+        yield f"http://127.0.0.1:{server.server_address[1]}/computeMetadata/v1", handler.preempted
     finally:
-        proc.kill()
         server.shutdown()
+
+
+def start_watched(where, ckpt: str, out: str, url: str, step_delay: str) -> subprocess.Popen:
+    """The reference job with --preemption-watch gce pointed at ``url``."""
+    env = {"TLAUNCH_GCE_METADATA_URL": url, "RESUME_TEST_STEP_DELAY": step_delay}
+    return start(where, "--checkpoint-dir", ckpt, "--preemption-watch", "gce", out=out, env=env)
+
+
+def test_gce_preemption_notice_stops_the_run_without_any_signal(tmp_path, ref_root):
+    expected = reference(ref_root, FLAGS[:4])
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "final.pt")
+    with gce_metadata() as (url, preempted):
+        proc = start_watched(tmp_path, ckpt, out, url, "0.05")
+        try:
+            wait_for(lambda: proc.poll() is not None or trained(out), 120, "the first step")
+            preempted.set()
+            _, stderr = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
     assert proc.returncode == 75, stderr[-3000:]
     assert "GCE preemption notice" in stderr
     assert len(committed(ckpt)) == 1

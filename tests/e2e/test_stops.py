@@ -3,7 +3,6 @@ interrupt it, and only a second Ctrl-C (SIGINT) forces the exit."""
 
 from __future__ import annotations
 
-import http.server
 import os
 import signal
 import subprocess
@@ -14,12 +13,13 @@ from helpers import SCRIPTS, clean_env, tlaunch_cmd, wait_for
 
 from tests.e2e.test_preemption import (
     FLAGS,
-    _Metadata,
     committed,
     finish_and_compare,
+    gce_metadata,
     processes_mentioning,
     ref_root,  # noqa: F401  (fixture)
     start,
+    start_watched,
     trained,
 )
 from tests.e2e.test_resume import reference
@@ -42,29 +42,17 @@ def test_a_notice_then_sigterm_to_every_process_still_commits_and_exits_75(tmp_p
     # The issue's reproduction: 2 processes, 1 s steps, a GCE notice, then 1.5 s later the
     # shutdown's SIGTERM to the launcher and to every worker.
     expected = reference(ref_root, FLAGS[:4])
-    handler = type("H", (_Metadata,), {"preempted": threading.Event()})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/computeMetadata/v1"
     ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "final.pt")
-    proc = start(
-        tmp_path,
-        "--checkpoint-dir",
-        ckpt,
-        "--preemption-watch",
-        "gce",
-        out=out,
-        env={"TLAUNCH_GCE_METADATA_URL": url, "RESUME_TEST_STEP_DELAY": "1.0"},
-    )
-    try:
-        wait_for(lambda: proc.poll() is not None or trained(out), 120, "the first training step")
-        handler.preempted.set()
-        threading.Event().wait(1.5)
-        _signal_all(proc, out, signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-        server.shutdown()
+    with gce_metadata() as (url, preempted):
+        proc = start_watched(tmp_path, ckpt, out, url, "1.0")
+        try:
+            wait_for(lambda: proc.poll() is not None or trained(out), 120, "the first step")
+            preempted.set()
+            threading.Event().wait(1.5)
+            _signal_all(proc, out, signal.SIGTERM)
+            _, stderr = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
     assert proc.returncode == 75, stderr[-3000:]
     assert "Traceback" not in stderr
     assert len(committed(ckpt)) == 1
