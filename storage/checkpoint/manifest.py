@@ -38,7 +38,7 @@ QUARANTINED = "QUARANTINED"
 STATE = "state.json"
 TMP_PREFIX = ".tmp-step-"
 
-_STEP_DIR = re.compile(r"^step-(\d{9})$")
+_STEP_DIR = re.compile(r"^step-([0-9]{9})$")  # not \d: it also takes other scripts' digits
 #: A file name in a step directory, and a name a caller gives save(): one path component.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _READ_CHUNK = 8 << 20

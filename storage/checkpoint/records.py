@@ -44,7 +44,7 @@ _MAX_FILE_BYTES = 1 << 62
 # Seconds since the epoch up to the year 5138: a bound that keeps float() and time formatting safe.
 _MAX_TIME = 1e11
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
-_RNG_FILE = re.compile(rf"{re.escape(RNG_PREFIX)}\d+\.pt")
+_RNG_FILE = re.compile(rf"{re.escape(RNG_PREFIX)}[0-9]+\.pt")
 _RESERVED = frozenset({COMMIT, MANIFEST, QUARANTINED})
 
 

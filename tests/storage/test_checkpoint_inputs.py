@@ -85,3 +85,12 @@ def test_delete_is_idempotent(store):
     store.delete(1)
     store.delete(1)
     assert store.all_steps() == []
+
+
+def test_step_names_take_ascii_digits_only():
+    from tlaunch.storage.checkpoint.manifest import parse_step_dir
+
+    assert parse_step_dir("step-000000012") == 12
+    # Arabic-Indic and full-width digits: int() would read them, the layout does not allow them.
+    assert parse_step_dir("step-\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0661\u0662") is None
+    assert parse_step_dir("step-\uff10\uff10\uff10\uff10\uff10\uff10\uff10\uff11\uff12") is None
