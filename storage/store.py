@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import random
 import re
@@ -104,6 +105,39 @@ class Location:
         return "/".join([self.path.rstrip("/"), *parts])
 
 
+#: The fsspec backends' loggers. gcsfs logs a whole traceback at ERROR when its own retries run
+#: out, just before the error reaches us -- and we report that error in one line ourselves.
+_BACKEND_LOGGERS = ("gcsfs", "s3fs", "aiobotocore", "botocore", "fsspec")
+
+
+class _OneLineRecords(logging.Filter):
+    """A backend's log record without its traceback, its message on one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a backend's malformed format string: keep what there is
+            message = str(record.msg)
+        record.msg, record.args = " ".join(message.split()), None
+        record.exc_info = record.exc_text = record.stack_info = None
+        return True
+
+
+def _quiet_backend_logs() -> None:
+    """Keep backend log records off the user's terminal, once per process.
+
+    A NullHandler on each backend logger means Python's last-resort handler (stderr, WARNING
+    and up, tracebacks included) never prints them when the application configured no logging;
+    an application that did configure logging still gets them, as one line each. Nothing else
+    of the logging setup is touched (no basicConfig, no levels).
+    """
+    for name in _BACKEND_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _OneLineRecords) for f in logger.filters):
+            logger.addFilter(_OneLineRecords())
+            logger.addHandler(logging.NullHandler())
+
+
 def _import_backend(protocol: str) -> None:
     module, extra = _BACKENDS.get(protocol, (None, None))
     if module is None:
@@ -115,6 +149,7 @@ def _import_backend(protocol: str) -> None:
             f"{protocol}:// URLs need the {module} package, which is not installed; "
             f"run: pip install 'tlaunch[{extra}]'"
         ) from None
+    _quiet_backend_logs()
 
 
 def _storage_options(protocol: str) -> dict[str, Any]:
@@ -252,20 +287,35 @@ def storage_error(exc: BaseException, action: str, where: str) -> StorageError:
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """Exponential backoff for transient storage errors, with a bound.
+    """Exponential backoff for transient storage errors, bounded in attempts and in time.
 
-    gcsfs and s3fs already retry single requests; this bound covers a whole file operation, so
-    a flaky link costs a few seconds, not a lost checkpoint. Delays: base, 2·base, … capped.
+    gcsfs and s3fs already retry each request themselves (gcsfs 6 tries over ~33 s; s3fs and
+    botocore a few seconds), so an error that reaches us has been retried once already, and
+    attempts alone would multiply the two: on a dead endpoint 5 x 33 s was 2 min 55 s. So the
+    policy bounds the whole operation in time too: no attempt starts, and no backoff sleep
+    reaches, past ``deadline`` seconds after the first attempt began. Backends that fail fast
+    (a local disk, memory://, the Drive mount) get every attempt within it; behind gcsfs one
+    attempt fills it. An attempt in progress is never cut short -- a 5 GB upload may rightly
+    take longer than any deadline -- the bound is on starting more.
+
+    Delays: base, 2*base, ... capped at ``max_delay``, with jitter so ranks never retry in
+    lockstep. ``sleep`` and ``clock`` are there for tests.
     """
 
     attempts: int = 5
     base_delay: float = 0.25
     max_delay: float = 8.0
+    #: Seconds after the first attempt past which none starts (None: attempts alone bound).
+    deadline: float | None = 30.0
     sleep: Any = time.sleep
+    clock: Any = time.monotonic
 
     def call(self, fn: Any, *args: Any, action: str, where: str, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)``, retried while transient; other errors become StorageError."""
-        for attempt in range(1, self.attempts + 1):
+        started = self.clock()
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 return fn(*args, **kwargs)
             except (StorageError, FileNotFoundError):
@@ -273,13 +323,16 @@ class RetryPolicy:
             except Exception as e:  # backends raise anything from OSError to their own HttpError
                 if not is_transient(e):
                     raise storage_error(e, action, where) from e
-                if attempt == self.attempts:
-                    raise StorageUnavailable(
-                        f"{action} {redact(where)} still failing after {self.attempts} attempts "
-                        f"({one_line(e)}); check the network and the service's status, then re-run"
-                    ) from e
                 delay = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
-                self.sleep(
-                    delay * random.uniform(0.8, 1.2)
-                )  # jitter: ranks must not retry in lockstep
-        raise AssertionError("unreachable")
+                delay *= random.uniform(0.8, 1.2)
+                elapsed = self.clock() - started
+                if attempt >= self.attempts or (
+                    self.deadline is not None and elapsed + delay > self.deadline
+                ):
+                    raise StorageUnavailable(
+                        f"{action} {redact(where)} still failing after {attempt} "
+                        f"attempt{'s' if attempt > 1 else ''} in "
+                        f"{elapsed:.0f} s ({one_line(e)}); check the network and the service's "
+                        "status, then re-run"
+                    ) from e
+                self.sleep(delay)

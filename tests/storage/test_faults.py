@@ -95,7 +95,8 @@ def test_retry_bound_exhausted_is_an_error(memory_url):
         memory_url, ServiceUnavailable("503 Service Unavailable\n<html>"), "COMMIT"
     )
     with pytest.raises(
-        StorageError, match=r"still failing after 4 attempts \(503 Service Unavailable <html>\)"
+        StorageError,
+        match=r"still failing after 4 attempts in 0 s \(503 Service Unavailable <html>\)",
     ) as err:
         store.save(2, **make_state(2))
     assert "\n" not in str(err.value) and injected(store) == NO_WAIT.attempts
