@@ -10,7 +10,9 @@ no more than that module)::
     ckpt_main              cli.py        ``tlaunch ckpt ls|verify``
 
 Beneath them: ``manifest.py`` (what a step directory holds and how it is proven whole),
+``records.py`` (COMMIT and MANIFEST as read back: parsed field by field, never trusted),
 ``commit.py`` (how a step becomes visible, per backend), ``discovery.py`` (one listing of a
-checkpoint URL), ``serialize.py`` (safetensors and weights-only torch files; torch is imported
-only inside its functions).
+checkpoint URL), ``reading.py`` (reading a step back, and the quarantine rule: only bytes read
+whole and proven wrong quarantine), ``serialize.py`` (safetensors and weights-only torch files;
+torch is imported only inside its functions), ``threads.py`` (plain threads for concurrent I/O).
 """

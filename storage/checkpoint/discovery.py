@@ -71,7 +71,8 @@ def scan(location: Location, retry: RetryPolicy) -> tuple[dict[int, StepDir], li
         elif (step := parse_step_dir(top)) is not None:
             entry = steps.setdefault(step, StepDir(step, f"{root}/{top}"))
             if rest and "/" not in rest and meta.get("type") == "file":
-                entry.files[rest] = meta.get("size")
+                size = meta.get("size")  # None where a backend lists no sizes
+                entry.files[rest] = size if isinstance(size, int) else None
     in_parallel(
         lambda s: _read_record(location, retry, s), [s for s in steps.values() if s.committed]
     )

@@ -116,13 +116,14 @@ def commit_record(
     }
 
 
-def size_problems(files: dict[str, dict[str, Any]], listed: dict[str, int]) -> list[str]:
-    """Cheap check against a directory listing: every file present with its recorded size."""
+def size_problems(files: dict[str, dict[str, Any]], listed: dict[str, int | None]) -> list[str]:
+    """Cheap check against a directory listing: every file present with its recorded size
+    (a listing without sizes, None, leaves sizes to the full check)."""
     problems = []
     for name, entry in sorted(files.items()):
         if name not in listed:
             problems.append(f"{name} is missing")
-        elif listed[name] != entry["size"]:
+        elif listed[name] is not None and listed[name] != entry["size"]:
             problems.append(f"{name} has {listed[name]} bytes, expected {entry['size']}")
     return problems
 
