@@ -26,7 +26,10 @@ from tlaunch.config import LaunchConfig
 from tlaunch.contract import EXIT_FAILED, EXIT_UNAVAILABLE, fail
 from tlaunch.drift import (
     check_drift,
+    checked_state,
     config_hash,
+    refuse_existing,
+    refuse_older_timeline,
     refuse_tensor_changes,
     tensor_differences,
 )
@@ -132,6 +135,39 @@ class CheckpointManager:
         point = self.point
         if not self.enabled:
             return point
+        from tlaunch.storage import StorageUnavailable
+
+        try:
+            loaded = self._open_store()
+        except StorageUnavailable as e:
+            fail(
+                f"storage unreachable; nothing was changed; run again later ({e})", EXIT_UNAVAILABLE
+            )
+        if loaded is None:
+            return point
+        saved = checked_state(loaded)
+        self.loaded = loaded
+        point.epoch, point.batch = saved["epoch"], saved["batch_in_epoch"]
+        point._batch_pending = point._rng_pending = True
+        position.step, position.epoch = saved["step"], saved["epoch"]
+        position.samples_seen = saved["samples_seen"]
+        metrics.replace(dict(saved.get("metrics", {})))
+        self.saved_step = position.step
+        point.rng = loaded.rng.get(self.accelerator.process_index)
+        if saved["world_size"] != self.world_size:
+            self._adapt_world_size(point, saved["world_size"])
+        if self.is_main:
+            print(
+                f"tlaunch: resuming from step {position.step} (epoch {point.epoch}, batch "
+                f"{point.batch}; {position.samples_seen} samples already seen) from {loaded.info.url}",
+                file=sys.stderr,
+                flush=True,
+            )
+        check_drift(loaded, self.hparams, self.config, warn=self.is_main)
+        return point
+
+    def _open_store(self) -> Any:
+        """The store, the writer and lease on rank 0, and the checkpoint to resume (or None)."""
         from tlaunch.storage import AsyncCheckpointWriter, CheckpointStore, RetentionPolicy
 
         config = self.config
@@ -151,40 +187,18 @@ class CheckpointManager:
                 mode=config.mode,
             )
             self.writer = AsyncCheckpointWriter(self.store, retention=retention)
-        loaded = self._load_target()
-        if loaded is None:
-            return point
-        saved = loaded.state
-        self.loaded = loaded
-        point.epoch, point.batch = saved["epoch"], saved["batch_in_epoch"]
-        point._batch_pending = point._rng_pending = True
-        position.step, position.epoch = saved["step"], saved["epoch"]
-        position.samples_seen = saved["samples_seen"]
-        metrics.replace(dict(saved.get("metrics", {})))
-        self.saved_step = position.step
-        point.rng = loaded.rng.get(self.accelerator.process_index)
-        if saved["world_size"] != self.world_size:
-            self._adapt_world_size(point, saved["world_size"])
-        if self.is_main:
-            print(
-                f"tlaunch: resuming from step {position.step} (epoch {point.epoch}, batch "
-                f"{point.batch}; {position.samples_seen} samples already seen) from {loaded.info.url}",
-                file=sys.stderr,
-                flush=True,
-            )
-        check_drift(loaded, self.hparams, config, warn=self.is_main)
-        return point
+        return self._load_target()
 
     def _load_target(self) -> Any:
         """Rank 0 picks the checkpoint (verifying it, quarantining bad ones) and broadcasts its
         step; the other ranks load that step and never rescan to decide."""
-        from tlaunch.storage import CheckpointError, CheckpointStore, StorageUnavailable
+        from tlaunch.storage import CheckpointError, CheckpointStore
 
         config, store = self.config, self.store
         choice = config.resume
         if choice == "never":
             if self.is_main:
-                _refuse_existing(store, config)
+                refuse_existing(store, config)
             return None
         source, step = store, None
         if choice != "auto":
@@ -210,12 +224,8 @@ class CheckpointManager:
                     )
                 return None
             if self.is_main and choice != "auto":
-                _refuse_older_timeline(store, config, chosen, loaded)
+                refuse_older_timeline(store, config, chosen, loaded)
             return loaded if self.is_main else source.load(chosen, verify=False)
-        except StorageUnavailable as e:
-            fail(
-                f"storage unreachable; nothing was changed; run again later ({e})", EXIT_UNAVAILABLE
-            )
         except CheckpointError as e:
             fail(f"--resume {choice}: {e}")
         return None
@@ -451,29 +461,6 @@ class CheckpointManager:
             self.writer.close()
         if self.lease is not None:
             self.lease.release()
-
-
-def _refuse_existing(store: Any, config: LaunchConfig) -> None:
-    existing = store.committed()
-    if existing:
-        # Saving over another run's committed steps would destroy them: refuse instead.
-        fail(
-            f"--resume never, but {config.checkpoint_dir} already holds committed checkpoints "
-            f"(steps {existing[0].step}..{existing[-1].step}); use a new --checkpoint-dir, "
-            "or --resume auto to continue them"
-        )
-
-
-def _refuse_older_timeline(store: Any, config: LaunchConfig, chosen: int, loaded: Any) -> None:
-    later = [i.step for i in store.committed() if i.step > chosen]
-    if later:
-        # Continuing from an older step here would collide with (and could never overwrite)
-        # the newer steps of the other timeline.
-        fail(
-            f"--resume {config.resume}: {config.checkpoint_dir} holds newer committed steps "
-            f"({later[0]}..{later[-1]}); resume into a new directory: --resume "
-            f"{loaded.info.url} --checkpoint-dir NEW_DIR"
-        )
 
 
 def _optimizer_kind(optimizer: Any) -> str:

@@ -5,7 +5,10 @@ settings it was not made with. Some changes are harmless (more epochs, a new log
 some change what the run computes (the learning rate, the batch size, accumulation, the
 seed), and silently continuing would produce a model no single setting describes. Those are
 refused, listed one per line of the message, unless ``--resume-force``; the rest are warned
-about.
+about. The same goes for the script's objects (tensors of another shape, another optimizer,
+another dataset length: :func:`tensor_differences` and the checks in
+:meth:`tlaunch.checkpointing.CheckpointManager.restore_prepared`), for a state.json whose
+position fields are malformed, and for a resume that would collide with committed steps.
 """
 
 from __future__ import annotations
@@ -100,3 +103,48 @@ def refuse_tensor_changes(model_name: str, lines: list[str], step: int) -> None:
         f"({len(lines)} tensor(s) differ); restore the model, or start fresh with --resume "
         "never or another --checkpoint-dir:\n" + "\n".join(f"  {line}" for line in shown)
     )
+
+
+#: The position fields a resume reads from state.json: whole numbers, not negative.
+_POSITION_FIELDS = ("step", "epoch", "batch_in_epoch", "samples_seen", "world_size")
+
+
+def checked_state(loaded: Any) -> dict[str, Any]:
+    """state.json's position fields, refused in one line when missing or of the wrong kind
+    (a damaged or hand-edited record that still parses: storage checks only its shape)."""
+    saved = loaded.state
+    bad = [
+        k
+        for k in _POSITION_FIELDS
+        if not isinstance(saved.get(k), int) or isinstance(saved.get(k), bool) or saved[k] < 0
+    ]
+    if bad or saved["world_size"] < 1 or not isinstance(saved.get("metrics", {}), dict):
+        fail(
+            f"the checkpoint at {loaded.info.url} has a malformed state.json "
+            f"({', '.join(bad) or 'world_size or metrics'}); resume an earlier step with "
+            "--resume STEP, or start fresh with --resume never"
+        )
+    return saved
+
+
+def refuse_existing(store: Any, config: LaunchConfig) -> None:
+    existing = store.committed()
+    if existing:
+        # Saving over another run's committed steps would destroy them: refuse instead.
+        fail(
+            f"--resume never, but {config.checkpoint_dir} already holds committed checkpoints "
+            f"(steps {existing[0].step}..{existing[-1].step}); use a new --checkpoint-dir, "
+            "or --resume auto to continue them"
+        )
+
+
+def refuse_older_timeline(store: Any, config: LaunchConfig, chosen: int, loaded: Any) -> None:
+    later = [i.step for i in store.committed() if i.step > chosen]
+    if later:
+        # Continuing from an older step here would collide with (and could never overwrite)
+        # the newer steps of the other timeline.
+        fail(
+            f"--resume {config.resume}: {config.checkpoint_dir} holds newer committed steps "
+            f"({later[0]}..{later[-1]}); resume into a new directory: --resume "
+            f"{loaded.info.url} --checkpoint-dir NEW_DIR"
+        )

@@ -22,7 +22,11 @@ import argparse
 import sys
 import time
 
-from tlaunch.storage.store import StorageError, redact
+from tlaunch.storage.store import StorageError, StorageUnavailable, redact
+
+#: Storage unreachable after retries: nothing was changed, run again later (sysexits'
+#: EX_UNAVAILABLE; the launcher's contract, launch/contract.py, uses the same code).
+EXIT_UNAVAILABLE = 69
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +119,9 @@ def main(argv: list[str]) -> int:
     try:
         store = CheckpointStore(args.url)
         return _ls(store) if args.command == "ls" else _verify(store, args.step)
+    except StorageUnavailable as e:
+        print(f"tlaunch: error: {e}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     except StorageError as e:
         print(f"tlaunch: error: {e}", file=sys.stderr)
         return 1

@@ -11,6 +11,7 @@ import torch
 from tlaunch.config import LaunchConfig
 from tlaunch.drift import (
     check_drift,
+    checked_state,
     config_hash,
     differences,
     refuse_tensor_changes,
@@ -99,3 +100,36 @@ def test_tensor_changes_are_refused_with_one_line_each(capsys):
     assert lines[0].startswith("tlaunch: error: the checkpoint at step 40 holds a model of")
     assert lines[1:] == ["  a: saved (4,), now (8,)", "  b: saved (1,), now (2,)"]
     refuse_tensor_changes("model", [], 40)  # nothing differs: nothing happens
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        {"epoch": 1, "batch_in_epoch": 0, "samples_seen": 0, "world_size": 1},  # no step
+        {"step": "40", "epoch": 1, "batch_in_epoch": 0, "samples_seen": 0, "world_size": 1},
+        {"step": 40, "epoch": -1, "batch_in_epoch": 0, "samples_seen": 0, "world_size": 1},
+        {"step": 40, "epoch": 1, "batch_in_epoch": True, "samples_seen": 0, "world_size": 1},
+        {"step": 40, "epoch": 1, "batch_in_epoch": 0, "samples_seen": 0, "world_size": 0},
+        {
+            "step": 4,
+            "epoch": 1,
+            "batch_in_epoch": 0,
+            "samples_seen": 0,
+            "world_size": 1,
+            "metrics": [],
+        },
+    ],
+)
+def test_a_malformed_state_record_is_refused_in_one_line(state, capsys):
+    loaded = SimpleNamespace(state=state, info=SimpleNamespace(step=40, url="memory://r/step-40"))
+    with pytest.raises(SystemExit) as exit:
+        checked_state(loaded)
+    assert exit.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "malformed state.json" in line and "--resume never" in line
+
+
+def test_a_well_formed_state_record_passes():
+    state = {"step": 40, "epoch": 1, "batch_in_epoch": 16, "samples_seen": 640, "world_size": 2}
+    loaded = SimpleNamespace(state=state, info=SimpleNamespace(step=40, url="u"))
+    assert checked_state(loaded) is state

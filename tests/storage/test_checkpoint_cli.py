@@ -113,3 +113,15 @@ def test_usage_errors_exit_2(argv, capsys):
 def test_help_exits_0(capsys):
     assert main(["--help"]) == 0
     assert "ls|verify" in capsys.readouterr().out
+
+
+def test_ckpt_ls_on_unreachable_storage_exits_69_with_one_line(capsys):
+    from tests import faultfs
+    from tlaunch.storage.checkpoint.cli import main
+
+    rule = faultfs.Fault("*", "*", ConnectionResetError, times=None)
+    with faultfs.faults(rule):
+        code = main(["ls", "faulty://down/run1"])
+    assert code == 69
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("tlaunch: error:") and "still failing" in line
