@@ -24,6 +24,8 @@ from tlaunch.contract import EXIT_UNAVAILABLE, LEASE_TOKEN_ENV, fail
 #: Seconds a lease stays valid unrenewed; renewed every third of it. A run killed without
 #: releasing blocks the next start (without --takeover) for at most this long.
 LEASE_TTL = 60.0
+#: How often a launcher waiting for an abandoned lease looks at it again.
+LEASE_POLL = 1.0
 
 
 class LeaseHold:
@@ -71,13 +73,42 @@ def take_lease(url: str, *, takeover: bool) -> LeaseHold | None:
 
     Raises LeaseHeld (its message completed by :func:`held_message`) or a StorageError.
     """
-    from tlaunch.storage import Lease
+    from tlaunch.storage import Lease, LeaseHeld
 
     lease = Lease(url, ttl=LEASE_TTL)
     if not lease.shared:
         return None
-    replaced = lease.acquire(takeover=takeover)
+    try:
+        replaced = lease.acquire(takeover=takeover)
+    except LeaseHeld as e:
+        if e.owner is None:
+            raise
+        replaced = _wait_out(lease, e)
     return LeaseHold(lease, replaced, takeover)
+
+
+def _wait_out(lease: Any, held: Any) -> Any:
+    """A lease held from another machine whose heartbeat stops: a VM that was reclaimed
+    without a chance to release it, and this is the replacement running the same command.
+    Watch it until it expires (at most one TTL) and take it then; a heartbeat that moves
+    meanwhile is a live run, refused as before."""
+    owner = held.owner
+    print(
+        f"tlaunch: the checkpoint directory's lease is held by {owner.owner}; waiting up to "
+        f"{max(0.0, owner.expires - time.time()):.0f} s for it to expire (a live run renews it)",
+        file=sys.stderr,
+        flush=True,
+    )
+    while time.time() < owner.expires + LEASE_POLL:
+        time.sleep(LEASE_POLL)
+        current = lease.read()
+        if current is not None and current.token == owner.token:
+            if current.heartbeat != owner.heartbeat:
+                raise held  # renewed: the owner is alive
+            if not current.stale(time.time()):
+                continue
+        return lease.acquire()  # expired, released or replaced: one more try, as usual
+    return lease.acquire()
 
 
 def held_message(e: Exception) -> str:

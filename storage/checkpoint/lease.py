@@ -76,6 +76,21 @@ class LeaseRecord:
     def stale(self, now: float) -> bool:
         return now >= self.expires
 
+    def abandoned(self) -> bool:
+        """The owner ran on this host and its process is gone: a run killed with SIGKILL (a
+        hard stop, an OOM kill) that could not release its lease. Rerunning the command on
+        the same machine then resumes at once instead of waiting out the TTL. A reused pid
+        reads as alive: the safe side."""
+        if self.host != socket.gethostname() or self.pid <= 0:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # EPERM: someone else's live process
+            return False
+        return False
+
     @property
     def owner(self) -> str:
         return f"host {self.host} pid {self.pid}"
@@ -197,7 +212,7 @@ class Lease:
             self.heartbeat()
             return None
         if current is not None:
-            if not (takeover or current.stale(self._clock())):
+            if not (takeover or current.stale(self._clock()) or current.abandoned()):
                 raise LeaseHeld(self.url, current, self._clock())
             self._remove_if_still(current)
         now = self._clock()
