@@ -6,16 +6,19 @@
                     │ ├────▶ FAILED ──▶ RESTARTING ──▶ STARTING   (while restarts remain)
                     │ │         └────────────────────▶ exit: the script's code
                     ▼ ▼
-                 STOPPING ──▶ PREEMPTED                     exit 75 (a committed save exists)
+                 STOPPING ──▶ PREEMPTED                     exit 75 (everything kept)
                          └──▶ FAILED                        exit 128+signal (nothing saved)
+    RUNNING ──▶ PREEMPTED | FAILED       the workers' own stop (a signal sent to them, their
+                                         --time-limit margin): 75, or 1 with nothing saved
+    RESTARTING ──▶ FAILED                a stop during the backoff: no new attempt
 
 A stop trigger (a signal, a cloud notice, the deadline) moves RUNNING to STOPPING: the
-workers are told, they agree on a step, commit one checkpoint and exit; the supervisor then
-decides PREEMPTED or FAILED from what the workers reported. Workers report through small
-files in a node-local control directory, not through exit codes, so that torch's elastic
-agent never mistakes a clean preemption for a failure to restart from.
+workers are told, they agree on a step, commit one checkpoint (or find nothing new to save)
+and exit; the supervisor then decides PREEMPTED or FAILED from what the workers reported.
+Workers report through small files in a node-local control directory, not through exit
+codes, so that torch's elastic agent never mistakes a clean preemption for a failure to
+restart from.
 """
-
 from __future__ import annotations
 
 import enum
