@@ -19,6 +19,7 @@ Workers report through small files in a node-local control directory, not throug
 codes, so that torch's elastic agent never mistakes a clean preemption for a failure to
 restart from.
 """
+
 from __future__ import annotations
 
 import enum
