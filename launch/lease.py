@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -81,7 +82,9 @@ def take_lease(url: str, *, takeover: bool) -> LeaseHold | None:
     try:
         replaced = lease.acquire(takeover=takeover)
     except LeaseHeld as e:
-        if e.owner is None:
+        # On this machine the owner's pid says whether it lives (Lease.acquire asked it);
+        # only a lease from another machine can be an abandoned one we must wait out.
+        if e.owner is None or e.owner.host == socket.gethostname():
             raise
         replaced = _wait_out(lease, e)
     return LeaseHold(lease, replaced, takeover)
