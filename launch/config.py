@@ -11,6 +11,7 @@ importable without torch (``tlaunch --help`` uses it).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -33,6 +34,15 @@ PRECISION_ALIASES = {
     "16": "fp16",
     "16-mixed": "fp16",
 }
+
+#: ``--checkpoint-dir none``: no checkpoints, not even the default folder.
+NO_CHECKPOINTS = "none"
+#: The default checkpoint folder's parent, in the launch's working directory.
+DEFAULT_CHECKPOINT_ROOT = "tlaunch-checkpoints"
+#: The default folder's save policy: a checkpoint at every stop, and every 15 minutes so that
+#: a hard kill (SIGKILL, a Colab disconnect) loses at most that; the last two kept.
+DEFAULT_SAVE_MINUTES = 15.0
+DEFAULT_KEEP_LAST = 2
 
 #: Fields filled from the positional words of the command line: never a flag, never a variable.
 POSITIONAL = ("script", "module", "script_args")
@@ -349,6 +359,41 @@ class LaunchConfig:
     def _fix(self, problem: str, *, drop: str | None = None, add: str = "") -> str:
         return f"{problem}; run: {self._command(drop=drop, add=add)}"
 
+    def with_overrides(self, overrides: Mapping[str, Any]) -> tuple[LaunchConfig, list[str]]:
+        """This (the launcher's) configuration with ``tlaunch.init(**overrides)`` applied where
+        the launch left the flag at its default; returns it and the names of the overrides that
+        lost to a flag the launch did give (the launcher's value wins there)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        applied, lost = {}, []
+        for key, value in overrides.items():
+            if key not in defaults:
+                raise TypeError(f"tlaunch.init() got an unknown flag {key!r}")
+            current = getattr(self, key)
+            if current == value:
+                continue
+            if current == defaults[key]:
+                applied[key] = value
+            else:
+                lost.append(key)
+        return (dataclasses.replace(self, **applied) if applied else self), lost
+
+    def with_checkpoint_default(self, default: str | None) -> LaunchConfig:
+        """Where this run's checkpoints go, settled: ``--checkpoint-dir none`` becomes None
+        (no checkpoints); no ``--checkpoint-dir`` becomes ``default`` (the launcher's
+        :func:`default_checkpoint_dir`, None outside the launcher) with its save policy: every
+        stop, every :data:`DEFAULT_SAVE_MINUTES` minutes unless a ``--save-every*`` flag says
+        otherwise, and the last :data:`DEFAULT_KEEP_LAST` kept unless a ``--keep-*`` flag does."""
+        if self.checkpoint_dir == NO_CHECKPOINTS:
+            return dataclasses.replace(self, checkpoint_dir=None)
+        if self.checkpoint_dir or not default or self.fast_dev_run:
+            return self
+        changes: dict[str, Any] = {"checkpoint_dir": default}
+        if (self.save_every, self.save_every_epochs, self.save_every_minutes) == (None,) * 3:
+            changes["save_every_minutes"] = DEFAULT_SAVE_MINUTES
+        if (self.keep_last, self.keep_every, self.keep_best) == (None,) * 3:
+            changes["keep_last"] = DEFAULT_KEEP_LAST
+        return dataclasses.replace(self, **changes)
+
     @property
     def time_limit_seconds(self) -> float | None:
         return None if self.time_limit is None else parse_duration(self.time_limit)
@@ -382,6 +427,20 @@ class LaunchConfig:
             if f.name not in POSITIONAL and variable in environ:
                 values[f.name] = _from_text(variable, environ[variable], field_kind(f))
         return values
+
+
+def default_checkpoint_dir(config: LaunchConfig, cwd: str | None = None) -> str:
+    """Where a Run API script launched without ``--checkpoint-dir`` saves:
+    ``<cwd>/tlaunch-checkpoints/<script>-<key>``, the key a hash of the script's absolute path
+    (or module name) and its arguments. Keyed by what the command runs, not by the launcher's
+    flags: the same command resumes, a changed ``--cpus`` or ``--precision`` resumes too (or is
+    refused with the reason), and other script arguments (``--lr 0.1``) start a run of their own.
+    """
+    cwd = cwd or os.getcwd()
+    target = config.module or os.path.abspath(os.path.join(cwd, config.script or ""))
+    key = hashlib.sha256(json.dumps([target, config.script_args]).encode()).hexdigest()[:8]
+    stem = config.module or os.path.splitext(os.path.basename(config.script or "run"))[0]
+    return os.path.join(cwd, DEFAULT_CHECKPOINT_ROOT, f"{stem}-{key}")
 
 
 def field_kind(f: dataclasses.Field) -> type:

@@ -38,6 +38,10 @@ few ``ACCELERATE_*`` / ``PJRT_DEVICE`` variables the chosen strategy's plan name
 ``TLAUNCH_LEASE_TOKEN``   the token of the lease the launcher holds on ``--checkpoint-dir``
                           (``LEASE.json`` there); rank 0 commits only while the lease still
                           names it. Absent: rank 0 takes the lease itself (plain ``python``)
+``TLAUNCH_DEFAULT_CHECKPOINT_DIR``
+                          where a Run API script saves when no ``--checkpoint-dir`` was given
+                          (:func:`tlaunch.config.default_checkpoint_dir`); a keyword to
+                          ``tlaunch.init`` or ``--checkpoint-dir none`` wins over it
 
 Variables a user (or a test) sets
 ---------------------------------
@@ -89,6 +93,7 @@ START_TIME_ENV = "TLAUNCH_START_TIME"
 DATA_DIR_ENV = "TLAUNCH_DATA_DIR"
 DATA_DIRS_ENV = "TLAUNCH_DATA_DIRS"
 LEASE_TOKEN_ENV = "TLAUNCH_LEASE_TOKEN"
+DEFAULT_CHECKPOINT_DIR_ENV = "TLAUNCH_DEFAULT_CHECKPOINT_DIR"
 
 # -- set by users and tests ------------------------------------------------------------------
 RUN_ID_ENV = "TLAUNCH_RUN_ID"

@@ -16,12 +16,13 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from tlaunch.config import LaunchConfig, UsageError
+from tlaunch.config import LaunchConfig, UsageError, default_checkpoint_dir
 from tlaunch.contract import (
     CONFIG_ENV,
     CONTROL_DIR_ENV,
     DATA_DIR_ENV,
     DATA_DIRS_ENV,
+    DEFAULT_CHECKPOINT_DIR_ENV,
     EXIT_FILE,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
@@ -73,6 +74,9 @@ def worker_env(
     env[CONTROL_DIR_ENV] = control_dir
     env.setdefault(START_TIME_ENV, str(time.time()))
     env.pop(LEASE_TOKEN_ENV, None)  # only this launch's own lease (Preflight.worker_env)
+    env.pop(DEFAULT_CHECKPOINT_DIR_ENV, None)
+    if config.checkpoint_dir is None:  # a Run API script saves here (Run API scripts only)
+        env[DEFAULT_CHECKPOINT_DIR_ENV] = default_checkpoint_dir(config)
     return env
 
 

@@ -20,16 +20,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tlaunch.config import LaunchConfig
+from tlaunch.config import NO_CHECKPOINTS, LaunchConfig
 from tlaunch.contract import LEASE_TOKEN_ENV
 from tlaunch.lease import LeaseHold, held_message, take_lease
 
-#: ``--checkpoint-dir none``: no checkpoints, nothing to probe.
-NO_CHECKPOINTS = "none"
-
 
 def checkpoint_url(config: LaunchConfig) -> str | None:
-    """The checkpoint directory this launch writes, if any (``--fast-dev-run`` saves nothing)."""
+    """The checkpoint directory this launch writes, if any (``--fast-dev-run`` saves nothing).
+
+    Without ``--checkpoint-dir`` a Run API script saves into its default folder on local disk
+    (:func:`tlaunch.config.default_checkpoint_dir`): rank 0 takes that folder's lease itself,
+    as under plain ``python``, since only the script knows whether it uses the Run API."""
     url = config.checkpoint_dir
     return None if not url or url == NO_CHECKPOINTS or config.fast_dev_run else url
 

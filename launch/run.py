@@ -28,6 +28,7 @@ import atexit
 import contextlib
 import os
 import random
+import sys
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -36,8 +37,8 @@ import numpy as np
 import torch
 
 from tlaunch.checkpointing import MODEL, OPTIMIZER, SCHEDULER, CheckpointManager, Position
-from tlaunch.config import LaunchConfig
-from tlaunch.contract import CONTROL_DIR_ENV, LAUNCH_DIR_ENV
+from tlaunch.config import DEFAULT_KEEP_LAST, DEFAULT_SAVE_MINUTES, LaunchConfig
+from tlaunch.contract import CONTROL_DIR_ENV, DEFAULT_CHECKPOINT_DIR_ENV, LAUNCH_DIR_ENV
 from tlaunch.run_io import MetricsLog, Progress, make_run_dir
 from tlaunch.sampling import ResumableLoader
 from tlaunch.stopping import StopController
@@ -434,13 +435,34 @@ def init(*, hparams: dict[str, Any] | None = None, **overrides: Any) -> Run:
     if config is None:
         config = LaunchConfig(**{**LaunchConfig.env_defaults(), **overrides})
     else:
-        for key, value in overrides.items():
-            if getattr(config, key) != value:
-                warnings.warn(
-                    f"your code has tlaunch.init({key}={value!r}) but the launcher set "
-                    f"--{key.replace('_', '-')} {getattr(config, key)!r}; the launcher's value is used. "
-                    "Remove it from one of the two.",
-                    stacklevel=2,
-                )
-    _CURRENT = Run(config, hparams)
+        launched = config
+        config, lost = launched.with_overrides(overrides)
+        for key in lost:
+            warnings.warn(
+                f"your code has tlaunch.init({key}={overrides[key]!r}) but the launcher was given "
+                f"--{key.replace('_', '-')} {getattr(launched, key)!r}; the launcher's value is "
+                "used. Remove it from one of the two.",
+                stacklevel=2,
+            )
+    default = os.environ.get(DEFAULT_CHECKPOINT_DIR_ENV)
+    settled = config.with_checkpoint_default(default)
+    if default and settled.checkpoint_dir == default and os.environ.get("RANK", "0") == "0":
+        _say_default_checkpoints(settled)
+    _CURRENT = Run(settled, hparams)
     return _CURRENT
+
+
+def _say_default_checkpoints(config: LaunchConfig) -> None:
+    where = os.path.relpath(config.checkpoint_dir)
+    where = config.checkpoint_dir if where.startswith("..") else where
+    policy = "saved at every stop"
+    if config.save_every_minutes == DEFAULT_SAVE_MINUTES:
+        policy += f" and every {DEFAULT_SAVE_MINUTES:g} min"
+    if config.keep_last == DEFAULT_KEEP_LAST:
+        policy += f", the last {DEFAULT_KEEP_LAST} kept"
+    print(
+        f"tlaunch: checkpoints go to {where} (no --checkpoint-dir given: {policy}; the same "
+        "command resumes from them; --checkpoint-dir none turns this off)",
+        file=sys.stderr,
+        flush=True,
+    )

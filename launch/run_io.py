@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any
 
-from tlaunch.config import LaunchConfig
+from tlaunch.config import NO_CHECKPOINTS, LaunchConfig
 from tlaunch.contract import CONFIG_FILE, METRICS_FILE
 
 
@@ -20,10 +20,15 @@ def make_run_dir(config: LaunchConfig) -> str:
     ``<checkpoint-dir>/runs`` for a local checkpoint directory, else ``./tlaunch-runs``)."""
     from tlaunch.storage import is_remote
 
+    checkpoints = config.checkpoint_dir
+    if checkpoints == NO_CHECKPOINTS:
+        checkpoints = None
+    elif checkpoints and checkpoints.startswith("file://"):
+        checkpoints = checkpoints[len("file://") :]
     if config.run_dir:
         base = config.run_dir
-    elif config.checkpoint_dir and not is_remote(config.checkpoint_dir):
-        base = os.path.join(config.checkpoint_dir, "runs")
+    elif checkpoints and not is_remote(checkpoints):
+        base = os.path.join(checkpoints, "runs")
     else:
         base = os.path.join(os.getcwd(), "tlaunch-runs")
     from tlaunch.storage import redact

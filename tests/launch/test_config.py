@@ -7,7 +7,14 @@ import re
 import pytest
 
 from tlaunch.cli import build_parser
-from tlaunch.config import LaunchConfig, UsageError
+from tlaunch.config import (
+    DEFAULT_KEEP_LAST,
+    DEFAULT_SAVE_MINUTES,
+    LaunchConfig,
+    UsageError,
+    default_checkpoint_dir,
+)
+from tlaunch.run_io import make_run_dir
 
 
 @pytest.mark.parametrize(
@@ -100,3 +107,57 @@ def test_a_bad_variable_is_named_in_the_error(variable, value, message):
 def test_values_that_were_once_accepted_are_refused(kwargs, message):
     with pytest.raises(UsageError, match=re.escape(message)):
         LaunchConfig(**kwargs)
+
+
+# -- where checkpoints go ----------------------------------------------------------------------
+def test_the_default_checkpoint_folder_is_keyed_by_the_script_and_its_arguments(tmp_path):
+    def where(script="train.py", args=(), **flags):
+        config = LaunchConfig(script=script, script_args=list(args), **flags)
+        return default_checkpoint_dir(config, cwd=str(tmp_path))
+
+    base = where()
+    assert base.startswith(str(tmp_path / "tlaunch-checkpoints" / "train-"))
+    assert where(cpus=2, precision="bf16", seed=9) == base  # launcher flags do not move it
+    assert where(args=["--lr", "0.1"]) != base != where(script="other.py")
+    assert where(args=["--lr", "0.1"]) != where(args=["--lr", "0.2"])
+    assert where(script=str(tmp_path / "train.py")) == base  # relative or absolute: one script
+
+
+def test_no_checkpoint_dir_takes_the_default_with_its_save_policy():
+    settled = LaunchConfig().with_checkpoint_default("/d")
+    assert (settled.checkpoint_dir, settled.save_every_minutes, settled.keep_last) == (
+        "/d", DEFAULT_SAVE_MINUTES, DEFAULT_KEEP_LAST,
+    )  # fmt: skip
+    # The user's own policy flags stand; none of them is overwritten by the default's.
+    mine = LaunchConfig(save_every=50, keep_best=1, monitor="loss").with_checkpoint_default("/d")
+    assert (mine.save_every, mine.save_every_minutes, mine.keep_last) == (50, None, None)
+    # Outside the launcher (no default), under --fast-dev-run, or given: nothing changes.
+    assert LaunchConfig().with_checkpoint_default(None).checkpoint_dir is None
+    assert LaunchConfig(fast_dev_run=1).with_checkpoint_default("/d").checkpoint_dir is None
+    assert LaunchConfig(checkpoint_dir="gs://b/r").with_checkpoint_default("/d").checkpoint_dir == (
+        "gs://b/r"
+    )
+
+
+def test_checkpoint_dir_none_means_no_checkpoints_not_a_folder_named_none(tmp_path, monkeypatch):
+    assert LaunchConfig(checkpoint_dir="none").with_checkpoint_default("/d").checkpoint_dir is None
+    monkeypatch.chdir(tmp_path)
+    run_dir = make_run_dir(LaunchConfig(checkpoint_dir="none"))
+    assert run_dir.startswith(str(tmp_path / "tlaunch-runs"))
+    assert not (tmp_path / "none").exists()
+
+
+def test_a_file_url_checkpoint_dir_keeps_its_runs_on_that_disk(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_dir = make_run_dir(LaunchConfig(checkpoint_dir=f"file://{tmp_path}/ck"))
+    assert run_dir.startswith(str(tmp_path / "ck" / "runs")), run_dir
+    assert not (tmp_path / "file:").exists()
+
+
+def test_init_keywords_fill_the_flags_the_launch_left_at_their_defaults():
+    launched = LaunchConfig(cpus=2, save_every=10)
+    config, lost = launched.with_overrides({"checkpoint_dir": "ck", "save_every": 5, "cpus": 2})
+    assert (config.checkpoint_dir, config.save_every, config.cpus) == ("ck", 10, 2)
+    assert lost == ["save_every"]  # a flag given at launch wins, and is reported
+    with pytest.raises(TypeError, match="unknown flag 'checkpoint_folder'"):
+        launched.with_overrides({"checkpoint_folder": "x"})
