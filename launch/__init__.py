@@ -21,4 +21,20 @@ def init(**kwargs: Any) -> Run:
     return _init(**kwargs)
 
 
-__all__ = ["__version__", "init"]
+def notebook_launch(fn: Any, *args: Any, **flags: Any) -> Any:
+    """Run ``fn(*args)`` in worker processes started from a notebook's kernel, supervised like
+    the ``tlaunch`` command. See :func:`tlaunch.notebook.notebook_launch`."""
+    from tlaunch.notebook import notebook_launch as _launch
+
+    return _launch(fn, *args, **flags)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Stopped":
+        from tlaunch.stopping import Stopped
+
+        return Stopped
+    raise AttributeError(f"module 'tlaunch' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "Stopped", "init", "notebook_launch"]

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
 from tlaunch.config import LaunchConfig, UsageError, default_checkpoint_dir
 from tlaunch.contract import (
@@ -80,8 +81,21 @@ def worker_env(
     return env
 
 
-def launch(config: LaunchConfig) -> int:
-    """Start the workers of ``config`` on this machine and supervise them. Returns the exit code."""
+#: Builds an attempt's workers: ``(plan, config, env, on_signal) -> workers`` with
+#: ``start(attempt)``, ``stop(signum)`` and ``kill()`` (see :mod:`tlaunch.workers`).
+WorkersFactory = Callable[..., Any]
+
+
+def _script_workers(plan, config: LaunchConfig, env: dict[str, str], on_signal) -> Any:
+    return build_workers(plan, config, script_command(config), env, on_signal)
+
+
+def launch(config: LaunchConfig, workers: WorkersFactory = _script_workers) -> int:
+    """Start the workers of ``config`` on this machine and supervise them. Returns the exit code.
+
+    ``workers`` builds the processes: the script's command by default; functions forked from
+    a notebook's kernel for :func:`tlaunch.notebook.notebook_launch`.
+    """
     try:
         strategy = _check_strategy(config)
     except UsageError as e:
@@ -93,12 +107,12 @@ def launch(config: LaunchConfig) -> int:
         print(f"tlaunch: error: {e}", file=sys.stderr)
         return EXIT_UNAVAILABLE if isinstance(e, StorageUnavailable) else EXIT_USAGE
     try:
-        return _supervise(config, strategy, checked)
+        return _supervise(config, strategy, checked, workers)
     finally:
         checked.release()  # whatever the exit: 0, 75, a failure, an exception
 
 
-def _supervise(config: LaunchConfig, strategy, checked: Preflight) -> int:
+def _supervise(config: LaunchConfig, strategy, checked: Preflight, build: WorkersFactory) -> int:
     """Everything after the checks: run directory, data, sync dirs, the supervisor."""
     plan = strategy.plan()
     run_dir = make_run_dir(config)
@@ -128,9 +142,7 @@ def _supervise(config: LaunchConfig, strategy, checked: Preflight) -> int:
         # no permission, a missing backend) needs the user to change something first.
         return EXIT_UNAVAILABLE if isinstance(e, StorageUnavailable) else EXIT_USAGE
     supervisor: Supervisor
-    workers = build_workers(
-        plan, config, script_command(config), env, on_signal=lambda s: supervisor.request_stop(s)
-    )
+    workers = build(plan, config, env, lambda s: supervisor.request_stop(s))
     supervisor = Supervisor(
         start_workers=workers.start,
         stop_workers=workers.stop,

@@ -290,16 +290,21 @@ class Run:
 
         Call it once, after training; collectives are no longer possible afterwards.
         """
-        global _CURRENT
         if self.checkpoints.enabled:
             self.save()
             self.checkpoints.flush()
             self.checkpoints.close()
         self._metrics.close()
-        atexit.unregister(self._metrics.close)
         self.strategy.end_process_group(self.accelerator)
         self.stops.restore()
-        _CURRENT = None
+        self._unregister()
+
+    def _unregister(self) -> None:
+        """This process has no current run any more: ``tlaunch.init()`` may start the next."""
+        global _CURRENT
+        atexit.unregister(self._metrics.close)
+        if _CURRENT is self:
+            _CURRENT = None
 
     # -- internals -----------------------------------------------------------------------------
     def _to_device(self, batch: Any) -> Any:
@@ -350,7 +355,9 @@ class Run:
             if not nothing_new:
                 ckpt.save(pos, self._metrics.latest(), force=True)
             ckpt.flush()  # rank 0 waits for the commit; the others wait for rank 0
+            ckpt.close()  # the lease too: a notebook may init() again in this process
         self._progress.close()
+        self._unregister()
         self.stops.exit(
             kept=nothing_new or ckpt.enabled,
             nothing_new=nothing_new,

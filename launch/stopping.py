@@ -86,6 +86,30 @@ class StepClock:
         return time.time() + self.margin(slowest_save) >= self.started + self.limit
 
 
+class Stopped(Exception):
+    """A stop (Ctrl-C, the kernel's interrupt, SIGTERM, ``--time-limit``) ended ``tlaunch.init``'s
+    run in an interactive session, a notebook's kernel or a Python prompt, where leaving the
+    process would end the session. A script run as a program exits 75 instead.
+
+    ``kept``: everything trained is in a committed checkpoint (run the cell again to resume);
+    ``step``: the optimizer step the run stopped at.
+    """
+
+    def __init__(self, *, step: int, kept: bool) -> None:
+        self.step, self.kept = step, kept
+        what = "committed in a checkpoint" if kept else "not saved (no checkpoint directory)"
+        super().__init__(f"the run stopped at step {step}; everything up to it is {what}")
+
+
+def interactive() -> bool:
+    """True in a Jupyter/IPython kernel or at an interactive Python prompt, where a stop must
+    return to the user instead of ending the process."""
+    if hasattr(sys, "ps1") or sys.flags.interactive:
+        return True
+    ipython = sys.modules.get("IPython")
+    return ipython is not None and getattr(ipython, "get_ipython", lambda: None)() is not None
+
+
 class StopController:
     """Owns this worker's stop: signal handlers, the triggers, the agreement, the exit."""
 
@@ -134,6 +158,11 @@ class StopController:
         if signum == signal.SIGINT:
             now = time.monotonic()
             if self._sigint_at is not None and now - self._sigint_at > 1.0:
+                previous = self._previous.get(signum)
+                self.restore()
+                if callable(previous):  # a kernel's or the prompt's: KeyboardInterrupt there
+                    previous(signum, frame)
+                    return
                 signal.signal(signum, signal.SIG_DFL)
                 os.kill(os.getpid(), signum)
                 return
@@ -200,6 +229,8 @@ class StopController:
         # agent from treating the stop as a failure to restart from.
         if self.under_launcher:
             raise SystemExit(0)
+        if interactive():  # a notebook's kernel or a Python prompt: back to the user
+            raise Stopped(step=step, kept=kept)
         raise SystemExit(EXIT_PREEMPTED if kept else EXIT_FAILED)
 
 
