@@ -39,6 +39,7 @@ import torch
 from tlaunch.checkpointing import MODEL, OPTIMIZER, SCHEDULER, CheckpointManager, Position
 from tlaunch.config import DEFAULT_KEEP_LAST, DEFAULT_SAVE_MINUTES, LaunchConfig
 from tlaunch.contract import CONTROL_DIR_ENV, DEFAULT_CHECKPOINT_DIR_ENV, LAUNCH_DIR_ENV
+from tlaunch.loader_workers import install_worker_hook
 from tlaunch.run_io import MetricsLog, Progress, make_run_dir
 from tlaunch.sampling import ResumableLoader
 from tlaunch.stopping import StopController
@@ -95,6 +96,7 @@ class Run:
         self._progress = Progress(enabled=self.is_main, mode=config.progress)
         self.stops = StopController(config, self.strategy, self.accelerator)
         self.stops.install()
+        install_worker_hook()  # a stop never kills a DataLoader's workers, prepared or not
         self.checkpoints = CheckpointManager(config, self.strategy, self.accelerator, self.hparams)
         self.resume = self.checkpoints.open(self.position, self._metrics)
 

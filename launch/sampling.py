@@ -22,6 +22,8 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
+from tlaunch.loader_workers import ShieldedInit, stops_held
+
 _LOADER_ARGS = (
     "num_workers",
     "collate_fn",
@@ -122,6 +124,7 @@ class ResumableLoader:
         kwargs = {k: getattr(loader, k) for k in _LOADER_ARGS if hasattr(loader, k)}
         if loader.num_workers > 0:
             kwargs["prefetch_factor"] = loader.prefetch_factor
+            kwargs["worker_init_fn"] = ShieldedInit(loader.worker_init_fn)
         else:
             kwargs.pop("persistent_workers", None)
         self.loader = DataLoader(
@@ -149,4 +152,5 @@ class ResumableLoader:
         self.sampler.set_epoch(epoch, start=start_batch * (self.batch_size or 1))
         # Worker seeds come from this generator: same (seed, epoch) -> same seeds, mid-epoch too.
         self.generator.manual_seed(_mix(self.sampler.seed, epoch) ^ 0x5EED)
-        return iter(self.loader)
+        with stops_held():  # workers start shielded (tlaunch.loader_workers)
+            return iter(self.loader)

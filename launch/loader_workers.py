@@ -1,0 +1,108 @@
+"""DataLoader worker processes stay out of a stop: the rank decides, saves and exits.
+
+Whatever delivers a stop may reach a loader's worker processes too: systemd signals every
+process of a unit, a terminal's Ctrl-C reaches the whole foreground process group, a person
+runs ``pkill``. torch gives each worker a SIGTERM handler that dies unless its parent sent the
+signal, and Python's SIGINT raises in the worker loop; either way the worker is gone, and the
+rank fails on its next batch ("DataLoader worker (pid …) is killed by signal: Terminated")
+before it can save. So every worker blocks SIGTERM, SIGINT and SIGUSR1 and hands them to one
+thread that waits for them: the parent's SIGTERM (how torch and multiprocessing end a worker
+that outlived its loader) still ends it at once, anyone else's is dropped. A worker whose rank
+is gone ends by itself: torch's workers watch their parent.
+
+Where the shield goes up:
+
+* right after torch sets a worker's signal handlers, through a hook on
+  ``torch.utils.data._utils.signal_handling`` installed when the Run starts
+  (:func:`install_worker_hook`): every loader of the rank, prepared or not, torchdata's
+  ``StatefulDataLoader`` included, whose workers are forked (Linux's default);
+* in the ``worker_init_fn`` of the loaders ``run.prepare`` builds (:class:`ShieldedInit`),
+  which also covers workers started by ``spawn`` or ``forkserver``; those loaders start their
+  workers with the stop signals blocked (:func:`stops_held`), so none lands before the shield.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from tlaunch.stopping import STOP_SIGNALS
+
+#: The pid of the process whose shield is up (a fork of it must raise its own).
+_shielded_in: int | None = None
+
+
+def shield_this_worker() -> None:
+    """Keep this process (a loader worker) alive through stop signals; its parent's SIGTERM
+    still ends it. Idempotent; the main thread only (where the worker loop runs)."""
+    global _shielded_in
+    if _shielded_in == os.getpid() or threading.current_thread() is not threading.main_thread():
+        return
+    _shielded_in = os.getpid()
+    # Threads started from here on inherit the mask: only the waiter below takes the signals.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    waiter = threading.Thread(
+        target=_drop_stops, args=(os.getppid(),), name="tlaunch-loader-shield", daemon=True
+    )
+    waiter.start()
+
+
+def _drop_stops(parent: int) -> None:
+    while True:
+        info = signal.sigwaitinfo(STOP_SIGNALS)
+        if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+            os._exit(0)  # what torch's own handler does on its parent's SIGTERM
+
+
+class ShieldedInit:
+    """A loader's ``worker_init_fn``: the shield first, then the script's own function.
+
+    A class rather than a closure so that loaders whose workers are spawned can pickle it.
+    """
+
+    def __init__(self, user: Callable[[int], Any] | None) -> None:
+        self.user = user
+
+    def __call__(self, worker_id: int) -> None:
+        shield_this_worker()
+        if self.user is not None:
+            self.user(worker_id)
+
+
+@contextlib.contextmanager
+def stops_held() -> Iterator[None]:
+    """Block the stop signals in this thread while a loader starts its workers: they inherit
+    the mask, so a signal waits for their shield instead of killing them first. Signals that
+    came meanwhile reach this process when the block ends."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def install_worker_hook() -> None:
+    """Shield every loader worker this process forks from now on (see the module docstring).
+
+    The hook wraps a private torch function, looked up at every worker start; where a torch
+    release no longer has it, only the loaders ``run.prepare`` builds are shielded.
+    """
+    try:
+        from torch.utils.data._utils import signal_handling
+    except ImportError:
+        return
+    original = getattr(signal_handling, "_set_worker_signal_handlers", None)
+    if original is None or getattr(original, "tlaunch_shield", False):
+        return
+
+    def set_handlers_then_shield(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        shield_this_worker()
+        return result
+
+    set_handlers_then_shield.tlaunch_shield = True  # type: ignore[attr-defined]
+    signal_handling._set_worker_signal_handlers = set_handlers_then_shield

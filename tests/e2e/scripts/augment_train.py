@@ -1,0 +1,169 @@
+"""A vision-style run: generated images through random crops and flips in ``__getitem__``
+(torchvision's RandomResizedCrop and RandomHorizontalFlip algorithms, drawn from torch's RNG),
+or features with numpy and python ``random`` noise; a DataLoader with worker processes.
+
+``--signal-at-batch B --signal-how HOW``: on rank 0, after micro-batch B (global count):
+``launcher`` sends SIGTERM to the launcher and to this rank (a preemption at a known point);
+``all`` sends SIGTERM to the launcher, every rank and every loader worker (systemd's stop);
+``group-int`` sends SIGINT to this process group (a terminal's Ctrl-C under plain python).
+Prints ``RESULT step=S replayed=R`` at the end; saves the final parameters to ``--out``.
+"""
+
+import argparse
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+import tlaunch
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--out", required=True)
+parser.add_argument("--data", choices=("images", "noise"), default="images")
+parser.add_argument("--workers", type=int, default=0)
+parser.add_argument("--persistent", action="store_true")
+parser.add_argument("--epochs", type=int, default=2)
+parser.add_argument("--samples", type=int, default=96)
+parser.add_argument("--batch-size", type=int, default=8)
+parser.add_argument("--signal-at-batch", type=int, default=-1)
+parser.add_argument("--signal-how", choices=("launcher", "all", "group-int"), default="launcher")
+parser.add_argument("--step-delay", type=float, default=0.0)
+args = parser.parse_args()
+
+
+def random_resized_crop(img: torch.Tensor, size: int, scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params, then a bilinear resize."""
+    _, h, w = img.shape
+    area = h * w
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1]).item())
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            i = int(torch.randint(0, h - ch + 1, size=(1,)).item())
+            j = int(torch.randint(0, w - cw + 1, size=(1,)).item())
+            break
+    else:
+        i, j, ch, cw = 0, 0, h, w
+    crop = img[:, i : i + ch, j : j + cw][None]
+    return F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0]
+
+
+def random_horizontal_flip(img: torch.Tensor, p: float = 0.5) -> torch.Tensor:
+    return img.flip(-1) if torch.rand(1) < p else img
+
+
+class Images(Dataset):
+    def __init__(self, n: int) -> None:
+        g = torch.Generator().manual_seed(99)
+        self.labels = torch.randint(0, 4, (n,), generator=g)
+        pattern = torch.randn(4, 3, 20, 20, generator=g)
+        self.images = pattern[self.labels] + 0.5 * torch.randn(n, 3, 20, 20, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        img = random_horizontal_flip(random_resized_crop(self.images[i], 12))
+        return img, self.labels[i]
+
+
+class Noise(Dataset):
+    """albumentations-style numpy code: noise from np.random, a python ``random`` gain."""
+
+    def __init__(self, n: int) -> None:
+        rng = np.random.default_rng(7)
+        self.labels = rng.integers(0, 4, n)
+        self.x = rng.normal(size=(4, 32)).astype(np.float32)[self.labels]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        noisy = self.x[i] + np.random.normal(0, 0.5, size=32).astype(np.float32)
+        gain = random.uniform(0.8, 1.2)
+        return torch.from_numpy(noisy * gain), int(self.labels[i])
+
+
+def build_model() -> nn.Module:
+    if args.data == "images":
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+            nn.Dropout(0.2), nn.Linear(32, 4),
+        )  # fmt: skip
+    return nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 4))
+
+
+def stop_here() -> None:
+    """The signals come from a ``kill`` process, as from systemd or a terminal: a worker's own
+    rank is its parent, whose SIGTERM rightly ends it."""
+    if args.signal_how == "group-int":
+        subprocess.run(["kill", "-INT", "--", f"-{os.getpgid(0)}"], timeout=30)
+        return
+    launcher = os.getppid()
+    targets = [launcher, os.getpid()]
+    if args.signal_how == "all":
+        targets = [launcher, *descendants(launcher)]
+    subprocess.run(["kill", "-TERM", *map(str, targets)], timeout=30)
+
+
+def descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for tid in os.listdir(f"/proc/{p}/task"):
+            try:
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    kids = [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
+run = tlaunch.init(hparams={"batch_size": args.batch_size})
+data = Images(args.samples) if args.data == "images" else Noise(args.samples)
+model = build_model()
+optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+loader = DataLoader(
+    data,
+    batch_size=args.batch_size,
+    shuffle=True,
+    num_workers=args.workers,
+    persistent_workers=args.persistent,
+    timeout=120 if args.workers else 0,
+)
+model, optimizer, loader = run.prepare(model, optimizer, loader)
+
+micro = run.step * run.config.grad_accum  # exact at window boundaries, where resumes happen
+started_marker = args.out + ".started"
+for _epoch in run.epochs(args.epochs):
+    model.train()
+    for x, y in run.batches(loader):
+        with run.accumulate(model):
+            loss = F.cross_entropy(model(x), y)
+            run.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+        micro += 1
+        if run.rank == 0 and not os.path.exists(started_marker):
+            open(started_marker, "w").close()
+        if micro == args.signal_at_batch and run.rank == 0:
+            stop_here()
+        if args.step_delay:
+            time.sleep(args.step_delay)
+run.finish()
+if run.is_main:
+    torch.save(run.accelerator.unwrap_model(model).state_dict(), args.out)
+    print(f"RESULT step={run.step}", flush=True)
+sys.exit(0)
