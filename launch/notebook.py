@@ -217,10 +217,13 @@ def _worker_main(fn: Callable[..., Any], args: tuple, env: dict[str, str], resul
 
         tlaunch.run._CURRENT = None  # a Run of the kernel's own is not this process's
         try:
-            value = fn(*args)
+            if env.get("PJRT_DEVICE"):
+                _xla_launch(fn, args, result)
+            else:
+                value = fn(*args)
+                if result is not None:
+                    _write_result(result, value)
             code = 0
-            if result is not None:
-                _write_result(result, value)
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         except BaseException:
@@ -237,9 +240,38 @@ def _worker_main(fn: Callable[..., Any], args: tuple, env: dict[str, str], resul
             os._exit(code)
 
 
+def _xla_launch(fn: Callable[..., Any], args: tuple, result: str | None) -> None:
+    """``fn`` through torch_xla's own entry point, as its notebooks do: with several workers
+    (torchelastic's variables set) it runs here, on this worker's device; with one it is
+    torch_xla's ``xmp.spawn`` that places it on the PJRT device (and pickles ``fn`` by name,
+    which a forked process resolves: a function from a cell is in ``__main__`` there too)."""
+    import torch_xla
+
+    torch_xla.launch(_on_xla_device, args=(fn, args, result), start_method="fork")
+
+
+def _on_xla_device(index: int, fn: Callable[..., Any], args: tuple, result: str | None) -> None:
+    value = fn(*args)
+    if result is not None and index == 0:
+        _write_result(result, value)
+
+
+def _on_cpu(value: Any) -> Any:
+    """``value`` with every tensor in it moved to the CPU: the kernel has no device context
+    (an XLA tensor cannot even be unpickled there)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return type(value)((k, _on_cpu(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
+
+
 def _write_result(path: str, value: Any) -> None:
     try:
-        data = pickle.dumps(value)
+        data = pickle.dumps(_on_cpu(value))
     except Exception as e:
         print(
             f"tlaunch: warning: the function's return value is not picklable ({e})", file=sys.stderr
