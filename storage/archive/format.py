@@ -41,6 +41,23 @@ frame table records each frame's compressed size and where it starts: ``[size, f
 offset]``, the shard-local index of a file and a byte offset into its data (0: at its header).
 A shard without a table is read as one frame.
 
+Bounds
+------
+Whatever a shard or manifest claims, unpacking holds a few 256 KiB blocks per thread and
+decompresses no more than the manifest's files account for:
+
+* a frame (a shard without a table: the whole shard) may expand to tlaunch's own tar layout
+  of the files the table places in it -- headers, data, padding, and the tar end in the last
+  -- plus ``MEMBER_SLACK`` per member and ``FRAME_SLACK`` for another writer's headers
+  (:func:`tlaunch.storage.archive.frames.frame_bound`); one byte more and it is refused, so
+  a zstd bomb costs at most that much decompression;
+* tarfile reads the headers of a member another writer made, and the file data never
+  (:class:`tlaunch.storage.archive.frames.HeaderBudget`): at most ``MAX_HEADER`` bytes in
+  ``MAX_HEADER_READS`` reads per member, checked before each read, so a GNU long name or a
+  pax header that claims 8 GB, or a negative size, is refused after its one 512-byte block;
+* manifest paths are at most ``MAX_PATH`` bytes and ``MAX_DEPTH`` directories deep, checked
+  before any shard is read; ``pack`` refuses a folder holding longer ones.
+
 zstd binding
 ------------
 ``backports.zstd`` (the PEP 784 ``compression.zstd`` API; on Python 3.14 the stdlib module
@@ -89,6 +106,28 @@ FRAME_SIZE = 16 << 20
 _HEX = re.compile(r"[0-9a-f]*")
 RECORD = 10240  # tar pads the end of an archive to a multiple of this
 DIGEST = "blake3"  # the manifest's key for a file's or shard's digest
+
+# What an archive may ask of the machine that unpacks it. A hostile shard chooses the sizes
+# its tar headers claim and how far its zstd frames expand, and a hostile manifest its paths;
+# these bounds hold whatever they say (see "Bounds" above).
+MAX_PATH = 4096  # bytes in a file's path: Linux's PATH_MAX, the most one open() call takes
+# Directories deep: far past any dataset's layout, and far below Python's recursion limit
+# (1000), which os.makedirs and shutil.rmtree -- recursive, a frame per level -- run into.
+MAX_DEPTH = 256
+# Bytes of tar headers read for one member (its own, GNU long names, pax records): Go's
+# archive/tar caps long names and pax headers at the same 1 MiB (CVE-2022-2879), and no
+# tool writes more -- a path is at most MAX_PATH bytes.
+MAX_HEADER = 1 << 20
+# Header reads for one member (two per extended header, one for its own). Writers put at
+# most two extended headers before a member's own (GNU: long link and long name; pax: global
+# and extended); tarfile recurses once per extended header, and a few hundred chained ones
+# reach Python's recursion limit.
+MAX_HEADER_READS = 32
+# What another writer's tar may add to tlaunch's layout (which the bound on a frame is
+# computed from): per member, a pax header of times (GNU tar --format=posix: 2 blocks); per
+# frame, one header up to MAX_HEADER or an end padded to a larger record than tar's 10 KiB.
+MEMBER_SLACK = 2 * BLOCK
+FRAME_SLACK = MAX_HEADER
 
 
 class ArchiveError(StorageError):
@@ -256,6 +295,35 @@ _USTAR_TAIL = b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * (32 + 32 + 8 + 8 + 1
 _USTAR_TAIL_SUM = sum(_USTAR_TAIL)
 
 
+def header_size(path: str, size: int, mode: int) -> int:
+    """``len(ustar_header(path, size, mode))``, without building the header when it is one block."""
+    if size < 8**11 and len(path) <= 100 and path.isascii():
+        return BLOCK
+    return len(ustar_header(path, size, mode))
+
+
+def path_limit_reason(path: str) -> str | None:
+    """Why ``path`` may not name a file in an archive although it is safe -- not UTF-8, too
+    long, too deep -- (a phrase after "it"), or None."""
+    try:
+        size = len(path.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "is not valid UTF-8"
+    if size > MAX_PATH:
+        return f"is {size:,} bytes long; tlaunch archives hold paths of at most {MAX_PATH} bytes"
+    depth = path.count("/")
+    if depth > MAX_DEPTH:
+        return f"is {depth:,} directories deep; tlaunch archives hold at most {MAX_DEPTH}"
+    return None
+
+
+def shown(name: str, width: int = 80) -> str:
+    """``repr(name)``, its middle cut out when long: a hostile name may be a megabyte."""
+    if len(name) > width:
+        name = f"{name[: width - 20]}…{name[-19:]}"
+    return repr(name)
+
+
 def tar_end(tar_size: int) -> bytes:
     """Two zero blocks, then zeros up to a whole record, as tar itself ends an archive."""
     end = tar_size + 2 * BLOCK
@@ -293,9 +361,11 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
 
 def _check_manifest(m: Manifest, where: str) -> None:
     for path in (*m.dirs, *(f.path for f in m.files)):
-        reason = unsafe_path_reason(path)
+        reason = unsafe_path_reason(path) or path_limit_reason(path)
         if reason:
-            raise ArchiveError(f"refusing {where}: its manifest lists {path!r}, which {reason}")
+            raise ArchiveError(
+                f"refusing {where}: its manifest lists {shown(path)}, which {reason}"
+            )
     digests = [m.id, *(s.key for s in m.shards), *(s.digest for s in m.shards),
                *(f.digest for f in m.files)]  # fmt: skip
     if not all(len(d) == 64 for d in digests) or not _HEX.fullmatch("".join(digests)):

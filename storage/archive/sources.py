@@ -14,7 +14,14 @@ import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from tlaunch.storage.archive.format import BLOCK, ArchiveError, data_mode, hasher
+from tlaunch.storage.archive.format import (
+    BLOCK,
+    ArchiveError,
+    data_mode,
+    hasher,
+    path_limit_reason,
+    shown,
+)
 
 SMALL_FILE = 1 << 20  # files up to this size are read whole and batched with their neighbours
 READ_CHUNK = 4 << 20  # read size for large files
@@ -71,6 +78,12 @@ def _check_name(path: str, src: str) -> None:
         raise ArchiveError(
             f"{os.path.join(src, path)!r} has a name that is not valid UTF-8; rename it"
         ) from None
+    reason = path_limit_reason(path)  # what fetch would refuse in the manifest
+    if reason:
+        raise ArchiveError(
+            f"{shown(os.path.join(src, path))} {reason}; pack a folder nearer to it, or "
+            "shorten its path"
+        )
 
 
 def _stat_target(entry: os.DirEntry, path: str, src: str) -> os.stat_result:

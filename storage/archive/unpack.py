@@ -39,11 +39,19 @@ from tlaunch.storage.archive.format import (
     FileEntry,
     ShardEntry,
     hasher,
+    shown,
     unsafe_path_reason,
     ustar_header,
     zstd,
 )
-from tlaunch.storage.archive.frames import FrameReader, FrameTask, frame_tasks
+from tlaunch.storage.archive.frames import (
+    FrameReader,
+    FrameTask,
+    HeaderBudget,
+    Oversized,
+    frame_bound,
+    frame_tasks,
+)
 
 _HASH_CHUNK = 1 << 20
 _TICK = 4 << 20  # progress is reported in steps of this many bytes
@@ -111,6 +119,10 @@ def unpack_shard(
         raise errors[0]  # stopped because something else failed
     if isinstance(failure, (tarfile.TarError, zstd.ZstdError, EOFError)):
         raise ArchiveError(f"refusing {where}: not a valid tar.zst shard ({failure})")
+    if isinstance(failure, Oversized):
+        raise ArchiveError(
+            f"refusing {where}: {failure}; the archive is damaged or hostile; pack it again"
+        )
     if failure is not None:
         raise failure
 
@@ -225,7 +237,7 @@ def _extract_frame(
     split: set[int],
     umask: int | None,
 ) -> None:
-    reader = FrameReader(fd, task.offset, task.size)
+    reader = FrameReader(fd, task.offset, task.size, frame_bound(task, files))
     (j, o), end = task.start, task.end
     unreported = 0
     general = False  # a member tlaunch did not write: tarfile takes over from here
@@ -297,7 +309,8 @@ def _extract_members(
 ) -> None:
     """The general way, through tarfile, for ``files[index:stop]`` and anything unexpected."""
     unreported = 0
-    with tarfile.open(fileobj=reader, mode="r:") as tar:  # type: ignore[call-overload]
+    budget = HeaderBudget(reader)
+    with tarfile.open(fileobj=budget, mode="r:") as tar:  # type: ignore[call-overload]
         # Opening reads the first header; asking again after an empty start would seek back.
         member, tar.firstmember = tar.firstmember, None
         while member is not None:
@@ -311,12 +324,12 @@ def _extract_members(
                 except tarfile.FilterError as e:
                     reason = f"is refused by tarfile's data filter ({e})"
             if reason is not None:
-                raise ArchiveError(f"refusing {where}: member {member.name!r} {reason}")
+                raise ArchiveError(f"refusing {where}: member {shown(member.name)} {reason}")
             try:
                 digest = _write_file(reader, member, safe, dest, umask)
             except OSError as e:
                 raise ArchiveError(
-                    f"cannot write {member.name!r} from {where}: {e.strerror}"
+                    f"cannot write {shown(member.name)} from {where}: {e.strerror}"
                 ) from None
             if digest != files[index].digest:  # member_refusal: it is files[index]
                 raise _digest_refusal(where, files[index])
@@ -326,6 +339,7 @@ def _extract_members(
             if unreported >= _TICK:
                 on_bytes(unreported)
                 unreported = 0
+            budget.renew()
             member = tar.next()
     on_bytes(unreported)
     if index < stop:
@@ -345,9 +359,10 @@ def member_refusal(member: tarfile.TarInfo, expected: FileEntry | None) -> str |
         # A symlink resolves from its own directory, a hard link from the archive root.
         base = posixpath.dirname(member.name) if member.issym() else ""
         target = posixpath.normpath(posixpath.join(base, member.linkname))
+        link = shown(member.linkname)
         if member.linkname.startswith("/") or target == ".." or target.startswith("../"):
-            return f"is a {kind} to {member.linkname!r}, which leaves the destination"
-        return f"is a {kind} to {member.linkname!r}; tlaunch archives hold regular files only"
+            return f"is a {kind} to {link}, which leaves the destination"
+        return f"is a {kind} to {link}; tlaunch archives hold regular files only"
     for test, kind in ((member.ischr, "character device"), (member.isblk, "block device"),
                        (member.isfifo, "FIFO")):  # fmt: skip
         if test():

@@ -46,10 +46,16 @@ def write_archive(url: str, members: list[tuple], listed: list[FileEntry] | None
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for info, data in members:
             tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
-    shard = zstd.compress(raw.getvalue())
-    digest = hasher(shard).hexdigest()
     if listed is None:  # one harmless regular file per member
         listed = [entry(f"ok{i}.txt") for i in range(len(members))]
+    return write_shard(url, zstd.compress(raw.getvalue()), listed, len(raw.getvalue()))
+
+
+def write_shard(url: str, shard: bytes, listed: list[FileEntry], tar_size: int,
+                frames: list[list[int]] | None = None) -> str:  # fmt: skip
+    """A one-shard archive at ``url``: ``shard`` as it is, with a manifest listing ``listed``
+    (and, given ``frames``, that frame table); returns its id."""
+    digest = hasher(shard).hexdigest()
     os.makedirs(os.path.join(url, SHARDS_DIR))
     key = "ab" * 32
     with open(os.path.join(url, SHARDS_DIR, key + ".tar.zst"), "wb") as f:
@@ -61,9 +67,11 @@ def write_archive(url: str, members: list[tuple], listed: list[FileEntry] | None
         "level": 3,
         "dirs": [],
         "files": [{"path": e.path, "size": e.size, "mode": e.mode, DIGEST: e.digest} for e in listed],
-        "shards": [{"key": key, DIGEST: digest, "size": len(shard), "tar_size": len(raw.getvalue()),
+        "shards": [{"key": key, DIGEST: digest, "size": len(shard), "tar_size": tar_size,
                     "first": 0, "count": len(listed)}],
     }  # fmt: skip
+    if frames is not None:
+        doc["shards"][0]["frames"] = frames
     with open(os.path.join(url, MANIFEST_NAME), "w") as f:
         json.dump(doc, f)
     return archive_id
