@@ -29,6 +29,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "Location": ("tlaunch.storage.store", "Location"),
     "resolve": ("tlaunch.storage.store", "resolve"),
     "is_remote": ("tlaunch.storage.store", "is_remote"),
+    "local_path": ("tlaunch.storage.store", "local_path"),
+    "on_drive": ("tlaunch.storage.store", "on_drive"),
     "redact": ("tlaunch.storage.store", "redact"),
     "probe_writable": ("tlaunch.storage.probe", "probe_writable"),
     # checkpoints

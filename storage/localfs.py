@@ -4,7 +4,8 @@
 and ``store.resolve`` derives ``Location.local`` and ``Location.atomic_rename`` from it, the
 latter together with :func:`renames_atomically`: a local path on a FUSE mount (the Colab
 Drive mount, gcsfuse, rclone, ...) is this machine's file system to ``os`` calls, but a
-directory renamed there is not renamed atomically.
+directory renamed there is not renamed atomically. :func:`drive_mounts` reads the same mount
+table for Colab's Google Drive mount, wherever ``drive.mount()`` put it.
 
 Every local file in storage that someone may read while it is being written -- a checkpoint
 file, an archive shard or manifest, a mirrored file, the archive cache's pointers -- is written
@@ -29,7 +30,8 @@ from collections.abc import Callable
 from typing import Any, BinaryIO
 
 _COPY_CHUNK = 8 << 20
-#: The mount table :func:`renames_atomically` reads (tests point it at a fixture file).
+#: The mount table :func:`renames_atomically` and :func:`drive_mounts` read (tests point it at a
+#: fixture file).
 MOUNTS_FILE = "/proc/mounts"
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")  # /proc/mounts writes a space as \040
 
@@ -48,20 +50,52 @@ def renames_atomically(path: str) -> bool:
     by one, gcsfuse, s3fs and rclone rename a directory by copying its objects, and some
     (mountpoint-s3 shows as plain ``fuse``) name no kind at all. Guessing wrong the other way
     costs little: the MANIFEST + COMMIT protocol used instead is correct on every file
-    system and costs two small files. The mount holding ``path`` is the longest mount point
-    that contains its real path (symlinks resolved), the last one mounted there winning.
+    system and costs two small files.
     """
+    mount = _mount_of(path)
+    return mount is None or not _is_fuse(mount[2])
+
+
+def drive_mounts() -> list[str]:
+    """Mount points of Colab's Google Drive (``drive.mount(...)``), in mount-table order.
+
+    Colab mounts Drive as a FUSE file system named ``drive`` of type ``fuse.drive``; either
+    mark is enough (the type has changed before, the name has not). Other FUSE mounts that
+    may hold a Drive (rclone, google-drive-ocamlfuse) are not recognised: their layout and
+    their delete semantics are their own configuration's.
+    """
+    return [point for source, point, kind in _mounts() if _is_drive(source, kind)]
+
+
+def on_drive_mount(path: str) -> bool:
+    """True when the local ``path`` is on a Colab Google Drive mount."""
+    mount = _mount_of(path)
+    return mount is not None and _is_drive(mount[0], mount[2])
+
+
+def _is_fuse(kind: str) -> bool:
+    return (kind == "fuse" or kind.startswith("fuse.")) and kind != "fuseblk"
+
+
+def _is_drive(source: str, kind: str) -> bool:
+    return _is_fuse(kind) and (kind == "fuse.drive" or source == "drive")
+
+
+def _mount_of(path: str) -> tuple[str, str, str] | None:
+    """The mount holding ``path``: the longest mount point that contains its real path
+    (symlinks resolved), the last one mounted there winning; None without a mount table."""
     real = os.path.realpath(path)
-    best, kind = "", ""
-    for mount_point, fstype in _mounts():
-        inside = real == mount_point or real.startswith(mount_point.rstrip("/") + "/")
-        if inside and len(mount_point) >= len(best):
-            best, kind = mount_point, fstype
-    return not ((kind == "fuse" or kind.startswith("fuse.")) and kind != "fuseblk")
+    best = None
+    for mount in _mounts():
+        point = mount[1]
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= len(best[1])):
+            best = mount
+    return best
 
 
-def _mounts() -> list[tuple[str, str]]:
-    """(mount point, file system type) of every line of :data:`MOUNTS_FILE`, in order."""
+def _mounts() -> list[tuple[str, str, str]]:
+    """(source, mount point, file system type) of every line of :data:`MOUNTS_FILE`, in order."""
     try:
         with open(MOUNTS_FILE, encoding="utf-8", errors="surrogateescape") as f:
             lines = f.read().splitlines()
@@ -71,8 +105,10 @@ def _mounts() -> list[tuple[str, str]]:
     for line in lines:
         fields = line.split()
         if len(fields) >= 3:
-            point = _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[1])
-            table.append((point, fields[2]))
+            source, point = (
+                _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), f) for f in fields[:2]
+            )
+            table.append((source, point, fields[2]))
     return table
 
 

@@ -8,9 +8,10 @@ Supported URLs:
 ``/abs/path``, ``rel``  local disk (``file://`` too)
 ``gs://bucket/prefix``  Google Cloud Storage through gcsfs (``tlaunch[gcs]``)
 ``s3://bucket/prefix``  S3 through s3fs (``tlaunch[s3]``)
-``drive://path``        Google Drive: the Colab mount ``/content/drive/MyDrive`` when
-                        present (``TLAUNCH_DRIVE_ROOT`` overrides it), else fsspec's
-                        ``gdrive`` backend (``tlaunch[drive]``)
+``drive://path``        Google Drive: ``MyDrive`` on Colab's Drive mount, wherever
+                        ``drive.mount()`` put it (the mount table says where;
+                        ``TLAUNCH_DRIVE_ROOT`` overrides it), else fsspec's ``gdrive``
+                        backend (``tlaunch[drive]``)
 ``memory://name``       fsspec's in-process memory filesystem (tests)
 =====================  ==========================================================
 """
@@ -28,11 +29,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from tlaunch.storage.localfs import is_local, renames_atomically
+from tlaunch.storage.localfs import drive_mounts, is_local, on_drive_mount, renames_atomically
 
+#: Where ``drive.mount('/content/drive')``, the call Colab's snippets show, puts My Drive.
 COLAB_DRIVE_ROOT = "/content/drive/MyDrive"
-#: Where Google Drive is mounted, when not at COLAB_DRIVE_ROOT (tests point it at a folder).
+#: The folder ``drive://`` names, overriding the mount table (tests point it at a folder).
 DRIVE_ROOT_ENV = "TLAUNCH_DRIVE_ROOT"
+#: My Drive's folder inside Colab's Drive mount ("My Drive" in runtimes before 2020).
+_MY_DRIVE = ("MyDrive", "My Drive")
 
 # protocol -> (module that must import, extra that installs it)
 _BACKENDS = {
@@ -77,6 +81,37 @@ def redact(text: str) -> str:
 def is_remote(url: str) -> bool:
     """True for every URL that is not a local path (``drive://`` too, even when mounted)."""
     return not is_local(url)
+
+
+def local_path(url: str) -> str | None:
+    """Where ``url`` is on this machine's file system, or None: a plain path or ``file://``
+    (made absolute), ``drive://`` on a mounted Drive; never a bucket, never the gdrive backend."""
+    if url.startswith("drive://"):
+        try:
+            return _drive_path(url[len("drive://") :])
+        except StorageError:  # on Colab with Drive not mounted: resolve() says so
+            return None
+    if is_local(url):
+        return os.path.abspath(url[len("file://") :] if url.startswith("file://") else url)
+    return None
+
+
+def on_drive(url: str) -> bool:
+    """True when ``url`` is in Google Drive: a ``drive://`` URL, or a local path on Colab's
+    Drive mount or under ``TLAUNCH_DRIVE_ROOT``."""
+    if url.startswith("drive://"):
+        return True
+    path = local_path(url)
+    if path is None:
+        return False
+    root = os.environ.get(DRIVE_ROOT_ENV)
+    if root and _inside(os.path.realpath(path), os.path.realpath(root)):
+        return True
+    return on_drive_mount(path)
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,10 +198,24 @@ def _storage_options(protocol: str) -> dict[str, Any]:
     return {}
 
 
+def _drive_root() -> str | None:
+    """My Drive's folder on this machine: ``TLAUNCH_DRIVE_ROOT`` when set, else ``MyDrive`` in
+    the first Colab Drive mount the mount table lists that has one (``drive.mount`` takes any
+    folder), else :data:`COLAB_DRIVE_ROOT` when it exists; None when Drive is not mounted."""
+    root = os.environ.get(DRIVE_ROOT_ENV)
+    if root:
+        return root if os.path.isdir(root) else None
+    for point in drive_mounts():
+        for name in _MY_DRIVE:
+            if os.path.isdir(os.path.join(point, name)):
+                return os.path.join(point, name)
+    return COLAB_DRIVE_ROOT if os.path.isdir(COLAB_DRIVE_ROOT) else None
+
+
 def _drive_path(rest: str) -> str | None:
     """The local path of ``drive://rest`` on a mounted Drive, or None when not mounted."""
-    root = os.environ.get(DRIVE_ROOT_ENV) or COLAB_DRIVE_ROOT
-    if os.path.isdir(root):
+    root = _drive_root()
+    if root is not None:
         return os.path.join(root, rest.lstrip("/"))
     if os.path.isdir("/content") and not os.environ.get(DRIVE_ROOT_ENV):
         # On Colab but the Drive is not mounted: the gdrive backend would ask for OAuth

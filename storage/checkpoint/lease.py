@@ -274,6 +274,8 @@ class Lease:
         fs = self.location.fs
 
         def create() -> None:
+            if self.location.local:  # a FUSE mount (Drive): no folder appears for a file there
+                os.makedirs(self.location.path, exist_ok=True)
             with contextlib.suppress(FileExistsError):
                 fs.pipe_file(self.path, data, mode="create")
 
