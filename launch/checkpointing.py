@@ -33,6 +33,7 @@ from tlaunch.drift import (
     refuse_tensor_changes,
     tensor_differences,
 )
+from tlaunch.run_io import drive_quota_warning
 
 #: Names of the saved states. The i-th object of a kind past the first is ``<kind>_<i>``.
 MODEL, OPTIMIZER, SCHEDULER, SCALER = "model", "optimizer", "scheduler", "scaler"
@@ -179,6 +180,9 @@ class CheckpointManager:
         self.store = CheckpointStore(config.checkpoint_dir, fence=fence)
         if self.is_main:
             self.store.clean_stale()
+            advice = drive_quota_warning(config)  # here, where the retention rules are final
+            if advice:
+                print(f"tlaunch: warning: {advice}", file=sys.stderr, flush=True)
             retention = RetentionPolicy(
                 keep_last=config.keep_last,
                 keep_every=config.keep_every,

@@ -69,6 +69,30 @@ def parse_duration(text: str) -> float:
     return sum(float(n) * scale[u] for n, u in parts)
 
 
+def parse_time_limit(text: str) -> tuple[bool, float]:
+    """A ``--time-limit`` value → (counted from the runtime's start?, seconds).
+
+    ``11h30m`` is counted from the launch; ``runtime+11h30m`` from the runtime's start (the
+    machine's boot: :func:`tlaunch.preemption.runtime_start`), so a Colab user can say "save
+    before the 12 h limit" whenever the cell is run.
+    """
+    word = text.strip().lower()
+    if not word.startswith("runtime"):
+        return False, parse_duration(word)
+    rest = word[len("runtime") :].strip()
+    if not rest.startswith("+") or not rest[1:].strip():
+        raise UsageError(
+            f"--time-limit {text!r}: a limit counted from the runtime's start is "
+            "runtime+DURATION, e.g. runtime+11h30m"
+        )
+    try:
+        return True, parse_duration(rest[1:])
+    except UsageError:
+        raise UsageError(
+            f"--time-limit {text!r} has no duration after runtime+; write it like runtime+11h30m"
+        ) from None
+
+
 def parse_precision(value: str) -> str:
     """Any accepted spelling (``bf16-mixed``, ``32``, ``FP16``) → ``no``, ``bf16`` or ``fp16``."""
     key = str(value).lower()
@@ -79,9 +103,13 @@ def parse_precision(value: str) -> str:
 
 
 def _time_limit(text: str) -> str:
-    """Refuse a bad ``--time-limit`` now; keep the text the user wrote (shown back in commands)."""
-    if parse_duration(text) <= 0:
-        raise UsageError(f"--time-limit {text!r} leaves no time to train; give e.g. 11h30m")
+    """Refuse a bad ``--time-limit`` now; keep the text the user wrote (shown back in commands).
+    Whether a ``runtime+`` limit has already passed is the launcher's check: this config is
+    validated again in every worker, later."""
+    from_runtime, seconds = parse_time_limit(text)
+    if seconds <= 0:
+        example = "runtime+11h30m" if from_runtime else "11h30m"
+        raise UsageError(f"--time-limit {text!r} leaves no time to train; give e.g. {example}")
     return text
 
 
@@ -260,7 +288,8 @@ class LaunchConfig:
         choices=("auto", "gce", "aws", "off"),
     )
     time_limit: str | None = _doc(
-        "Stop with a checkpoint before this much wall time (e.g. 11h30m).",
+        "Stop with a checkpoint before this much wall time (e.g. 11h30m), or before this long "
+        "after the runtime (the machine) started: runtime+11h30m for Colab's 12 h.",
         default=None,
         parse=_time_limit,
     )
@@ -393,10 +422,6 @@ class LaunchConfig:
         if (self.keep_last, self.keep_every, self.keep_best) == (None,) * 3:
             changes["keep_last"] = DEFAULT_KEEP_LAST
         return dataclasses.replace(self, **changes)
-
-    @property
-    def time_limit_seconds(self) -> float | None:
-        return None if self.time_limit is None else parse_duration(self.time_limit)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

@@ -51,6 +51,9 @@ Variables a user (or a test) sets
 ``TLAUNCH_RUN_ID``        the rendezvous id shared by the machines of a multi-node job
 ``TLAUNCH_GCE_METADATA_URL``, ``TLAUNCH_AWS_METADATA_URL``
                           the metadata endpoints the preemption watchers poll
+``TLAUNCH_RUNTIME_START`` when this runtime started (epoch seconds), which
+                          ``--time-limit runtime+11h30m`` counts from; default: the machine's
+                          boot time (:func:`tlaunch.preemption.runtime_start`)
 ``TLAUNCH_CACHE_DIR``     the data-archive cache (read by :mod:`tlaunch.storage`)
 ``TLAUNCH_DRIVE_ROOT``    where Google Drive is mounted (read by :mod:`tlaunch.storage`)
 
@@ -99,6 +102,7 @@ DEFAULT_CHECKPOINT_DIR_ENV = "TLAUNCH_DEFAULT_CHECKPOINT_DIR"
 RUN_ID_ENV = "TLAUNCH_RUN_ID"
 GCE_URL_ENV = "TLAUNCH_GCE_METADATA_URL"
 AWS_URL_ENV = "TLAUNCH_AWS_METADATA_URL"
+RUNTIME_START_ENV = "TLAUNCH_RUNTIME_START"
 #: Read inside tlaunch.storage, which cannot import this module; declared here for the table.
 CACHE_DIR_ENV = "TLAUNCH_CACHE_DIR"
 DRIVE_ROOT_ENV = "TLAUNCH_DRIVE_ROOT"

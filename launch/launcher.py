@@ -32,7 +32,7 @@ from tlaunch.contract import (
     LEASE_TOKEN_ENV,
     START_TIME_ENV,
 )
-from tlaunch.preemption import Deadline, Watcher, detect
+from tlaunch.preemption import Deadline, Watcher, check_time_left, detect, time_limit_span
 from tlaunch.preflight import Preflight, preflight
 from tlaunch.run_io import make_run_dir
 from tlaunch.storage import StorageError, StorageUnavailable
@@ -97,6 +97,7 @@ def launch(config: LaunchConfig, workers: WorkersFactory = _script_workers) -> i
     a notebook's kernel for :func:`tlaunch.notebook.notebook_launch`.
     """
     try:
+        check_time_left(config.time_limit, time.time())
         strategy = _check_strategy(config)
     except UsageError as e:
         print(f"tlaunch: error: {e}", file=sys.stderr)
@@ -209,8 +210,9 @@ def _start_watchers(config: LaunchConfig, supervisor: Supervisor, started: float
     kind = detect(config.preemption_watch)
     if kind is not None:
         watchers.append(Watcher(kind, trigger).start())
-    if config.time_limit_seconds is not None:
-        watchers.append(Deadline(config.time_limit_seconds, trigger, started).start())
+    span = time_limit_span(config.time_limit, started)
+    if span is not None:
+        watchers.append(Deadline(span, trigger, started).start())
     return watchers
 
 

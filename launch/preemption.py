@@ -1,5 +1,11 @@
 """Stop triggers the launcher watches besides signals: cloud preemption notices and a deadline.
 
+The deadline is ``--time-limit``: counted from the launch (``11h30m``) or from the runtime's
+start (``runtime+11h30m``). The runtime's start is the machine's boot time: a Colab runtime is a
+virtual machine of its own, booted when it was assigned, and its 12 h run from then; restarting
+the kernel or reconnecting keeps the machine, and its clock. ``TLAUNCH_RUNTIME_START`` (epoch
+seconds) replaces the boot time where that is not the runtime's start, and in tests.
+
 GCE announces preemption and host maintenance through its metadata server
 (``instance/preempted`` turns ``TRUE``; ``instance/maintenance-event`` turns
 ``TERMINATE_ON_HOST_MAINTENANCE``), AWS through ``spot/instance-action`` (404 until a stop is
@@ -14,6 +20,7 @@ connection is attempted on a laptop or in a notebook that is not on GCE or EC2.
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -21,12 +28,81 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 
-from tlaunch.contract import AWS_URL_ENV, GCE_URL_ENV
+from tlaunch.config import UsageError, parse_time_limit
+from tlaunch.contract import AWS_URL_ENV, GCE_URL_ENV, RUNTIME_START_ENV
 
 GCE_DEFAULT = "http://metadata.google.internal/computeMetadata/v1"
 AWS_DEFAULT = "http://169.254.169.254/latest"
 POLL_SECONDS = 1.0
 _DMI = "/sys/class/dmi/id/product_name"
+#: Where the boot time is read (its ``btime`` line); tests point it at a fixture file.
+BOOT_TIME_FILE = "/proc/stat"
+
+
+def runtime_start() -> float:
+    """When this runtime started, in epoch seconds: ``TLAUNCH_RUNTIME_START`` when set, else
+    the machine's boot time (``btime`` in ``/proc/stat``). UsageError when neither is known."""
+    raw = os.environ.get(RUNTIME_START_ENV)
+    if raw:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise UsageError(
+                f"{RUNTIME_START_ENV}={raw!r} is not a time; give the runtime's start in epoch "
+                "seconds, e.g. the output of `date +%s`"
+            )
+        return value
+    try:
+        with open(BOOT_TIME_FILE) as f:
+            for line in f:
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    raise UsageError(
+        f"--time-limit runtime+...: this machine does not say when it started ({BOOT_TIME_FILE} "
+        f"has no boot time); set {RUNTIME_START_ENV} to the runtime's start in epoch seconds, "
+        "or give a plain limit such as --time-limit 11h30m"
+    )
+
+
+def time_limit_span(time_limit: str | None, started: float) -> float | None:
+    """Seconds from ``started`` (a launch's start, epoch seconds) to the ``--time-limit``
+    deadline; negative when a ``runtime+`` deadline passed before the launch; None without one."""
+    if time_limit is None:
+        return None
+    from_runtime, seconds = parse_time_limit(time_limit)
+    return runtime_start() + seconds - started if from_runtime else seconds
+
+
+def check_time_left(time_limit: str | None, now: float) -> None:
+    """Refuse to start once a ``runtime+`` deadline has passed (exit 2, nothing started).
+
+    Why not a stop (75): 75 says "run the same command again", and again, on this runtime,
+    would find the deadline passed again, for ever; nothing but a new runtime or another
+    limit can help, and that is what a usage error says.
+    """
+    span = time_limit_span(time_limit, now)
+    if span is None or span > 0:
+        return
+    started = runtime_start()
+    raise UsageError(
+        f"--time-limit {time_limit} ran out {_hm(-span)} ago: this runtime started "
+        f"{_hm(now - started)} ago ({time.strftime('%Y-%m-%d %H:%M', time.localtime(started))}, "
+        f"the machine's boot); nothing was started. On a new runtime the same command resumes; "
+        "on this one give a plain limit, e.g. --time-limit 30m"
+    )
+
+
+def _hm(seconds: float) -> str:
+    """``4h05m``, ``12m``, ``40s``: a span as a person reads it."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    hours, minutes = divmod(seconds // 60, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m"
 
 
 def _dmi_product() -> str:

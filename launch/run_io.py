@@ -5,6 +5,7 @@ Kept apart from :mod:`tlaunch.run` so the training-loop logic there reads on one
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -17,35 +18,57 @@ from tlaunch.contract import CONFIG_FILE, METRICS_FILE
 
 def make_run_dir(config: LaunchConfig) -> str:
     """A new folder for one launch's log, config and metrics, under ``--run-dir`` (default:
-    ``<checkpoint-dir>/runs`` for a local checkpoint directory, else ``./tlaunch-runs``)."""
-    from tlaunch.storage import is_remote
+    ``<checkpoint-dir>/runs`` when the checkpoints are on this machine's file system -- a local
+    disk, or Google Drive's mount, where the logs then outlive a Colab runtime as the
+    checkpoints do -- else ``./tlaunch-runs``)."""
+    from tlaunch.storage import local_path, redact
 
     checkpoints = config.checkpoint_dir
-    if checkpoints == NO_CHECKPOINTS:
-        checkpoints = None
-    elif checkpoints and checkpoints.startswith("file://"):
-        checkpoints = checkpoints[len("file://") :]
+    local = local_path(checkpoints) if checkpoints and checkpoints != NO_CHECKPOINTS else None
     if config.run_dir:
         base = config.run_dir
-    elif checkpoints and not is_remote(checkpoints):
-        base = os.path.join(checkpoints, "runs")
+    elif local:
+        base = os.path.join(local, "runs")
     else:
         base = os.path.join(os.getcwd(), "tlaunch-runs")
-    from tlaunch.storage import redact
-
     name = time.strftime("%Y%m%d-%H%M%S") + f"-node{config.node_rank}-{os.getpid()}"
     path = os.path.join(base, name)
     # Private: the config and the logs name buckets, hosts and paths. A new base is made
     # private too (makedirs' mode does not reach the parents it creates).
     os.makedirs(base, mode=0o700, exist_ok=True)
     os.makedirs(path, mode=0o700, exist_ok=True)
-    os.chmod(path, 0o700)  # whatever the umask
+    with contextlib.suppress(OSError):  # a cloud mount (Drive) may refuse mode bits
+        os.chmod(path, 0o700)  # whatever the umask
     for file, text in ((CONFIG_FILE, redact(config.to_json())), (METRICS_FILE, "")):
         # metrics.jsonl is created here, empty, so that its writer (which appends) keeps 0600.
         fd = os.open(os.path.join(path, file), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with open(fd, "w") as f:
             f.write(text)
     return path
+
+
+def drive_quota_warning(config: LaunchConfig) -> str | None:
+    """What to tell a run that saves to Google Drive with no retention rule, or None.
+
+    Every checkpoint then stays, against a quota of 15 GB on a free account; and a file
+    deleted through Colab's Drive mount goes to Drive's bin, where it still counts until the
+    bin is emptied or 30 days pass (nothing deletes permanently through the mount).
+    """
+    url = config.checkpoint_dir
+    if not url or url == NO_CHECKPOINTS or config.fast_dev_run:
+        return None
+    if (config.keep_last, config.keep_every, config.keep_best) != (None, None, None):
+        return None
+    from tlaunch.storage import on_drive, redact
+
+    if not on_drive(url):
+        return None
+    return (
+        f"checkpoints go to Google Drive ({redact(url)}) and no --keep-last, --keep-every or "
+        "--keep-best was given: all of them are kept, each counting against the Drive quota, "
+        "and any deleted later stays in Drive's bin, still counted, for 30 days; add "
+        "--keep-last 2 to keep only the newest two"
+    )
 
 
 class MetricsLog:
@@ -152,17 +175,25 @@ class _Bar:
 class Progress:
     """A tqdm bar per epoch on rank 0: epoch, step, it/s, ETA, last loss.
 
-    ``auto`` shows it only on a terminal, so logs of batch jobs stay free of carriage returns.
+    ``auto`` shows it on a terminal and in a Jupyter kernel (Colab's too), and keeps the logs
+    of batch jobs free of carriage returns. In the kernel's own process the bar is
+    ``tqdm.auto``'s (a widget where ipywidgets is installed); in a worker forked from the
+    kernel it is tqdm's text bar on the stderr the kernel forwards to the cell: a widget needs
+    the kernel's connection to the front end, which a forked process does not have.
     """
 
     def __init__(self, *, enabled: bool, mode: str) -> None:
-        self.enabled = enabled and (mode == "on" or (mode == "auto" and sys.stderr.isatty()))
+        shown = mode == "on" or (mode == "auto" and (sys.stderr.isatty() or in_kernel()))
+        self.enabled = enabled and shown
         self._current: _Bar | None = None
 
     def bar(self, total: int, start: int, desc: str) -> _Bar:
         if not self.enabled:
             return _Bar(None)
-        from tqdm.auto import tqdm
+        if _kernel_stream(sys.stderr):
+            from tqdm.auto import tqdm
+        else:
+            from tqdm.std import tqdm
 
         self._current = _Bar(
             tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, file=sys.stderr)
@@ -172,3 +203,27 @@ class Progress:
     def close(self) -> None:
         if self._current is not None:
             self._current.close()
+
+
+def in_kernel() -> bool:
+    """True in a Jupyter kernel (Colab's, VS Code's, JupyterLab's), or in a process forked
+    from one; False at a terminal IPython, in qtconsole's parent, in plain Python.
+
+    Looks only at modules already imported: deciding must not import IPython. A kernel is
+    ipykernel's ``ZMQInteractiveShell`` (Colab's shell is a subclass) as the running shell.
+    """
+    zmqshell = sys.modules.get("ipykernel.zmqshell")
+    ipython = sys.modules.get("IPython")
+    if zmqshell is None or ipython is None:
+        return False
+    try:
+        shell = ipython.get_ipython()
+    except Exception:  # a half-torn-down interpreter: not a kernel to draw in
+        return False
+    return isinstance(shell, zmqshell.ZMQInteractiveShell)
+
+
+def _kernel_stream(stream: Any) -> bool:
+    """True when ``stream`` is the kernel's own output stream to the front end."""
+    iostream = sys.modules.get("ipykernel.iostream")
+    return iostream is not None and isinstance(stream, iostream.OutStream)

@@ -39,6 +39,7 @@ from tlaunch.contract import (
     WORKERS_STOPPING,
     ready_file,
 )
+from tlaunch.preemption import time_limit_span
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -56,9 +57,13 @@ class StepClock:
     #: step pays one monotonic clock read instead of a stat and several clock reads.
     POLL_SECONDS = 0.1
 
-    def __init__(self, limit: float | None) -> None:
+    def __init__(self, limit: float | None, started: float | None = None) -> None:
+        """``limit``: seconds from ``started`` (epoch seconds; default: the launch's start) to
+        the deadline, or None."""
         self.limit = limit
-        self.started = float(os.environ.get(START_TIME_ENV, time.time()))
+        self.started = (
+            float(os.environ.get(START_TIME_ENV, time.time())) if started is None else started
+        )
         self._last_step: float | None = None  # the first step's time includes start-up
         self._next_poll = 0.0
         self.slowest_step = 0.0
@@ -119,7 +124,8 @@ class StopController:
         self._stop_file = os.path.join(self.control_dir, STOP_FILE) if self.control_dir else None
         self._local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self._local_rank0 = self._local_rank == 0
-        self.clock = StepClock(config.time_limit_seconds)
+        started = float(os.environ.get(START_TIME_ENV, time.time()))
+        self.clock = StepClock(time_limit_span(config.time_limit, started), started)
         #: This rank's own request (a signal); ``agreed``: every rank's decision.
         self.requested = False
         self.agreed = False
