@@ -213,6 +213,13 @@ def _worker_main(fn: Callable[..., Any], args: tuple, env: dict[str, str], resul
             signal.signal(s, signal.SIG_DFL)
         os.environ.clear()
         os.environ.update(env)
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            # The kernel's OpenMP thread pool does not survive a fork (GNU libgomp): a forked
+            # process that enters a parallel region after the parent did hangs for ever. One
+            # thread per worker never enters one, and is what torchrun gives each of several
+            # workers anyway.
+            torch.set_num_threads(1)
         import tlaunch.run
 
         tlaunch.run._CURRENT = None  # a Run of the kernel's own is not this process's

@@ -23,6 +23,10 @@ TRAIN = """
 import os, signal, time
 import torch, tlaunch
 
+# The kernel computes before it forks (it always does: data, a sanity check): its OpenMP pool
+# is then live, which a forked worker must survive.
+torch.randn(256, 256) @ torch.randn(256, 256)
+
 def train(epochs, marker=None, delay=0.0):
     run = tlaunch.init()
     g = torch.Generator().manual_seed(0)
