@@ -5,6 +5,8 @@ to be done on sample indices (no batch is loaded to be thrown away), and the Dat
 its ``generator``: creating a DataLoader iterator draws the workers' base seed from the global
 torch RNG unless the loader has a generator of its own, and a resumed run creates its iterator
 mid-epoch, so without one every later random number (dropout masks, augmentations) shifts.
+The random numbers a dataset draws in ``__getitem__`` are seeded per sample on top of that
+(:mod:`tlaunch.sample_seeds`), so that they do not depend on the loader's workers either.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch.utils.data import (
 )
 
 from tlaunch.loader_workers import ShieldedInit, stops_held
+from tlaunch.sample_seeds import EpochKeys, SeededSamples
 
 _LOADER_ARGS = (
     "num_workers",
@@ -96,7 +99,8 @@ def _shuffle_and_seed(loader: DataLoader, seed: int) -> tuple[bool, int] | None:
 
 
 class ResumableLoader:
-    """A DataLoader rebuilt on a :class:`ResumableSampler` with its own generator.
+    """A DataLoader rebuilt on a :class:`ResumableSampler` with its own generator, whose
+    samples are loaded with random streams seeded per sample (:mod:`tlaunch.sample_seeds`).
 
     ``iterate(epoch, start_batch)`` yields the epoch's batches from ``start_batch`` without
     loading the skipped ones. A loader with a custom sampler is iterated as given, and the
@@ -128,9 +132,9 @@ class ResumableLoader:
         else:
             kwargs.pop("persistent_workers", None)
         self.loader = DataLoader(
-            loader.dataset,
+            SeededSamples(loader.dataset, seed),
             batch_size=loader.batch_size,
-            sampler=self.sampler,
+            sampler=EpochKeys(self.sampler),
             generator=self.generator,
             **kwargs,
         )

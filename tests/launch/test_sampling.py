@@ -4,12 +4,14 @@ resumed epoch yields exactly the tail of the whole one, worker seeds included.""
 from __future__ import annotations
 
 import math
+import random
 import warnings
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from tlaunch import sampling
 from tlaunch.sampling import ResumableLoader, ResumableSampler
@@ -205,6 +207,97 @@ def test_a_plain_loader_draws_different_worker_seeds_after_the_global_rng_moved(
     first = {s for b in batches(plain) for s in b[1]}
     torch.rand(3)
     assert {s for b in batches(plain) for s in b[1]} != first
+
+
+# -- per-sample randomness ------------------------------------------------------------------
+
+
+class Augmented(Dataset):
+    """Sample i draws from torch, numpy and python ``random``, as random transforms do."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        draws = [torch.rand(()).item(), np.random.rand(), random.random()]
+        return torch.tensor([i, *draws], dtype=torch.float64)
+
+
+class BatchedAugmented(Augmented):
+    """Loads a batch in one call (as Hugging Face datasets do); counts its calls."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.calls = 0
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        self.calls += 1
+        return [self[i] for i in indices]
+
+
+def by_index(iterator) -> dict[int, list[float]]:
+    """Each loaded sample's draws, by sample index."""
+    return {int(row[0]): row[1:].tolist() for batch in iterator for row in batch}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_samples_draws_are_the_same_for_any_workers_ranks_and_resume_point(batched):
+    data = (BatchedAugmented if batched else Augmented)(24)
+    whole = by_index(build_loader(data).iterate(1))
+    assert len(whole) == 24 and len({tuple(v) for v in whole.values()}) == 24
+    for workers in (2, 4):
+        loader = build_loader(data, num_workers=workers, timeout=60)
+        assert by_index(loader.iterate(1)) == whole, f"{workers} workers"
+        tail = by_index(loader.iterate(1, 3))  # a resumed epoch: 3 batches of 4 skipped
+        assert len(tail) == 12 and tail == {i: whole[i] for i in tail}
+    if not batched:  # a sample's draws do not depend on which rank loads it either
+        ranks = [by_index(build_loader(data, rank=r, world=2).iterate(1)) for r in (0, 1)]
+        assert {**ranks[0], **ranks[1]} == whole
+    other_epoch = by_index(build_loader(data).iterate(2))
+    assert all(other_epoch[i] != whole[i] for i in whole)
+    other_seed = DataLoader(data, batch_size=4, shuffle=True)
+    other_seed = by_index(ResumableLoader(other_seed, seed=12, rank=0, world=1).iterate(1))
+    assert all(other_seed[i] != whole[i] for i in whole)
+
+
+@pytest.mark.timeout(120)
+def test_persistent_workers_draw_each_epochs_samples_from_that_epoch():
+    data = Augmented(16)
+    loader = build_loader(data, num_workers=2, persistent_workers=True, timeout=60)
+    plain = build_loader(data)
+    first, second = by_index(loader.iterate(1)), by_index(loader.iterate(2))
+    assert first == by_index(plain.iterate(1)) and second == by_index(plain.iterate(2))
+    tail = by_index(loader.iterate(1, 2))  # the same workers, resumed mid-epoch
+    assert len(tail) == 8 and tail == {i: first[i] for i in tail}
+
+
+def test_a_batched_dataset_is_called_once_per_batch_and_a_subset_per_sample():
+    batched = BatchedAugmented(24)
+    by_index(build_loader(batched).iterate(0))
+    assert batched.calls == 6
+    # Subset's own __getitems__ only passes the call through: seeded per sample, like its base.
+    whole = by_index(build_loader(Augmented(24)).iterate(0))
+    assert by_index(build_loader(Subset(Augmented(24), range(24))).iterate(0)) == whole
+
+
+def test_loading_in_the_training_process_leaves_its_random_streams_alone():
+    def draw() -> list[float]:
+        return [*torch.rand(2).tolist(), *np.random.rand(2).tolist(), random.random()]
+
+    def reseed() -> None:
+        torch.manual_seed(1), np.random.seed(1), random.seed(1)
+
+    reseed()
+    expected = [draw(), draw()]
+    reseed()
+    got = [draw()]
+    batches(build_loader(Augmented(24)).iterate(0, 2))  # num_workers=0: in this process
+    got.append(draw())
+    assert got == expected
 
 
 # -- loaders tlaunch cannot rebuild -----------------------------------------------------------

@@ -1,12 +1,12 @@
-"""A vision-style run: generated images through random crops and flips in ``__getitem__``
-(torchvision's RandomResizedCrop and RandomHorizontalFlip algorithms, drawn from torch's RNG),
-or features with numpy and python ``random`` noise; a DataLoader with worker processes.
+"""A vision-style run: generated images through random crops, flips and noise in
+``__getitem__`` (torch, numpy and python ``random`` streams); a DataLoader with worker
+processes.
 
 ``--signal-at-batch B --signal-how HOW``: on rank 0, after micro-batch B (global count):
 ``launcher`` sends SIGTERM to the launcher and to this rank (a preemption at a known point);
 ``all`` sends SIGTERM to the launcher, every rank and every loader worker (systemd's stop);
 ``group-int`` sends SIGINT to this process group (a terminal's Ctrl-C under plain python).
-Prints ``RESULT step=S replayed=R`` at the end; saves the final parameters to ``--out``.
+Prints ``RESULT step=S`` at the end and saves the final parameters to ``--out``.
 """
 
 import argparse
@@ -14,8 +14,6 @@ import math
 import os
 import random
 import subprocess
-import sys
-import time
 
 import numpy as np
 import torch
@@ -27,7 +25,6 @@ import tlaunch
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
-parser.add_argument("--data", choices=("images", "noise"), default="images")
 parser.add_argument("--workers", type=int, default=0)
 parser.add_argument("--persistent", action="store_true")
 parser.add_argument("--epochs", type=int, default=2)
@@ -35,7 +32,6 @@ parser.add_argument("--samples", type=int, default=96)
 parser.add_argument("--batch-size", type=int, default=8)
 parser.add_argument("--signal-at-batch", type=int, default=-1)
 parser.add_argument("--signal-how", choices=("launcher", "all", "group-int"), default="launcher")
-parser.add_argument("--step-delay", type=float, default=0.0)
 args = parser.parse_args()
 
 
@@ -63,6 +59,9 @@ def random_horizontal_flip(img: torch.Tensor, p: float = 0.5) -> torch.Tensor:
 
 
 class Images(Dataset):
+    """Generated images through RandomResizedCrop and RandomHorizontalFlip (torch's RNG), then
+    albumentations-style numpy code: Gaussian noise from np.random, a python ``random`` gain."""
+
     def __init__(self, n: int) -> None:
         g = torch.Generator().manual_seed(99)
         self.labels = torch.randint(0, 4, (n,), generator=g)
@@ -73,34 +72,16 @@ class Images(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int):
-        img = random_horizontal_flip(random_resized_crop(self.images[i], 12))
-        return img, self.labels[i]
-
-
-class Noise(Dataset):
-    """albumentations-style numpy code: noise from np.random, a python ``random`` gain."""
-
-    def __init__(self, n: int) -> None:
-        rng = np.random.default_rng(7)
-        self.labels = rng.integers(0, 4, n)
-        self.x = rng.normal(size=(4, 32)).astype(np.float32)[self.labels]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
-        noisy = self.x[i] + np.random.normal(0, 0.5, size=32).astype(np.float32)
-        gain = random.uniform(0.8, 1.2)
-        return torch.from_numpy(noisy * gain), int(self.labels[i])
+        img = random_horizontal_flip(random_resized_crop(self.images[i], 12)).numpy()
+        img = (img + np.random.normal(0, 0.3, size=img.shape)) * random.uniform(0.8, 1.2)
+        return torch.from_numpy(img.astype(np.float32)), self.labels[i]
 
 
 def build_model() -> nn.Module:
-    if args.data == "images":
-        return nn.Sequential(
-            nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-            nn.Dropout(0.2), nn.Linear(32, 4),
-        )  # fmt: skip
-    return nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 4))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        nn.Dropout(0.2), nn.Linear(32, 4),
+    )  # fmt: skip
 
 
 def stop_here() -> None:
@@ -132,7 +113,7 @@ def descendants(pid: int) -> list[int]:
 
 
 run = tlaunch.init(hparams={"batch_size": args.batch_size})
-data = Images(args.samples) if args.data == "images" else Noise(args.samples)
+data = Images(args.samples)
 model = build_model()
 optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
 loader = DataLoader(
@@ -160,10 +141,7 @@ for _epoch in run.epochs(args.epochs):
             open(started_marker, "w").close()
         if micro == args.signal_at_batch and run.rank == 0:
             stop_here()
-        if args.step_delay:
-            time.sleep(args.step_delay)
 run.finish()
 if run.is_main:
     torch.save(run.accelerator.unwrap_model(model).state_dict(), args.out)
     print(f"RESULT step={run.step}", flush=True)
-sys.exit(0)

@@ -1,0 +1,112 @@
+"""Random augmentation as a function of the sample, not of the worker that loads it.
+
+A loader worker's random streams (torch, numpy, python ``random``) start from a per-worker
+seed and advance with every sample it loads. A resumed epoch starts at a later sample, and the
+samples land on other workers than before, so every augmentation after the resume point
+differs; so does every augmentation of a run with another ``num_workers``. Here the sampler
+yields keys ``(epoch, index)`` (:class:`EpochKeys`), and :class:`SeededSamples` seeds the three
+streams from ``(seed, epoch, index)`` before it calls the dataset's ``__getitem__``: a sample's
+crop, flip and noise are the same whichever worker loads it, at whatever point the epoch was
+resumed, for any ``num_workers`` and any number of ranks. ``torch.initial_seed()`` inside
+``__getitem__`` is the sample's seed, for code that builds generators of its own.
+
+A dataset with a batched ``__getitems__`` (Hugging Face ``datasets``) is called once per batch,
+seeded from the batch's first key: the batch is itself a function of ``(seed, epoch)``.
+
+With ``num_workers=0`` the dataset runs in the training process: the streams are saved before
+a batch's samples and put back after them, so dropout and everything else the training loop
+draws is what it would have been without augmentation. Only the CPU generator is seeded: a
+GPU's stream is never touched.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler, Subset, get_worker_info
+
+_MASK = (1 << 64) - 1
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 64-bit seed, distinct and well mixed for each ``(seed, epoch, index)`` (splitmix64)."""
+    x = (
+        seed * 0x9E3779B97F4A7C15 + epoch * 0xD1B54A32D192ED03 + index + 0x632BE59BD9B4E019
+    ) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+def _seed_streams(seed: int) -> None:
+    torch.random.default_generator.manual_seed(seed)
+    np.random.seed(seed & 0xFFFFFFFF)
+    random.seed(seed)
+
+
+class EpochKeys(Sampler[tuple[int, int]]):
+    """``(epoch, index)`` for each index of ``sampler``, whose ``epoch`` attribute names the
+    epoch being iterated."""
+
+    def __init__(self, sampler: Any) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.sampler.epoch
+        return ((epoch, i) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def _batched(dataset: Any) -> bool:
+    """Whether ``dataset`` loads a batch in one call of its own (``Subset`` only passes the
+    call through to the dataset it wraps)."""
+    if isinstance(dataset, Subset):
+        return _batched(dataset.dataset)
+    return callable(getattr(dataset, "__getitems__", None))
+
+
+class SeededSamples(Dataset):
+    """The script's map-style dataset, called with its random streams seeded per sample.
+
+    It takes the keys :class:`EpochKeys` yields; ``dataset`` is the script's own object.
+    """
+
+    def __init__(self, dataset: Any, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+        self.batched = _batched(dataset)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: Sequence[tuple[int, int]]) -> list[Any]:
+        # DataLoader's fetcher calls this once per batch: in the training process the streams
+        # are saved and restored once per batch, not per sample (numpy's take ~0.2 ms each).
+        if get_worker_info() is not None:
+            return self._load(keys)
+        saved = torch.random.default_generator.get_state(), np.random.get_state(), random.getstate()
+        try:
+            return self._load(keys)
+        finally:
+            torch.random.default_generator.set_state(saved[0])
+            np.random.set_state(saved[1])
+            random.setstate(saved[2])
+
+    def _load(self, keys: Sequence[tuple[int, int]]) -> list[Any]:
+        if self.batched and keys:
+            epoch, first = keys[0]
+            _seed_streams(sample_seed(self.seed, epoch, first))
+            return list(self.dataset.__getitems__([i for _, i in keys]))
+        out = []
+        for epoch, index in keys:
+            _seed_streams(sample_seed(self.seed, epoch, index))
+            out.append(self.dataset[index])
+        return out
