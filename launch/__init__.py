@@ -29,6 +29,14 @@ def notebook_launch(fn: Any, *args: Any, **flags: Any) -> Any:
     return _launch(fn, *args, **flags)
 
 
+def load_weights(url: str, step: int | str | None = None, **options: Any) -> dict[str, Any]:
+    """A trained model's state dict from the checkpoints at ``url``, read-only, wrapper
+    prefixes removed. See :func:`tlaunch.storage.checkpoint.export.load_weights`."""
+    from tlaunch.storage import load_weights as _load
+
+    return _load(url, step, **options)
+
+
 def __getattr__(name: str) -> Any:
     if name == "Stopped":
         from tlaunch.stopping import Stopped
@@ -37,4 +45,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'tlaunch' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "Stopped", "init", "notebook_launch"]
+__all__ = ["__version__", "Stopped", "init", "load_weights", "notebook_launch"]

@@ -46,6 +46,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "KeepEvery": ("tlaunch.storage.checkpoint.retention", "KeepEvery"),
     "KeepBest": ("tlaunch.storage.checkpoint.retention", "KeepBest"),
     "ckpt_main": ("tlaunch.storage.checkpoint.cli", "main"),
+    "load_weights": ("tlaunch.storage.checkpoint.export", "load_weights"),
+    "resolve_step": ("tlaunch.storage.checkpoint.export", "resolve_step"),
     # one writer per checkpoint directory
     "Lease": ("tlaunch.storage.checkpoint.lease", "Lease"),
     "LeaseHeld": ("tlaunch.storage.checkpoint.lease", "LeaseHeld"),

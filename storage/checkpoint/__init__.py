@@ -7,7 +7,8 @@ no more than that module)::
     CheckpointStore        store.py      save, discover "latest", verify, load, quarantine, delete
     AsyncCheckpointWriter  writer.py     two-phase saving: cpu_snapshot, then a background commit
     RetentionPolicy        retention.py  which committed steps to delete (keep last/every/best)
-    ckpt_main              cli.py        ``tlaunch ckpt ls|verify``
+    load_weights           export.py     one model's weights from step N, best or last; read-only
+    ckpt_main              cli.py        ``tlaunch ckpt ls|verify|export``
 
 Beneath them: ``manifest.py`` (what a step directory holds and how it is proven whole),
 ``records.py`` (COMMIT and MANIFEST as read back: parsed field by field, never trusted),

@@ -198,6 +198,11 @@ class CheckpointStore:
     def _reader(self, s: StepDir) -> StepReader:
         return StepReader(self.location, self._retry, self.url, s)
 
+    def step_reader(self, step: int) -> StepReader:
+        """A reader of committed ``step`` that changes nothing: what it proves wrong it raises
+        (CorruptCheckpointError) and the caller reports; nothing is quarantined (export)."""
+        return self._reader(self._require(self._scan()[0], step))
+
     # -- quarantine and fallback ------------------------------------------------------------
 
     def quarantine(self, step: int, reason: str) -> None:

@@ -21,7 +21,7 @@ def ckpt_dir(tmp_path) -> CheckpointStore:
 def test_ls_lists_steps_with_time_size_status_and_metrics(ckpt_dir, capsys):
     assert main(["ls", ckpt_dir.url]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["STEP", "COMMITTED", "(UTC)", "SIZE", "STATUS", "METRICS"]
+    assert lines[0].split() == ["STEP", "COMMITTED", "(UTC)", "SIZE", "STATUS", "TAG", "METRICS"]
     assert [line.split()[0] for line in lines[1:]] == ["100", "200", "300"]
     row = lines[2].split()
     assert row[1].count("-") == 2 and row[2].endswith("Z")  # 2026-01-02 03:04:05Z
