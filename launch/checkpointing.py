@@ -196,7 +196,7 @@ class CheckpointManager:
     def _load_target(self) -> Any:
         """Rank 0 picks the checkpoint (verifying it, quarantining bad ones) and broadcasts its
         step; the other ranks load that step and never rescan to decide."""
-        from tlaunch.storage import CheckpointError, CheckpointStore
+        from tlaunch.storage import CheckpointError, CheckpointStore, resolve_step
 
         config, store = self.config, self.store
         choice = config.resume
@@ -205,7 +205,8 @@ class CheckpointManager:
                 refuse_existing(store, config)
             return None
         source, step = store, None
-        if choice != "auto":
+        named = choice in ("best", "last")  # resolved by rank 0 alone, below
+        if choice != "auto" and not named:
             # [0-9], not \d or isdigit(): those accept other scripts' digits ("٣").
             m = re.fullmatch(r"(?:(.*?)/+)?step-([0-9]+)/?", choice)
             if re.fullmatch("[0-9]+", choice):
@@ -217,6 +218,9 @@ class CheckpointManager:
         try:
             loaded = chosen = None
             if self.is_main:
+                if named:
+                    info = resolve_step(store, choice, monitor=config.monitor, mode=config.mode)
+                    step = info.step
                 loaded = source.load(step) if step is not None else source.load_latest()
                 chosen = None if loaded is None else loaded.info.step
             chosen = self.strategy.broadcast_object(self.accelerator, chosen)

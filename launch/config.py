@@ -270,7 +270,9 @@ class LaunchConfig:
         choices=("stop", "continue"),
     )
     resume: str = _doc(
-        "auto (latest committed checkpoint), never, or a step number or URL.", default="auto"
+        "auto (the latest committed checkpoint that verifies), last (the newest committed one), "
+        "best (by --monitor), never, a step number, or a URL.",
+        default="auto",
     )
     resume_force: bool = _doc(
         "Resume even when hyperparameters changed in ways that break the run.", default=False
@@ -343,6 +345,10 @@ class LaunchConfig:
         if self.keep_best and not self.monitor:
             raise UsageError(
                 self._fix("--keep-best needs the metric to rank by", add="--monitor val_loss")
+            )
+        if self.resume == "best" and not self.monitor:
+            raise UsageError(
+                self._fix("--resume best needs the metric to rank by", add="--monitor val_loss")
             )
         limit = self.limit_train_batches
         if limit is not None and (limit <= 0 or 1 < limit != int(limit)):
