@@ -149,27 +149,42 @@ class MetricsLog:
 
 
 class _Bar:
+    """One epoch's bar. Its postfix (step, the latest logged loss) is refreshed at most
+    ``POSTFIX_HZ`` times a second, the rate a person can read, and once more at the end: reading
+    the loss flushes the metrics (a device sync), which must not happen per step."""
+
+    POSTFIX_HZ = 4
+
     def __init__(self, bar: Any) -> None:
         self._bar = bar
-        self._shown = 0.0
+        self._shown = -1.0
+        self._step: int | None = None
+        self._metrics: MetricsLog | None = None
 
     def update(self, step: int, metrics: MetricsLog) -> None:
         if self._bar is None:
             return
-        self._bar.update(1)
+        self._step, self._metrics = step, metrics
         now = time.monotonic()
-        # Postfix formatting is not free, and reading the loss flushes the metrics: 2 Hz.
-        if now - self._shown > 0.5:
+        if now - self._shown >= 1 / self.POSTFIX_HZ:
             self._shown = now
-            post = {"step": step}
-            latest = metrics.latest()
-            if "loss" in latest:
-                post["loss"] = f"{latest['loss']:.4g}"
-            self._bar.set_postfix(post, refresh=False)
+            self._show(refresh=False)  # drawn with the next update, at tqdm's own rate
+        self._bar.update(1)
+
+    def _show(self, *, refresh: bool) -> None:
+        if self._step is None or self._metrics is None:
+            return
+        post = {"step": self._step}
+        latest = self._metrics.latest()
+        if "loss" in latest:
+            post["loss"] = f"{latest['loss']:.4g}"
+        self._bar.set_postfix(post, refresh=refresh)
 
     def close(self) -> None:
         if self._bar is not None:
+            self._show(refresh=True)  # the bar left on screen shows the epoch's last values
             self._bar.close()
+            self._bar = None
 
 
 class Progress:
