@@ -24,6 +24,18 @@ from tlaunch.contract import CONTROL_DIR_ENV, RUN_ID_ENV, ready_file
 from tlaunch.strategies import DIRECT, ELASTIC, LaunchPlan
 from tlaunch.supervisor import Attempt
 
+#: Put first on the workers' ``PYTHONPATH``: its ``sitecustomize`` ends a process group that a
+#: finished script left open, at exit, and then runs the script's own ``sitecustomize``.
+EXIT_HOOK_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_site")
+
+
+def with_exit_hook(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with :data:`EXIT_HOOK_DIR` first on ``PYTHONPATH`` (once)."""
+    current = env.get("PYTHONPATH", "")
+    if EXIT_HOOK_DIR in current.split(os.pathsep):
+        return env
+    return {**env, "PYTHONPATH": EXIT_HOOK_DIR + (os.pathsep + current if current else "")}
+
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -290,6 +302,7 @@ def build_workers(
     delivery = StopDelivery(
         env[CONTROL_DIR_ENV], plan.nproc_per_node, config.grace, mentions_run_api(config)
     )
+    env = with_exit_hook(env)
     if plan.launcher == DIRECT and config.nnodes == 1:
         return DirectWorkers(command, env, delivery)
     if plan.launcher not in (DIRECT, ELASTIC):

@@ -313,6 +313,56 @@ class Strategy(ABC):
 _GLOO_THREAD = "pt_gloo_runloop"
 
 
+#: The store key every rank adds 1 to when it reaches its exit hook (see end_default_group).
+_AT_EXIT_KEY = "tlaunch/at-exit"
+
+
+def end_default_group(meet_within: float = 5.0, timeout: float = 10.0) -> bool:
+    """End the default process group that a finished script left open, before the interpreter
+    finalizes. Called at exit by the hook tlaunch gives each worker (``tlaunch/_site``).
+
+    The ranks first meet through the group's store (not a collective, which could pair with one
+    a peer is still blocked in): ending the group closes its connections, and a peer still
+    waiting in a collective would then fail and be reported in place of this rank (a script that
+    ``sys.exit(3)``s while the others wait). When all ranks have come to exit, within
+    ``meet_within`` seconds, ``destroy_process_group`` drops the group; when nothing else holds
+    it, gloo's destructor completes the collectives still queued and joins its threads, so every
+    tensor they held is freed now, while a thread may still take the GIL. Either way
+    :func:`_settle_gloo_threads` then lets the threads drop the collectives they just finished.
+    The destroy runs on a helper thread: a collective that never completes costs at most
+    ``timeout`` seconds, and then the exit goes on as before (returns False).
+    """
+    import threading
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        if store.add(_AT_EXIT_KEY, 1) < dist.get_world_size():
+            store.wait([_AT_EXIT_KEY + "/all"], timedelta(seconds=meet_within))
+        else:
+            store.set(_AT_EXIT_KEY + "/all", "1")
+    except Exception:
+        _settle_gloo_threads()  # a peer is busy elsewhere, or gone: keep the group open
+        return True
+    ended = threading.Event()
+
+    def end() -> None:
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            pass  # broken by a peer that died: the exit goes on either way
+        finally:
+            ended.set()
+
+    threading.Thread(target=end, name="tlaunch-end-group", daemon=True).start()
+    if not ended.wait(timeout):
+        return False
+    _settle_gloo_threads()
+    return True
+
+
 def _settle_gloo_threads(timeout: float = 2.0, poll: float = 0.002, quiet_polls: int = 3) -> None:
     """Sleep (without the GIL) until gloo's worker threads have been idle for a few polls.
 

@@ -1,0 +1,74 @@
+"""tlaunch's exit hook, loaded by Python at the start of every worker tlaunch starts.
+
+The launcher puts this folder first on the workers' ``PYTHONPATH``, so Python's ``site`` module
+imports this file as ``sitecustomize``. It registers one ``atexit`` function, then runs the
+``sitecustomize`` that Python would have imported without it (a user's or the environment's,
+found further along ``sys.path``), so that one keeps working.
+
+Why: a script that never destroys its process group (Lightning's ``Trainer``, most torchrun
+scripts) leaves gloo's worker threads to free the collectives they still hold while the
+interpreter shuts down. A thread that needs the GIL for that once finalization has begun is
+ended with ``pthread_exit``, whose unwinding through a ``noexcept`` destructor aborts the process:
+"terminate called without an active exception", SIGABRT, after the script finished. At exit,
+still with a whole interpreter, the hook ends such a group (see
+``tlaunch.strategies.base.end_default_group``).
+
+Importing this costs next to nothing: no torch, no tlaunch. The hook does nothing when
+``torch.distributed`` was never imported, when no gloo group of more than one process is left
+(a single process, a script that ended its group, NCCL), or when an uncaught exception ends the
+process (a crashed rank exits as it did, at once). It never changes the exit code and runs after
+the script's own exit functions. It waits for the other ranks to reach their exit too (at most
+5 s, through the group's store), so that a peer still blocked in a collective is never the one
+reported for this rank's failure.
+"""
+
+import atexit
+import os
+import sys
+
+
+def _group_left_open() -> bool:
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return False
+    return dist.get_world_size() > 1 and str(dist.get_backend()) == "gloo"
+
+
+def _end_group_at_exit() -> None:
+    if getattr(sys, "last_exc", None) is not None or getattr(sys, "last_value", None) is not None:
+        return  # an uncaught exception ends this process: leave its exit as it was
+    if not _group_left_open():
+        return
+    from tlaunch.strategies.base import end_default_group
+
+    timeout = 10.0
+    if not end_default_group(timeout=timeout):
+        print(
+            f"tlaunch: warning: the process group did not end within {timeout:g} s at exit: a "
+            "peer never completed a collective; exiting without ending it",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _run_next_sitecustomize() -> None:
+    """Import the ``sitecustomize`` that this one shadows, under that name, if there is one."""
+    import importlib.machinery
+    import importlib.util
+
+    here = os.path.dirname(os.path.realpath(__file__))
+    rest = [p for p in sys.path if os.path.realpath(p or os.curdir) != here]
+    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", rest)
+    if spec is None or spec.loader is None:
+        return
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["sitecustomize"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["sitecustomize"]  # as a failed import leaves it; site reports the error
+        raise
+
+
+atexit.register(_end_group_at_exit)
+_run_next_sitecustomize()
