@@ -31,7 +31,7 @@ os.environ["USER_SITE"] = str(os.getpid())
 
 
 def test_a_finished_script_with_collectives_in_flight_at_exit_exits_0(tmp_path):
-    # Without the hook rank 0 aborts in its interpreter's teardown (12 of 12 runs here).
+    # Without the hook rank 0 aborts in its interpreter's teardown (16 of 16 runs here).
     script = str(SCRIPTS / "open_group.py")
     out = run_tlaunch("--cpus", "2", script, "in-flight", cwd=tmp_path, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
