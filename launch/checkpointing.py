@@ -37,6 +37,9 @@ from tlaunch.run_io import drive_quota_warning
 
 #: Names of the saved states. The i-th object of a kind past the first is ``<kind>_<i>``.
 MODEL, OPTIMIZER, SCHEDULER, SCALER = "model", "optimizer", "scheduler", "scaler"
+#: The prepared loaders' own states (a stateful sampler or dataset): ``{"ranks": [[state of
+#: loader 0, ...] of rank 0, ...]}``, present only when one of them has a state.
+LOADERS = "loaders"
 
 
 def state_name(kind: str, index: int) -> str:
@@ -64,6 +67,8 @@ class ResumePoint:
     epoch: int = 0
     batch: int = 0
     rng: dict | None = None
+    #: This rank's saved loader states, in the order the loaders were prepared.
+    loaders: list | None = None
     _rng_pending: bool = False
     _batch_pending: bool = False
 
@@ -128,6 +133,7 @@ class CheckpointManager:
             None if config.save_every_minutes is None else config.save_every_minutes * 60
         )
         self._durations_seen = 0
+        self._loaders_restored = 0
 
     # -- where to resume -------------------------------------------------------------------
     def open(self, position: Position, metrics: Any) -> ResumePoint:
@@ -154,7 +160,10 @@ class CheckpointManager:
         position.samples_seen = saved["samples_seen"]
         metrics.replace(dict(saved.get("metrics", {})))
         self.saved_step = position.step
-        point.rng = loaded.rng.get(self.accelerator.process_index)
+        rank = self.accelerator.process_index
+        point.rng = loaded.rng.get(rank)
+        ranks = (loaded.objects.get(LOADERS) or {}).get("ranks", [])
+        point.loaders = ranks[rank] if rank < len(ranks) else None
         if saved["world_size"] != self.world_size:
             self._adapt_world_size(point, saved["world_size"])
         if self.is_main:
@@ -244,6 +253,7 @@ class CheckpointManager:
         # split of the samples already seen in this epoch ends.
         point.batch = (point.batch * old) // new
         point.rng = None  # another rank's stream would be no more exact than a fresh one
+        point.loaders = None  # nor its loader's state: those re-enter by drawing again
         if self.is_main:
             warnings.warn(
                 f"resuming a checkpoint saved with {old} processes on {new}: per-rank random "
@@ -295,8 +305,12 @@ class CheckpointManager:
                 sched.load_state_dict(state)
         if SCALER in loaded.objects:
             self.strategy.load_scaler_state(self.accelerator, loaded.objects[SCALER])
-        for loader in self.states.loaders:
+        states = self.point.loaders or []
+        for i, loader in enumerate(self.states.loaders):
             self._check_loader(loader, loaded)
+            if i < len(states) and states[i] is not None and i >= self._loaders_restored:
+                loader.resume_from(states[i])
+        self._loaders_restored = len(self.states.loaders)
 
     def _same_optimizer(self, i: int, opt: Any, saved_kinds: list[str], step: int) -> bool:
         """Whether the i-th optimizer's saved state can be loaded (same kind of optimizer)."""
@@ -359,15 +373,21 @@ class CheckpointManager:
     # -- saving --------------------------------------------------------------------------------
     def save(self, position: Position, metrics: dict[str, float], *, force: bool = False) -> bool:
         """Commit a checkpoint at ``position`` (every rank calls it). Phase one runs here:
-        state into CPU memory, the ranks' RNG gathered to rank 0, handed to the writer there.
+        state into CPU memory, the ranks' RNG and loader states gathered to rank 0, handed to
+        the writer there.
         Returns whether a save was taken (not when disabled, or already saved at this step
         unless ``force``)."""
         if not self.enabled or (self.saved_step == position.step and not force):
             return False
         started = time.monotonic()
-        rngs = self.strategy.gather_object(self.accelerator, self.strategy.rng_state())
+        mine = (self.strategy.rng_state(), [loader.state_dict() for loader in self.states.loaders])
+        rngs, loader_states = zip(*self.strategy.gather_object(self.accelerator, mine), strict=True)
         if self.is_main:
+            from tlaunch.storage import cpu_snapshot
+
             tensors, objects = self._snapshot()
+            if any(state is not None for states in loader_states for state in states):
+                objects[LOADERS] = cpu_snapshot({"ranks": list(loader_states)})
             state = self._state_record(position, metrics)
             self.writer.submit(
                 position.step,

@@ -5,10 +5,10 @@ process of a unit, a terminal's Ctrl-C reaches the whole foreground process grou
 runs ``pkill``. torch gives each worker a SIGTERM handler that dies unless its parent sent the
 signal, and Python's SIGINT raises in the worker loop; either way the worker is gone, and the
 rank fails on its next batch ("DataLoader worker (pid …) is killed by signal: Terminated")
-before it can save. So every worker blocks SIGTERM, SIGINT and SIGUSR1 and hands them to one
-thread that waits for them: the parent's SIGTERM (how torch and multiprocessing end a worker
-that outlived its loader) still ends it at once, anyone else's is dropped. A worker whose rank
-is gone ends by itself: torch's workers watch their parent.
+before it can save. So every worker ignores SIGINT and SIGUSR1, and blocks SIGTERM and hands it
+to one thread that waits for it: the parent's SIGTERM (how torch and multiprocessing end a
+worker that outlived its loader) still ends it at once, anyone else's is dropped. A worker whose
+rank is gone ends by itself: torch's workers watch their parent.
 
 Where the shield goes up:
 
@@ -16,9 +16,14 @@ Where the shield goes up:
   ``torch.utils.data._utils.signal_handling`` installed when the Run starts
   (:func:`install_worker_hook`): every loader of the rank, prepared or not, torchdata's
   ``StatefulDataLoader`` included, whose workers are forked (Linux's default);
-* in the ``worker_init_fn`` of the loaders ``run.prepare`` builds (:class:`ShieldedInit`),
-  which also covers workers started by ``spawn`` or ``forkserver``; those loaders start their
-  workers with the stop signals blocked (:func:`stops_held`), so none lands before the shield.
+* in the ``worker_init_fn`` of the loaders ``run.prepare`` builds (:class:`ShieldedInit`), for
+  a torch without that function; those loaders start their workers with the stop signals
+  blocked (:func:`stops_held`), so that none lands before the shield.
+
+A forked worker has one thread when its shield goes up, and the block holds for every thread it
+starts later. A worker started by ``spawn`` or ``forkserver`` is shielded from SIGINT and
+SIGUSR1 only: it runs threads of its own before any code of ours, and the kernel may hand a
+SIGTERM to one of them, whose handler is torch's.
 """
 
 from __future__ import annotations
@@ -43,18 +48,23 @@ def shield_this_worker() -> None:
     if _shielded_in == os.getpid() or threading.current_thread() is not threading.main_thread():
         return
     _shielded_in = os.getpid()
-    # Threads started from here on inherit the mask: only the waiter below takes the signals.
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    others = [s for s in STOP_SIGNALS if s != signal.SIGTERM]
+    for s in others:  # no parent sends these: ignored by every thread
+        signal.signal(s, signal.SIG_IGN)
+    # Threads started from here on inherit the mask: only the waiter below takes SIGTERM. (The
+    # others may arrive blocked by stops_held: a blocked signal is kept even when ignored.)
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, others)
     waiter = threading.Thread(
-        target=_drop_stops, args=(os.getppid(),), name="tlaunch-loader-shield", daemon=True
+        target=_drop_sigterm, args=(os.getppid(),), name="tlaunch-loader-shield", daemon=True
     )
     waiter.start()
 
 
-def _drop_stops(parent: int) -> None:
+def _drop_sigterm(parent: int) -> None:
     while True:
-        info = signal.sigwaitinfo(STOP_SIGNALS)
-        if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+        info = signal.sigwaitinfo([signal.SIGTERM])
+        if info.si_pid == parent:
             os._exit(0)  # what torch's own handler does on its parent's SIGTERM
 
 

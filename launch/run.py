@@ -193,21 +193,24 @@ class Run:
             raise ValueError("run.batches(loader) needs a DataLoader returned by run.prepare(...)")
         pos = self.position
         epoch = pos.epoch
-        total = self._batches_per_epoch(resumable)
+        total = self._batches_per_epoch(resumable)  # None: an iterable of unknown length
         start = self.resume.start_batch(epoch)
-        if start:
-            self._maybe_restore_rng(epoch, at_epoch_start=False)
         data_epoch = 0 if self.config.overfit_batches else epoch
-        it = resumable.iterate(data_epoch, start)
+        replay = _ReplayBar(self._progress, epoch, start, pos, self._metrics)
+        it = resumable.iterate(data_epoch, start, replayed=replay.tick)
+        replay.close()
+        if start:  # after a replay: the saved streams already include the replayed batches
+            self._maybe_restore_rng(epoch, at_epoch_start=False)
         K = self.config.grad_accum
         bar = self._progress.bar(total, start, f"epoch {epoch}")
-        for i in range(start, total):
-            batch = next(it, None)
-            if batch is None:
+        for i, (batch, last) in enumerate(it, start):
+            if total is not None and i >= total:
                 break
             window_start = (i // K) * K
-            self._window = min(K, total - window_start)
-            self._sync_now = (i + 1 - window_start) == self._window
+            # A window's size is known where the epoch's length is; elsewhere the last batch
+            # closes a shorter window (scaled like a whole one).
+            self._window = K if total is None else min(K, total - window_start)
+            self._sync_now = (i + 1 - window_start) == self._window or last
             pos.batch_in_epoch = i
             yield self._to_device(batch)
             pos.batch_in_epoch = i + 1
@@ -317,14 +320,20 @@ class Run:
         if rng is not None:
             self.strategy.set_rng_state(rng)
 
-    def _batches_per_epoch(self, resumable: ResumableLoader) -> int:
-        total = len(resumable)
+    def _batches_per_epoch(self, resumable: ResumableLoader) -> int | None:
+        try:
+            total: int | None = len(resumable)
+        except TypeError:  # an IterableDataset without a length
+            total = None
         limit = self.config.limit_train_batches
         if limit is not None:  # above 1: a count of batches; up to 1: a fraction of the epoch
-            total = min(total, int(limit) if limit > 1 else max(1, int(total * limit)))
+            if limit > 1:
+                total = int(limit) if total is None else min(total, int(limit))
+            elif total is not None:
+                total = max(1, int(total * limit))
         for cap in (self.config.fast_dev_run, self.config.overfit_batches):
             if cap:
-                total = min(total, cap)
+                total = cap if total is None else min(total, cap)
         return total
 
     def _done(self) -> bool:
@@ -392,6 +401,26 @@ class _StepGatedScheduler:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.scheduler, name)
+
+
+class _ReplayBar:
+    """The progress of a resumed epoch that draws its skipped batches again: a bar of its own,
+    shown from the first batch drawn."""
+
+    def __init__(self, progress: Progress, epoch: int, count: int, pos: Position, metrics) -> None:
+        self._progress, self._epoch, self._count = progress, epoch, count
+        self._pos, self._metrics = pos, metrics
+        self._bar: Any = None
+
+    def tick(self) -> None:
+        if self._bar is None:
+            desc = f"epoch {self._epoch}: replaying {self._count} batches"
+            self._bar = self._progress.bar(self._count, 0, desc)
+        self._bar.update(self._pos.step, self._metrics)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
 def _batch_len(batch: Any) -> int:

@@ -48,19 +48,59 @@ def _seed_streams(seed: int) -> None:
     random.seed(seed)
 
 
-class EpochKeys(Sampler[tuple[int, int]]):
-    """``(epoch, index)`` for each index of ``sampler``, whose ``epoch`` attribute names the
-    epoch being iterated."""
+#: The torchdata protocol a sampler (or its iterator) offers to have its position saved.
+STATE_METHODS = ("state_dict", "load_state_dict")
 
-    def __init__(self, sampler: Any) -> None:
-        self.sampler = sampler
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.sampler.epoch
-        return ((epoch, i) for i in self.sampler)
+class EpochKeys(Sampler):
+    """``(epoch, index)`` for each index ``sampler`` yields (with ``batches``: a list of keys
+    for each list of indices a batch sampler yields). ``epoch`` is set before each epoch; the
+    first ``skip`` items of the next iteration are drawn from ``sampler`` and dropped.
+
+    ``state_dict``/``load_state_dict`` of the sampler and of its iterator pass through, so that
+    torchdata's ``StatefulDataLoader`` saves and restores them as it would without the keys.
+    """
+
+    def __init__(self, sampler: Any, *, batches: bool = False) -> None:
+        self.sampler, self.batches = sampler, batches
+        self.epoch = 0
+        self.skip = 0
+
+    def __iter__(self) -> Iterator:
+        keys = _Keys(iter(self.sampler), self.epoch, self.batches)
+        for _ in range(self.skip):
+            next(keys.indices, None)
+        self.skip = 0
+        return keys
 
     def __len__(self) -> int:
         return len(self.sampler)
+
+    def __getattr__(self, name: str) -> Any:
+        return _passed_through(self, "sampler", name)
+
+
+class _Keys:
+    """The iterator of :class:`EpochKeys`."""
+
+    def __init__(self, indices: Iterator, epoch: int, batches: bool) -> None:
+        self.indices, self.epoch, self.batches = indices, epoch, batches
+
+    def __iter__(self) -> _Keys:
+        return self
+
+    def __next__(self) -> Any:
+        item = next(self.indices)
+        return [(self.epoch, i) for i in item] if self.batches else (self.epoch, item)
+
+    def __getattr__(self, name: str) -> Any:
+        return _passed_through(self, "indices", name)
+
+
+def _passed_through(wrapper: Any, inner: str, name: str) -> Any:
+    if name in STATE_METHODS and inner in wrapper.__dict__:
+        return getattr(wrapper.__dict__[inner], name)
+    raise AttributeError(name)
 
 
 def _batched(dataset: Any) -> bool:

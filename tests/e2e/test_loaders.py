@@ -70,11 +70,12 @@ def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("references")
     done: dict[tuple, dict[str, torch.Tensor]] = {}
 
-    def run(cpus: str, workers: str = "0", persistent: bool = False):
-        key = (cpus, workers, persistent)
+    def run(cpus: str, workers: str = "0", persistent: bool = False, data: str = "images"):
+        key = (cpus, workers, persistent, data)
         if key not in done:
-            out = str(root / f"ref-{cpus}-{workers}-{persistent}.pt")
-            code, stderr = launch(root, cpus, "--out", out, *loader_args(workers, persistent))
+            out = str(root / f"ref-{'-'.join(map(str, key))}.pt")
+            args = ["--out", out, "--data", data, *loader_args(workers, persistent)]
+            code, stderr = launch(root, cpus, *args)
             assert code == 0, stderr[-3000:]
             done[key] = torch.load(out, weights_only=True)
         return done[key]
@@ -118,5 +119,25 @@ def test_a_stopped_run_resumed_with_other_loader_workers_ends_bitwise_equal(
         tmp_path, cpus, "--out", out, *loader_args(*resume_with), ckpt=ckpt, plain=plain
     )
     assert code == 0, stderr[-3000:]
+    assert "resuming from step" in stderr
+    assert_bitwise_equal(expected, torch.load(out, weights_only=True))
+
+
+@pytest.mark.parametrize("data, warned", [("stream", False), ("plain-stream", True)])
+def test_a_stream_resumes_from_its_state_or_by_the_replay_it_warned_of(
+    tmp_path, reference, data, warned
+):
+    # An IterableDataset of unknown length split between 2 workers; "stream" has torchdata's
+    # state_dict and goes through StatefulDataLoader, "plain-stream" has none. Same data.
+    expected = reference("1", "2", data="stream")
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "final.pt")
+    args = ["--out", out, "--data", data, "--workers", "2"]
+    stop = ["--signal-at-batch", "7"]  # inside an accumulation window
+    code, stderr = launch(tmp_path, "1", *args, *stop, ckpt=ckpt)
+    assert code == 75, stderr[-3000:]
+    assert stderr.count("cannot resume from a saved state") == (1 if warned else 0)
+    code, stderr = launch(tmp_path, "1", *args, ckpt=ckpt)
+    assert code == 0, stderr[-3000:]
+    assert stderr.count("cannot resume from a saved state") == (1 if warned else 0)
     assert "resuming from step" in stderr
     assert_bitwise_equal(expected, torch.load(out, weights_only=True))

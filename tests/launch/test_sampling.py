@@ -3,6 +3,7 @@ resumed epoch yields exactly the tail of the whole one, worker seeds included.""
 
 from __future__ import annotations
 
+import io
 import math
 import random
 import warnings
@@ -11,7 +12,14 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    IterableDataset,
+    Sampler,
+    Subset,
+)
 
 from tlaunch import sampling
 from tlaunch.sampling import ResumableLoader, ResumableSampler
@@ -49,9 +57,13 @@ class WorkerSeeds(Indices):
 
 
 def batches(iterator) -> list:
-    return [
-        b.tolist() if isinstance(b, torch.Tensor) else [t.tolist() for t in b] for b in iterator
-    ]
+    """The batches of ``ResumableLoader.iterate`` (which pairs each with ``last``) or of a
+    plain loader, as lists."""
+    out = []
+    for item in iterator:
+        b = item[0] if isinstance(item, tuple) and isinstance(item[1], bool) else item
+        out.append(b.tolist() if isinstance(b, torch.Tensor) else [t.tolist() for t in b])
+    return out
 
 
 # -- ResumableSampler -------------------------------------------------------------------------
@@ -240,7 +252,7 @@ class BatchedAugmented(Augmented):
 
 def by_index(iterator) -> dict[int, list[float]]:
     """Each loaded sample's draws, by sample index."""
-    return {int(row[0]): row[1:].tolist() for batch in iterator for row in batch}
+    return {int(row[0]): row[1:].tolist() for batch, _ in iterator for row in batch}
 
 
 @pytest.mark.timeout(120)
@@ -319,23 +331,188 @@ class EveryOther(Sampler[int]):
         return self.size
 
 
-def test_a_custom_sampler_warns_once_and_replays_the_skipped_batches():
-    data, sampler = Indices(20), EveryOther(20)
+def caught_warnings(build):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        loader = ResumableLoader(
+        result = build()
+    return result, [str(w.message) for w in caught if "cannot resume" in str(w.message)]
+
+
+def test_a_custom_sampler_without_state_warns_once_and_draws_only_its_indices_again():
+    data, sampler = Indices(20), EveryOther(20)
+    loader, said = caught_warnings(
+        lambda: ResumableLoader(
             DataLoader(data, batch_size=4, sampler=sampler), seed=11, rank=0, world=1
         )
-        whole = batches(loader.iterate(0))
-        data.loaded.clear()
-        tail = batches(loader.iterate(1, 3))
-    assert [str(w.message) for w in caught if "custom sampler" in str(w.message)] == [
-        "this DataLoader has a custom sampler: a resumed run replays the skipped batches "
-        "through it, and resume is exact only if its order is deterministic"
+    )
+    assert said == [
+        "the DataLoader over Indices with the sampler EveryOther cannot resume from a saved "
+        "state (it has no state_dict/load_state_dict (torchdata's protocol)): a resumed epoch "
+        "draws the skipped batches' indices again from its sampler (no sample is loaded), and "
+        "is exact only if that sampler's order is deterministic"
     ]
-    assert loader.sampler is None
+    whole = batches(loader.iterate(0))
     assert whole[0] == [0, 2, 4, 6]
-    assert tail == whole[3:]
-    assert sampler.epochs == [0, 1]
-    # Replayed: the skipped batches were loaded, then dropped.
-    assert data.loaded == [i for b in whole for i in b]
+    data.loaded.clear()
+    assert batches(loader.iterate(0, 3)) == whole[3:]
+    assert data.loaded == [i for b in whole[3:] for i in b], "the skipped samples were not loaded"
+    assert sampler.epochs == [0, 0]
+    _, said_again = caught_warnings(lambda: loader.iterate(1, 2))
+    assert said_again == [], "once, at start"
+
+
+class ResumingSampler(Sampler[int]):
+    """A sampler of a script's own with torchdata's protocol: a permutation from (seed, epoch),
+    resumed from the number of indices it had yielded. Records what it draws."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.epoch, self.yielded, self._resume_at = size, 0, 0, 0
+        self.drawn: list[int] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.epoch))
+        start, self._resume_at = self._resume_at, 0
+        self.yielded = start
+        for i in order.tolist()[start:]:
+            self.yielded += 1
+            self.drawn.append(i)
+            yield i
+
+    def __len__(self) -> int:
+        return self.size
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "yielded": self.yielded}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self._resume_at = state["epoch"], state["yielded"]
+
+
+class Stream(IterableDataset):
+    """Items 0..n-1 split between the workers, each with a draw seeded from (item, epoch); its
+    state is the position in this worker's share. Counts the items it generates."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.epoch, self.pos, self.generated = size, 0, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        mine = range(worker, self.size, workers)
+        while self.pos < len(mine):
+            item = mine[self.pos]
+            self.pos += 1
+            self.generated += 1
+            g = torch.Generator().manual_seed(item * 1000 + self.epoch)
+            yield torch.tensor([float(item), torch.rand((), generator=g).item()])
+        self.pos = 0
+
+
+class StatefulStream(Stream):
+    def state_dict(self) -> dict:
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos = state["pos"]
+
+
+def saved(state):
+    """``state`` as a checkpoint gives it back: through torch.save, loaded weights-only."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def stop_after(resumable: ResumableLoader, epoch: int, count: int) -> tuple[list, object]:
+    """The first ``count`` batches of ``epoch``, and the loader state a save then would keep."""
+    it = resumable.iterate(epoch)
+    head = batches(next(it) for _ in range(count))
+    return head, saved(resumable.state_dict())
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_sampler_with_state_resumes_from_it_without_drawing_again(workers):
+    def build(sampler):
+        timeout = 60 if workers else 0
+        loader = DataLoader(
+            Augmented(24), batch_size=4, sampler=sampler, num_workers=workers, timeout=timeout
+        )
+        return ResumableLoader(loader, seed=11, rank=0, world=1)
+
+    whole = batches(build(ResumingSampler(24)).iterate(1))
+    first = build(ResumingSampler(24))
+    assert first.mode == sampling.BY_STATE
+    head, state = stop_after(first, 1, 3)  # workers have prefetched past these 3
+    assert head == whole[:3]
+    sampler = ResumingSampler(24)
+    resumed = build(sampler)
+    resumed.resume_from(state)
+    assert batches(resumed.iterate(1, 3)) == whole[3:]  # draws included: seeded per sample
+    assert sampler.drawn == [int(row[0]) for b in whole[3:] for row in b]
+    fresh = build(ResumingSampler(24))
+    assert batches(resumed.iterate(2)) == batches(fresh.iterate(2))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_iterable_dataset_resumes_through_stateful_dataloader_without_replaying(workers):
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def build(stream, cls=DataLoader):
+        loader = cls(stream, batch_size=3, num_workers=workers, timeout=60 if workers else 0)
+        return ResumableLoader(loader, seed=11, rank=0, world=1)
+
+    reference = build(StatefulStream(24))
+    pairs = list(reference.iterate(1))
+    whole = batches(pairs)
+    assert [last for _, last in pairs] == [False] * 7 + [True], "the last batch is known"
+    with pytest.raises(TypeError):
+        len(reference)  # no length: the epoch ends where the data does
+    following = batches(reference.iterate(2))
+    head, state = stop_after(build(StatefulStream(24), StatefulDataLoader), 1, 5)
+    assert head == whole[:5]
+    stream = StatefulStream(24)
+    resumed = build(stream, StatefulDataLoader)
+    resumed.resume_from(state)
+    assert batches(resumed.iterate(1, 5)) == whole[5:]
+    if not workers:
+        assert stream.generated == 9, "the first 15 items were not generated again"
+    # Saved at the end of the epoch: the next epoch starts whole.
+    at_end = build(StatefulStream(24))
+    list(at_end.iterate(1))
+    again = build(StatefulStream(24))
+    again.resume_from(saved(at_end.state_dict()))
+    assert batches(again.iterate(2)) == following
+
+
+def test_an_iterable_without_state_warns_once_and_replays_its_batches():
+    stream = Stream(24)
+    loader, said = caught_warnings(
+        lambda: ResumableLoader(DataLoader(stream, batch_size=3), seed=11, rank=0, world=1)
+    )
+    assert said == [
+        "the DataLoader over Stream (an IterableDataset) cannot resume from a saved state (it "
+        "has no state_dict/load_state_dict (torchdata's protocol)): a resumed epoch draws the "
+        "skipped batches again from the dataset (loading them)"
+    ]
+    whole = batches(loader.iterate(1))
+    ticks: list[int] = []
+    tail = batches(loader.iterate(1, 5, replayed=lambda: ticks.append(1)))
+    assert tail == whole[5:] and len(ticks) == 5
+
+
+def test_without_torchdata_a_stateful_sampler_is_replayed_with_the_install_hint(monkeypatch):
+    monkeypatch.setattr(sampling, "_stateful_loader_class", lambda: None)
+    loader = DataLoader(Indices(20), batch_size=4, sampler=ResumingSampler(20))
+    resumable, said = caught_warnings(lambda: ResumableLoader(loader, seed=1, rank=0, world=1))
+    assert resumable.mode == sampling.BY_REPLAY
+    assert len(said) == 1 and "pip install 'tlaunch[data]'" in said[0]
+    assert caught_warnings(lambda: ResumableLoader(loader, seed=1, rank=1, world=2))[1] == []

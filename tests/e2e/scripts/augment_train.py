@@ -19,12 +19,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 import tlaunch
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
+parser.add_argument("--data", choices=("images", "stream", "plain-stream"), default="images")
 parser.add_argument("--workers", type=int, default=0)
 parser.add_argument("--persistent", action="store_true")
 parser.add_argument("--epochs", type=int, default=2)
@@ -77,6 +78,38 @@ class Images(Dataset):
         return torch.from_numpy(img.astype(np.float32)), self.labels[i]
 
 
+class ImageStream(IterableDataset):
+    """The same images as a stream without a length, split between the loader's workers; each
+    item's crop, flip and noise seeded from (item, epoch) by the stream itself."""
+
+    def __init__(self, images: Images) -> None:
+        self.images, self.epoch, self.pos = images, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        info = get_worker_info()
+        mine = range(info.id, len(self.images), info.num_workers)
+        while self.pos < len(mine):
+            item = mine[self.pos]
+            self.pos += 1
+            seed = item * 7919 + self.epoch
+            torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
+            yield self.images[item]
+        self.pos = 0
+
+
+class StatefulImageStream(ImageStream):
+    """torchdata's protocol: the position in this worker's share."""
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos = state["pos"]
+
+
 def build_model() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
@@ -116,14 +149,25 @@ run = tlaunch.init(hparams={"batch_size": args.batch_size})
 data = Images(args.samples)
 model = build_model()
 optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-loader = DataLoader(
-    data,
-    batch_size=args.batch_size,
-    shuffle=True,
-    num_workers=args.workers,
-    persistent_workers=args.persistent,
-    timeout=120 if args.workers else 0,
-)
+if args.data == "images":
+    loader = DataLoader(
+        data,
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.workers,
+        persistent_workers=args.persistent,
+        timeout=120 if args.workers else 0,
+    )
+else:  # streams are split between workers: they need some
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    stateful = args.data == "stream"
+    loader = (StatefulDataLoader if stateful else DataLoader)(
+        (StatefulImageStream if stateful else ImageStream)(data),
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        timeout=120,
+    )
 model, optimizer, loader = run.prepare(model, optimizer, loader)
 
 micro = run.step * run.config.grad_accum  # exact at window boundaries, where resumes happen
