@@ -185,10 +185,11 @@ def test_gce_preemption_notice_stops_the_run_without_any_signal(tmp_path, ref_ro
 def test_time_limit_stops_with_a_checkpoint_before_the_deadline(tmp_path, ref_root):
     expected = reference(ref_root, FLAGS[:4])
     ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "final.pt")
-    # Slow steps so the limit lands mid-run whatever the machine's speed.
+    # Slow steps so the limit lands mid-run whatever the machine's speed: 36 steps of 1.5 s
+    # outlast 40 s even when starting two workers takes half of it on a loaded machine.
     result = run_tlaunch(
-        SCRIPT, *FLAGS, "--checkpoint-dir", ckpt, "--time-limit", "15s", "--", "--out", out,
-        cwd=tmp_path, timeout=200, RESUME_TEST_STEP_DELAY="0.5",
+        SCRIPT, *FLAGS, "--checkpoint-dir", ckpt, "--time-limit", "40s", "--", "--out", out,
+        cwd=tmp_path, timeout=200, RESUME_TEST_STEP_DELAY="1.5",
     )  # fmt: skip
     assert result.returncode == 75, result.stderr[-3000:]
     assert "--time-limit reached" not in result.stderr, (
