@@ -19,9 +19,8 @@ import sys
 
 import pytest
 import torch
-from helpers import SCRIPTS, clean_env, tlaunch_cmd, wait_for
+from helpers import SCRIPTS, clean_env, processes_mentioning, tlaunch_cmd, wait_for
 
-from tests.e2e.test_preemption import processes_mentioning
 from tests.e2e.test_resume import assert_bitwise_equal
 
 pytestmark = pytest.mark.timeout(300)
