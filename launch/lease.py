@@ -124,6 +124,8 @@ def _takeover_note(url: str, replaced: Any, takeover: bool) -> str:
     now = time.time()
     if replaced.stale(now):
         why = f"its lease expired {now - replaced.expires:.0f} s ago (the run died without releasing it)"
+    elif replaced.abandoned():
+        why = "its process is gone (it was killed without releasing the lease)"
     else:
         why = "--takeover; if that run still runs, its next checkpoint save will fail"
     return f"warning: taking over the lease on {redact(url)} from {replaced.owner}: {why}"

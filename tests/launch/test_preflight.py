@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -176,6 +178,19 @@ class TestLease:
         token = marker.read_text()
         assert token and token != dead.token, "the workers got the new lease's token"
         assert Lease(ckpt).read() is None, "released at exit"
+
+    def test_an_abandoned_lease_is_taken_with_a_warning_saying_its_owner_is_gone(
+        self, tmp_path, script, marker, capsys
+    ):
+        # A launcher killed with SIGKILL leaves its lease, naming this host and a dead pid.
+        ckpt = str(tmp_path / "ckpt")
+        take = f"from tlaunch.storage import Lease; Lease({ckpt!r}).acquire()"
+        subprocess.run([sys.executable, "-c", take], check=True, timeout=60)
+        code = launch(LaunchConfig(script=script, cpus=1, checkpoint_dir=ckpt))
+        assert code == 0 and marker.exists()
+        (line,) = [x for x in capsys.readouterr().err.splitlines() if "taking over" in x]
+        assert "process is gone" in line
+        assert "--takeover" not in line, "no --takeover was given"
 
     def test_takeover_replaces_a_live_lease(self, tmp_path, script, marker, capsys):
         ckpt = str(tmp_path / "ckpt")
