@@ -247,9 +247,12 @@ class ResumableLoader:
         """``(batch, last)`` for this epoch's batches from ``start_batch`` on; ``last`` is True
         on a batch known to be the epoch's final one. Skipped batches are not loaded, except
         that ``BY_REPLAY`` draws an IterableDataset's again (calling ``replayed`` after each)."""
-        for owner in (self.original.dataset, self.original.sampler):
-            if self.mode != BY_INDEX and hasattr(owner, "set_epoch"):
-                owner.set_epoch(epoch)
+        loader = self.original
+        if self.mode != BY_INDEX:  # the script's own sampler, batch sampler or stream
+            owners = {id(o): o for o in (loader.dataset, loader.sampler, loader.batch_sampler)}
+            for owner in owners.values():
+                if hasattr(owner, "set_epoch"):
+                    owner.set_epoch(epoch)
         if self.keys is not None:
             self.keys.epoch = epoch
         self.generator.manual_seed(_mix(self.seed, epoch) ^ 0x5EED)

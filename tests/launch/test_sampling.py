@@ -516,3 +516,33 @@ def test_without_torchdata_a_stateful_sampler_is_replayed_with_the_install_hint(
     assert resumable.mode == sampling.BY_REPLAY
     assert len(said) == 1 and "pip install 'tlaunch[data]'" in said[0]
     assert caught_warnings(lambda: ResumableLoader(loader, seed=1, rank=1, world=2))[1] == []
+
+
+class PairBatches(Sampler[list[int]]):
+    """A batch sampler of a script's own: pairs of neighbours, in an order set by the epoch."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.epochs = size, []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs.append(epoch)
+
+    def __iter__(self):
+        pairs = [[i, i + 1] for i in range(0, self.size, 2)]
+        shift = self.epochs[-1] % len(pairs) if self.epochs else 0
+        return iter(pairs[shift:] + pairs[:shift])
+
+    def __len__(self) -> int:
+        return self.size // 2
+
+
+def test_a_batch_sampler_of_its_own_gets_its_epoch_and_draws_only_indices_again():
+    data, batch_sampler = Indices(12), PairBatches(12)
+    plain = DataLoader(data, batch_sampler=batch_sampler)
+    loader, said = caught_warnings(lambda: ResumableLoader(plain, seed=1, rank=0, world=1))
+    assert len(said) == 1 and "with the sampler PairBatches" in said[0]
+    whole = batches(loader.iterate(2))
+    assert whole[0] == [4, 5] and batch_sampler.epochs == [2]
+    data.loaded.clear()
+    assert batches(loader.iterate(2, 4)) == whole[4:]
+    assert data.loaded == [i for b in whole[4:] for i in b]
