@@ -1,11 +1,19 @@
-"""Running the real launcher as a subprocess, with hard timeouts."""
+"""Running the real launcher as a subprocess, with hard timeouts; a loopback GCE metadata server.
+
+Importable as ``tests.e2e.helpers`` too: ``benchmarks/faults.py`` sends its notices through
+:func:`gce_metadata` and finds a launch's workers with :func:`processes_mentioning`.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -58,3 +66,54 @@ def wait_for(predicate, timeout: float, what: str) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if text.encode() in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+class _Metadata(http.server.BaseHTTPRequestHandler):
+    """Speaks the GCE metadata protocol for the two paths tlaunch polls."""
+
+    preempted = threading.Event()
+
+    def do_GET(self):  # noqa: N802
+        if self.headers.get("Metadata-Flavor") != "Google":
+            self.send_error(403, "Missing Metadata-Flavor:Google header")
+            return
+        if self.path.endswith("/instance/preempted"):
+            body = b"TRUE" if self.preempted.is_set() else b"FALSE"
+        elif self.path.endswith("/instance/maintenance-event"):
+            body = b"NONE"
+        else:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Metadata-Flavor", "Google")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def gce_metadata() -> Iterator[tuple[str, threading.Event]]:
+    """A loopback GCE metadata server: (its base URL, the event that turns preemption on)."""
+    handler = type("H", (_Metadata,), {"preempted": threading.Event()})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/computeMetadata/v1", handler.preempted
+    finally:
+        server.shutdown()

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
-import http.server
 import os
 import random
 import signal
 import subprocess
 import threading
-from collections.abc import Iterator
 
 import pytest
 import torch
-from helpers import SCRIPTS, clean_env, run_tlaunch, tlaunch_cmd, wait_for
+from helpers import (
+    SCRIPTS,
+    clean_env,
+    gce_metadata,
+    processes_mentioning,
+    run_tlaunch,
+    tlaunch_cmd,
+    wait_for,
+)
 
 from tests.e2e.test_resume import assert_bitwise_equal, reference
 
@@ -103,60 +108,9 @@ def test_a_stop_file_seen_by_one_rank_stops_every_rank_at_the_same_step(tmp_path
     finish_and_compare(tmp_path, ckpt, out, expected)
 
 
-def processes_mentioning(text: str) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if text.encode() in f.read():
-                        pids.append(int(entry))
-            except OSError:
-                continue
-    return pids
-
-
 def trained(out: str) -> bool:
     """The script marks its first training step next to its output file."""
     return os.path.exists(out + ".started")
-
-
-class _Metadata(http.server.BaseHTTPRequestHandler):
-    """Speaks the GCE metadata protocol for the two paths tlaunch polls."""
-
-    preempted = threading.Event()
-
-    def do_GET(self):  # noqa: N802
-        if self.headers.get("Metadata-Flavor") != "Google":
-            self.send_error(403, "Missing Metadata-Flavor:Google header")
-            return
-        if self.path.endswith("/instance/preempted"):
-            body = b"TRUE" if self.preempted.is_set() else b"FALSE"
-        elif self.path.endswith("/instance/maintenance-event"):
-            body = b"NONE"
-        else:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Metadata-Flavor", "Google")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-@contextlib.contextmanager
-def gce_metadata() -> Iterator[tuple[str, threading.Event]]:
-    """A loopback GCE metadata server: (its base URL, the event that turns preemption on)."""
-    handler = type("H", (_Metadata,), {"preempted": threading.Event()})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/computeMetadata/v1", handler.preempted
-    finally:
-        server.shutdown()
 
 
 def start_watched(where, ckpt: str, out: str, url: str, step_delay: str) -> subprocess.Popen:
