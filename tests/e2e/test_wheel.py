@@ -33,6 +33,8 @@ NOT_SOURCE = shutil.ignore_patterns(
 )
 
 TRAIN = """\
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -51,7 +53,11 @@ for _ in run.epochs(2):
         opt.step()
         opt.zero_grad()
 run.finish()
-print(f"RESULT rank={run.rank} world={run.world_size} step={run.step} tlaunch={tlaunch.__file__}")
+# One write per line: both ranks share the launcher's stdout, and print() writes the text and
+# its newline separately, so two ranks' lines could run together.
+sys.stdout.write(
+    f"RESULT rank={run.rank} world={run.world_size} step={run.step} tlaunch={tlaunch.__file__}\\n"
+)
 """
 # 64 samples / 2 ranks / batch 8 = 4 steps an epoch, 8 in all; --save-every 3 commits 3, 6, 8.
 COMMITTED = (3, 6, 8)
