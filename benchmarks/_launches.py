@@ -235,16 +235,21 @@ def signal_everyone(job: Job, launcher: int, sig: int) -> None:
     """``sig`` to the launcher's group and to every worker of the job (each in a session of
     its own), as a machine's shutdown sends it."""
     signal_group(launcher, sig)
-    for pid in processes_mentioning(job.out):
+    for pid in job_processes(job):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
+
+
+def job_processes(job: Job) -> list[int]:
+    """The job's processes: those whose command line names its output file (never this one)."""
+    return [pid for pid in processes_mentioning(job.out) if pid != os.getpid()]
 
 
 def reap_strays(job: Job) -> int:
     """Wait for the job's workers to be gone once its launchers are; kill and count those
     still alive after STRAY_WAIT."""
     deadline = time.monotonic() + STRAY_WAIT
-    while (strays := processes_mentioning(job.out)) and time.monotonic() < deadline:
+    while (strays := job_processes(job)) and time.monotonic() < deadline:
         time.sleep(0.1)
     for pid in strays:
         with contextlib.suppress(ProcessLookupError):

@@ -47,11 +47,11 @@ Measured, and their targets:
   committed checkpoint, are ``torch.equal`` to the reference's, tensor by tensor (target: all).
 * **committed steps lost** (target 0): optimizer steps of training that had been committed
   and had to be done again, or were gone. Before each launch the campaign reads the newest
-  committed step whose bytes verify, N (a step it damaged itself does not verify). That
-  launch loses N - R steps if it starts training from step R < N (the job prints its first
-  step), and peak - M if, while it runs or once it ended, the newest committed step M falls
-  below the highest seen since it started (peak >= N): retention deleting too much, a
-  commit vanishing. The directory is listed every 0.05 s.
+  committed step whose bytes verify, N (a step it damaged itself does not verify). A launch
+  loses the larger of N - R, when it starts training from step R < N (the job prints its
+  first step), and peak - M, when, while it runs or once it ended, the newest committed step
+  M falls below the highest seen since it started (peak >= N): retention deleting too much,
+  a commit vanishing. The directory is listed every 0.05 s.
 * **unverifiable checkpoints left** (target 0): committed steps at the end whose bytes fail
   ``CheckpointStore.verify`` (what ``tlaunch ckpt verify`` runs) and that are not quarantined,
   so that a later run would trust them. Steps quarantined because the campaign damaged them
@@ -444,9 +444,12 @@ def main() -> None:
         f"--cpus {n}: {startup[n]:.1f} s start-up + {training[n]:.1f} s for {total_steps(n)} steps"
         for n in (1, 2)
     )
-    print(f"faults: seed {args.seed}, {args.runs} runs; uninterrupted launch {shown}", flush=True)
+    indices = args.only or range(args.runs)
+    print(
+        f"faults: seed {args.seed}, {len(indices)} runs; uninterrupted launch {shown}", flush=True
+    )
     verdicts = []
-    for index in args.only or range(args.runs):
+    for index in indices:
         plan = make_plan(args.seed, index, startup, args.error_rate)
         started = time.monotonic()
         verdicts.append(
