@@ -38,6 +38,8 @@ few ``ACCELERATE_*`` / ``PJRT_DEVICE`` variables the chosen strategy's plan name
 ``TLAUNCH_LEASE_TOKEN``   the token of the lease the launcher holds on ``--checkpoint-dir``
                           (``LEASE.json`` there); rank 0 commits only while the lease still
                           names it. Absent: rank 0 takes the lease itself (plain ``python``)
+``TLAUNCH_LAUNCHER_PID``  the launcher's pid: a worker whose parent is no longer it (the launcher
+                          was killed while the worker started) leaves at once
 ``TLAUNCH_DEFAULT_CHECKPOINT_DIR``
                           where a Run API script saves when no ``--checkpoint-dir`` was given
                           (:func:`tlaunch.config.default_checkpoint_dir`); a keyword to
@@ -97,6 +99,7 @@ DATA_DIR_ENV = "TLAUNCH_DATA_DIR"
 DATA_DIRS_ENV = "TLAUNCH_DATA_DIRS"
 LEASE_TOKEN_ENV = "TLAUNCH_LEASE_TOKEN"
 DEFAULT_CHECKPOINT_DIR_ENV = "TLAUNCH_DEFAULT_CHECKPOINT_DIR"
+LAUNCHER_PID_ENV = "TLAUNCH_LAUNCHER_PID"
 
 # -- set by users and tests ------------------------------------------------------------------
 RUN_ID_ENV = "TLAUNCH_RUN_ID"

@@ -29,6 +29,7 @@ from tlaunch.contract import (
     EXIT_USAGE,
     LAUNCH_DIR_ENV,
     LAUNCHER_LOG,
+    LAUNCHER_PID_ENV,
     LEASE_TOKEN_ENV,
     START_TIME_ENV,
 )
@@ -74,6 +75,7 @@ def worker_env(
     env[LAUNCH_DIR_ENV] = run_dir
     env[CONTROL_DIR_ENV] = control_dir
     env.setdefault(START_TIME_ENV, str(time.time()))
+    env[LAUNCHER_PID_ENV] = str(os.getpid())  # the workers' parent (direct, elastic or forked)
     env.pop(LEASE_TOKEN_ENV, None)  # only this launch's own lease (Preflight.worker_env)
     env.pop(DEFAULT_CHECKPOINT_DIR_ENV, None)
     if config.checkpoint_dir is None:  # a Run API script saves here (Run API scripts only)

@@ -33,6 +33,7 @@ from tlaunch.contract import (
     CONTROL_DIR_ENV,
     EXIT_FAILED,
     EXIT_PREEMPTED,
+    LAUNCHER_PID_ENV,
     PREEMPTED_REPORT,
     START_TIME_ENV,
     STOP_FILE,
@@ -252,7 +253,9 @@ def _die_with_launcher() -> None:
         return
     import ctypes
 
-    parent = os.getppid()
+    # The launcher's pid, not getppid(): a launcher killed while this worker still imported
+    # torch has already left it to the reaper, whose pid getppid() would return.
+    parent = int(os.environ.get(LAUNCHER_PID_ENV) or os.getppid())
     PR_SET_PDEATHSIG = 1
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

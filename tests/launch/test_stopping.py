@@ -93,3 +93,33 @@ def test_a_lost_lease_ends_the_run_even_with_on_save_error_continue(capsys):
     assert exit.value.code == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("tlaunch: error:") and "this run stops" in line
+
+
+def test_a_worker_whose_launcher_died_while_it_started_leaves_at_once(tmp_path):
+    # The launcher was SIGKILLed while this worker imported torch: the worker's parent is
+    # already the reaper when it asks to die with its launcher, and must leave instead of
+    # training on (and committing) as an orphan.
+    import os
+    import subprocess
+    import sys
+
+    from tlaunch.contract import LAUNCHER_PID_ENV
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    code = (
+        "from tlaunch.stopping import _die_with_launcher\n"
+        "_die_with_launcher()\n"
+        "print('trained on')\n"
+    )
+    env = {**os.environ, LAUNCHER_PID_ENV: str(gone.pid)}
+    orphan = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert orphan.returncode == 1 and "trained on" not in orphan.stdout
+    # With its launcher alive (here: this test process), the same worker carries on.
+    env[LAUNCHER_PID_ENV] = str(os.getpid())
+    alive = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert alive.returncode == 0 and "trained on" in alive.stdout
