@@ -1,6 +1,6 @@
 """A worker that outlives its launcher: before ``tlaunch.init()`` it waits until its launcher is
-gone (the test SIGKILLs it), so nothing ties it to that launcher's death any more; then it
-trains slowly, saving every step, as an orphan would.
+gone (the test SIGKILLs it) and forgets its launcher's pid, so nothing ties it to that
+launcher's death any more; then it trains slowly, saving every step, as an orphan would.
 
 argv: MARKER -- written (with this process's pid) once the script runs.
 """
@@ -24,6 +24,12 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import tlaunch  # noqa: E402
+from tlaunch.contract import LAUNCHER_PID_ENV  # noqa: E402
+
+# A worker started after its launcher died leaves at init (tests/launch/test_stopping.py); this
+# one stands for an orphan nothing ties to its launcher (another machine's, say), which only
+# the lease's fence can stop.
+os.environ.pop(LAUNCHER_PID_ENV, None)
 
 run = tlaunch.init()
 model = torch.nn.Linear(2, 1)
