@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import queue
 import time
 from dataclasses import dataclass, field
 
 from jupyter_client.manager import KernelManager
+
+# A kernel starts with a launch's clean environment: no TLAUNCH_, ACCELERATE_ or rank variables.
+from tests.e2e.helpers import clean_env as kernel_env  # noqa: F401
 
 
 @dataclass
@@ -71,11 +73,3 @@ class Kernel:
     def close(self) -> None:
         self.kc.stop_channels()
         self.km.shutdown_kernel(now=True)
-
-
-def kernel_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TLAUNCH_", "ACCELERATE_"))}
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    env.update(extra)
-    return env
