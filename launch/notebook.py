@@ -307,10 +307,10 @@ def _default_checkpoint_dir(fn: Callable[..., Any], args: tuple) -> str:
 
 
 def _latest_step(config: LaunchConfig, fn: Callable[..., Any], args: tuple) -> int | None:
-    url = config.checkpoint_dir
-    if url == "none" or config.fast_dev_run:
+    # Where the workers saved: settled by the rule tlaunch.init() applies (none, the default).
+    url = config.with_checkpoint_default(_default_checkpoint_dir(fn, args)).checkpoint_dir
+    if url is None:
         return None
-    url = url or _default_checkpoint_dir(fn, args)
     try:
         from tlaunch.storage import CheckpointStore
 
