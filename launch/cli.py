@@ -7,6 +7,7 @@ Usage::
     tlaunch --gpus 4 -m mypkg.train -- --gpus 9   # after --, everything goes to the script
     tlaunch data pack|fetch|ls ...            # packed data archives
     tlaunch ckpt ls|verify URL                # inspect checkpoints
+    tlaunch env                               # versions, platform, devices for a bug report
 
 Launcher flags may stand before or after the script; flags tlaunch does not know pass through
 to the script. Every flag also reads ``TLAUNCH_<FLAG>`` (``TLAUNCH_CPUS=2``), so notebooks and
@@ -34,6 +35,8 @@ from tlaunch.contract import EXIT_USAGE, flag_env
 EXIT_BROKEN_PIPE = 141
 
 SUBCOMMANDS = ("data", "ckpt")
+#: Subcommands of the launch layer itself: name → module whose ``main(argv)`` runs it.
+LAUNCH_SUBCOMMANDS = {"env": "tlaunch.envreport"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="tlaunch",
         usage="tlaunch [flags] SCRIPT|-m MODULE [script args] [-- verbatim script args]\n"
-        "       tlaunch data|ckpt ...",
+        "       tlaunch data|ckpt|env ...",
         description=__doc__.split("\n\n")[0],
         epilog="Exit codes: 0 done, 2 usage error, 75 preempted with a committed save "
         "(re-run the same command to resume), else the script's own code.",
@@ -159,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         return _subcommand(argv[0], argv[1:])
+    if argv and argv[0] in LAUNCH_SUBCOMMANDS:
+        import importlib
+
+        return importlib.import_module(LAUNCH_SUBCOMMANDS[argv[0]]).main(argv[1:])
     try:
         config = parse_args(argv)
     except UsageError as e:
