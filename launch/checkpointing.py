@@ -389,13 +389,12 @@ class CheckpointManager:
             if any(state is not None for states in loader_states for state in states):
                 objects[LOADERS] = cpu_snapshot({"ranks": list(loader_states)})
             state = self._state_record(position, metrics)
-            self.writer.submit(
-                position.step,
-                tensors=tensors,
-                objects=objects,
-                rng=dict(enumerate(rngs)),
-                state=state,
-            )
+            parts = {"tensors": tensors, "objects": objects, "rng": dict(enumerate(rngs))}
+            try:  # submit raises the previous save's failure, and starts nothing then
+                self.writer.submit(position.step, state=state, **parts)
+            except Exception as e:
+                self._save_failed(e)  # ends the run, or (--on-save-error continue) warns
+                self.writer.submit(position.step, state=state, **parts)
         self._last_save = time.monotonic()
         self.slowest_save = max(self.slowest_save, self._last_save - started)
         self.saved_step = position.step
@@ -455,32 +454,44 @@ class CheckpointManager:
         if len(durations) > self._durations_seen:  # the writer's whole history: new ones only
             self.slowest_save = max(self.slowest_save, *durations[self._durations_seen :])
             self._durations_seen = len(durations)
-        from tlaunch.storage import LeaseLost
-
         try:
             self.writer.check()
-        except LeaseLost as e:
+        except Exception as e:
+            self._save_failed(e)
+
+    def _save_failed(self, e: Exception, *, stopping: bool = False) -> None:
+        """Report a failed background save in one line: the run ends, or with
+        ``--on-save-error continue`` training goes on after a warning (never at a stop: a
+        stop reports everything kept only when its checkpoint committed)."""
+        from tlaunch.storage import LeaseLost
+
+        if isinstance(e, LeaseLost):
             # Another run owns the directory now: training on could never be saved.
             fail(f"{e}; this run stops; its last committed checkpoint is intact", EXIT_FAILED)
-        except Exception as e:  # a storage failure of any kind: report it in one line
-            if self.config.on_save_error == "continue":
-                warnings.warn(
-                    f"checkpoint save failed, training continues (--on-save-error continue): {e}",
-                    stacklevel=2,
-                )
-                return
-            fail(
-                f"checkpoint save failed: {e}; the previous checkpoint is intact. Fix the storage "
-                "problem and run the same command again, or pass --on-save-error continue",
-                EXIT_FAILED,
+        if self.config.on_save_error == "continue" and not stopping:
+            warnings.warn(
+                f"checkpoint save failed, training continues (--on-save-error continue): {e}",
+                stacklevel=3,
             )
+            committed = self.writer.last_committed
+            self.saved_step = committed.step if committed is not None else -1  # not saved yet
+            return
+        fail(
+            f"checkpoint save failed: {e}; the previous checkpoint is intact. Fix the storage "
+            "problem and run the same command again, or pass --on-save-error continue",
+            EXIT_FAILED,
+        )
 
-    def flush(self) -> None:
-        """Wait until the save in flight is committed (rank 0); the other ranks wait for it."""
+    def flush(self, *, stopping: bool = False) -> None:
+        """Wait until the save in flight is committed (rank 0); the other ranks wait for it.
+        ``stopping``: a failed save ends the run even under ``--on-save-error continue``."""
         if not self.enabled:
             return
         if self.writer is not None:
-            self.writer.flush()
+            try:
+                self.writer.flush()
+            except Exception as e:
+                self._save_failed(e, stopping=stopping)
             self.check_writer()
         self.strategy.barrier(self.accelerator)
 

@@ -365,7 +365,7 @@ class Run:
         if ckpt.enabled:
             if not nothing_new:
                 ckpt.save(pos, self._metrics.latest(), force=True)
-            ckpt.flush()  # rank 0 waits for the commit; the others wait for rank 0
+            ckpt.flush(stopping=True)  # rank 0 waits for the commit, the others for rank 0
             ckpt.close()  # the lease too: a notebook may init() again in this process
         self._progress.close()
         self._unregister()

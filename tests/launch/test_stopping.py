@@ -123,3 +123,76 @@ def test_a_worker_whose_launcher_died_while_it_started_leaves_at_once(tmp_path):
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
     )
     assert alive.returncode == 0 and "trained on" in alive.stdout
+
+
+class _Strategy:
+    """The strategy members a one-process save touches."""
+
+    def rng_state(self) -> dict:
+        return {}
+
+    def gather_object(self, accelerator, obj):
+        return [obj]
+
+    def barrier(self, accelerator) -> None:
+        pass
+
+    def unwrap(self, accelerator, model):
+        return model
+
+    def scaler_state(self, accelerator):
+        return None
+
+
+def _failing_manager(tmp_path, **flags) -> tuple[CheckpointManager, object]:
+    """A one-process manager whose every commit fails (the bucket refuses COMMIT)."""
+    import torch
+
+    from tests.storage.ckpt_helpers import faulty_store
+    from tlaunch.storage import AsyncCheckpointWriter
+
+    accelerator = SimpleNamespace(is_main_process=True, num_processes=1, process_index=0)
+    config = LaunchConfig(checkpoint_dir=str(tmp_path), **flags)
+    manager = CheckpointManager(config, _Strategy(), accelerator, {})
+    manager.states.models.append(torch.nn.Linear(2, 2))
+    store = faulty_store(str(tmp_path), PermissionError("denied by the bucket"), "COMMIT")
+    manager.writer = AsyncCheckpointWriter(store)
+    return manager, store
+
+
+@pytest.mark.parametrize("surfaces_in", ["flush", "the next save"])
+def test_a_failed_background_save_ends_the_run_in_one_line_wherever_it_surfaces(
+    surfaces_in, tmp_path, capsys
+):
+    # The writer re-raises a failed save from submit() and flush() too, not only check():
+    # each path must end the run with the one-line error, never a raw traceback.
+    from tlaunch.checkpointing import Position
+
+    manager, store = _failing_manager(tmp_path)
+    manager.save(Position(step=1), {})
+    with pytest.raises(SystemExit) as exit:
+        if surfaces_in == "flush":
+            manager.flush()
+        else:
+            manager.writer._wait(None)  # the failure is stored, not yet seen by anyone
+            manager.save(Position(step=2), {})
+    assert exit.value.code == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("tlaunch: error: checkpoint save failed") and "denied" in line
+    assert store.latest() is None
+
+
+def test_on_save_error_continue_retries_the_step_and_never_excuses_a_failed_stop_save(tmp_path):
+    from tlaunch.checkpointing import Position
+
+    manager, store = _failing_manager(tmp_path, on_save_error="continue")
+    manager.save(Position(step=1), {})
+    with pytest.warns(UserWarning, match="training continues"):
+        manager.flush()
+    # Step 1 was not saved: a stop at step 1 must save it again, not skip it as saved.
+    assert manager.saved_step == -1
+    manager.save(Position(step=1), {})
+    with pytest.raises(SystemExit) as exit:  # a stop's save failed: not "everything kept"
+        manager.flush(stopping=True)
+    assert exit.value.code == 1
+    assert store.latest() is None
