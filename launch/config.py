@@ -120,6 +120,12 @@ def _gpu_count(value: str | int) -> str:
     return value
 
 
+def _trackers() -> Any:
+    import tlaunch.trackers  # on first use: that module imports this one
+
+    return tlaunch.trackers
+
+
 def _host_port(value: str) -> str:
     if not re.fullmatch(r"[^:\s]+:[0-9]+", value):
         raise UsageError(f"--rdzv-endpoint {value!r} must be HOST:PORT, e.g. 10.0.0.2:29400")
@@ -313,6 +319,11 @@ class LaunchConfig:
     run_dir: str | None = _doc(
         "Folder for logs and metrics. Default: <checkpoint-dir>/runs or ./tlaunch-runs.",
         default=None,
+    )
+    log_with: str | None = _doc(
+        "Trackers, a comma list of tensorboard, csv, wandb, mlflow (in <checkpoint-dir>/logs).",
+        default=None,
+        parse=lambda names: _trackers().parse_log_with(names),
     )
 
     def __post_init__(self) -> None:

@@ -75,6 +75,14 @@ Run-directory files (in ``TLAUNCH_LAUNCH_DIR``)
 -----------------------------------------------
 
 ``config.json``, ``launcher.log``, ``exit.json`` (the launcher's), ``metrics.jsonl`` (rank 0's).
+
+The run's logs folder (``logs/`` in a local or Drive ``--checkpoint-dir``: one per run)
+-----------------------------------------------------------------------------------------
+
+``metrics.jsonl``         every ``run.log`` record of the run and the figures, each step once
+                          (a resume drops the lines written after its checkpoint)
+``metrics.csv``           ``--log-with csv``: ``step,name,value`` rows, trimmed the same way
+``<project>/``            ``--log-with tensorboard``: TensorBoard's event files
 """
 
 from __future__ import annotations
@@ -121,6 +129,9 @@ CONFIG_FILE = "config.json"
 LAUNCHER_LOG = "launcher.log"
 EXIT_FILE = "exit.json"
 METRICS_FILE = "metrics.jsonl"
+
+# -- the run's logs folder (``<checkpoint-dir>/logs``: see tlaunch.trackers) -------------------
+LOGS_DIR = "logs"
 
 
 def ready_file(local_rank: int) -> str:

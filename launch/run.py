@@ -43,6 +43,7 @@ from tlaunch.loader_workers import install_worker_hook
 from tlaunch.run_io import MetricsLog, Progress, make_run_dir
 from tlaunch.sampling import ResumableLoader
 from tlaunch.stopping import StopController
+from tlaunch.trackers import RunLogs
 
 _CURRENT: Run | None = None
 
@@ -75,7 +76,10 @@ class Run:
         # The Run does accumulation itself (it knows where an epoch's last, partial window
         # ends and where a resumed run re-enters one), so Accelerate must neither divide the
         # loss nor count micro-batches.
-        self.accelerator = self.strategy.build_accelerator(own_accumulation=True)
+        self.logs = RunLogs(config)  # trackers, the run-wide metrics.jsonl, the figures
+        self.accelerator = self.strategy.build_accelerator(
+            own_accumulation=True, **self.logs.accelerator_kwargs()
+        )
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
@@ -99,6 +103,15 @@ class Run:
         install_worker_hook()  # a stop never kills a DataLoader's workers, prepared or not
         self.checkpoints = CheckpointManager(config, self.strategy, self.accelerator, self.hparams)
         self.resume = self.checkpoints.open(self.position, self._metrics)
+        self.logs.start(
+            strategy=self.strategy,
+            accelerator=self.accelerator,
+            checkpoints=self.checkpoints,
+            metrics=self._metrics,
+            position=self.position,
+            optimizers=self._optimizers,
+            hparams=self.hparams,
+        )
 
     # -- where the run is ----------------------------------------------------------------------
     @property

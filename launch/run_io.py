@@ -15,6 +15,9 @@ from typing import Any
 from tlaunch.config import NO_CHECKPOINTS, LaunchConfig
 from tlaunch.contract import CONFIG_FILE, METRICS_FILE
 
+#: ``run.log(tokens=n)``: this rank's tokens in the batch, counted for ``tokens_per_sec``.
+TOKENS = "tokens"
+
 
 def make_run_dir(config: LaunchConfig) -> str:
     """A new folder for one launch's log, config and metrics, under ``--run-dir`` (default:
@@ -99,12 +102,21 @@ class MetricsLog:
         self._latest: dict[str, float] = {}
         #: (step, epoch, wall time, {name: float or device tensor}) per run.log call.
         self._pending: list[tuple[int, int, float, dict[str, Any]]] = []
+        #: ``run.log(tokens=n)`` counts since the last flush (floats or device tensors).
+        self._tokens: list[Any] = []
         self._flushed = time.monotonic()
+        #: Rank 0's :class:`tlaunch.trackers.RunLogs`: gets each flush's records.
+        self.sink: Any = None
 
     def add(self, step: int, epoch: int, values: dict[str, Any]) -> None:
         """One ``run.log`` call. ``values`` are floats, or tensors (read at the next flush)
-        that nothing modifies in place meanwhile."""
-        self._pending.append((step, epoch, time.time(), values))
+        that nothing modifies in place meanwhile. ``tokens`` is a count, not a metric: it is
+        summed into the ``tokens_per_sec`` figure (:mod:`tlaunch.trackers`)."""
+        if TOKENS in values:
+            values = dict(values)
+            self._tokens.append(values.pop(TOKENS))
+        if values:
+            self._pending.append((step, epoch, time.time(), values))
         if (
             len(self._pending) >= self.FLUSH_RECORDS
             or time.monotonic() - self._flushed >= self.FLUSH_SECONDS
@@ -126,19 +138,19 @@ class MetricsLog:
         """Read the pending values, update ``latest``, write their lines and flush the file."""
         self._flushed = time.monotonic()
         pending, self._pending = self._pending, []
-        lines = []
+        records = []
         for step, epoch, wall, values in pending:
             # The first device value read waits for the device; the rest are already computed.
             floats = {k: v if type(v) is float else float(v.item()) for k, v in values.items()}
             self._latest.update(floats)
-            if self._file is not None:
-                lines.append(
-                    json.dumps({"step": step, "epoch": epoch, **floats, "time": round(wall, 3)})
-                )
-        if lines:
-            self._file.write("\n".join(lines) + "\n")
+            records.append((step, epoch, wall, floats))
         if self._file is not None:
+            if records:
+                self._file.write("".join(metrics_line(*r) + "\n" for r in records))
             self._file.flush()
+        tokens, self._tokens = self._tokens, []
+        if self.sink is not None:
+            self.sink.write(records, sum(t if type(t) is float else float(t) for t in tokens))
 
     def close(self) -> None:
         """Flush and close the file; safe to call twice (finish, then interpreter exit)."""
@@ -146,6 +158,13 @@ class MetricsLog:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self.sink is not None:
+            self.sink.close()
+
+
+def metrics_line(step: int, epoch: int, wall: float, values: dict[str, float]) -> str:
+    """One record as a ``metrics.jsonl`` line."""
+    return json.dumps({"step": step, "epoch": epoch, **values, "time": round(wall, 3)})
 
 
 class _Bar:

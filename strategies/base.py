@@ -104,10 +104,18 @@ class Strategy(ABC):
             "step_scheduler_with_optimizer": False,
         }
 
-    def build_accelerator(self, *, own_accumulation: bool = False) -> Accelerator:
+    def build_accelerator(
+        self,
+        *,
+        own_accumulation: bool = False,
+        log_with: list[str] | None = None,
+        logging_dir: str | None = None,
+    ) -> Accelerator:
         """The configured Accelerator. ``own_accumulation``: the caller divides the loss and
         gates the optimizer itself, so Accelerate must count no micro-batches (an explicit
-        plugin is the only way to beat ``ACCELERATE_GRADIENT_ACCUMULATION_STEPS``)."""
+        plugin is the only way to beat ``ACCELERATE_GRADIENT_ACCUMULATION_STEPS``).
+        ``log_with``: tracker names (:mod:`tlaunch.strategies.tracking`), writing under
+        ``logging_dir``."""
         from accelerate import Accelerator
         from accelerate.utils import GradientAccumulationPlugin
 
@@ -118,6 +126,11 @@ class Strategy(ABC):
         if own_accumulation:
             del kwargs["gradient_accumulation_steps"]
             kwargs["gradient_accumulation_plugin"] = GradientAccumulationPlugin(num_steps=1)
+        if log_with:
+            from tlaunch.strategies.tracking import accelerate_trackers
+
+            kwargs["log_with"] = accelerate_trackers(log_with, logging_dir or ".")
+            kwargs["project_dir"] = logging_dir
         return Accelerator(**kwargs)
 
     def prepare(self, accelerator: Accelerator, *objects: Any) -> list[Any]:
@@ -294,6 +307,19 @@ class Strategy(ABC):
     def seed_device(self, seed: int) -> None:
         """Seed the device's own generator where ``torch.manual_seed`` does not reach it."""
         return None
+
+    def peak_memory_mb(self, accelerator: Accelerator) -> float:
+        """This process's peak memory so far, in MiB, read from counters (no wait for the
+        device): the CUDA allocator's peak on a GPU, else the host's peak resident set."""
+        if accelerator.device.type == "cuda":
+            import torch
+
+            return torch.cuda.max_memory_allocated(accelerator.device) / 2**20
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB; bytes on macOS
+        return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
     def end_step(self, accelerator: Accelerator) -> None:
         """Called by the Run API once per optimizer step, before any collective or save."""

@@ -80,12 +80,12 @@ class XLAStrategy(Strategy):
         return LaunchPlan(ELASTIC, self.nprocs, env)
 
     # -- worker side -----------------------------------------------------------------------
-    def build_accelerator(self, *, own_accumulation: bool = False) -> Accelerator:
+    def build_accelerator(self, *, own_accumulation: bool = False, **trackers: Any) -> Accelerator:
         # PJRT_DEVICE (in the plan's env) must be set before torch_xla first touches a device.
         for key, value in self.plan().env.items():
             os.environ.setdefault(key, value)
         maybe_join_xla_rendezvous()
-        return super().build_accelerator(own_accumulation=own_accumulation)
+        return super().build_accelerator(own_accumulation=own_accumulation, **trackers)
 
     def end_step(self, accelerator: Accelerator) -> None:
         # Cut the lazy graph once per optimizer step. Uncut, every step's graph would extend
