@@ -3,6 +3,8 @@ Dropout classifier, Adam with a StepLR schedule, shuffled batches.
 
     tlaunch examples/train_classifier.py --cpus 2 --checkpoint-dir ckpts --save-every 10
 
+Add `--log-with tensorboard` for its curves: `tensorboard --logdir ckpts/logs`.
+
 Interrupt it (Ctrl-C, or `kill -TERM` the launcher) and run the same command again: it
 resumes where it stopped, and ends with the same parameters as an uninterrupted run.
 """

@@ -260,7 +260,8 @@ class Run:
 
         A tensor on a GPU or TPU is not read here, which would make every step wait for the
         device: it is read at the next flush of the metrics (:class:`tlaunch.run_io.MetricsLog`),
-        at the latest when ``run.metrics`` is next read.
+        at the latest when ``run.metrics`` is next read. ``tokens=n`` (this rank's tokens in
+        the batch) is a count for the ``tokens_per_sec`` figure (:mod:`tlaunch.trackers`).
         """
         values: dict[str, Any] = {}
         for key, value in metrics.items():
