@@ -71,6 +71,14 @@ Control files (in ``TLAUNCH_CONTROL_DIR``)
                           handlers are in place; a stop then reaches it through ``STOP``
                           alone, never as a signal (which would also hit its loader workers)
 
+Checkpoint-directory files (in a ``--checkpoint-dir`` on this machine's file system)
+------------------------------------------------------------------------------------
+
+``goodput.jsonl``         launcher and rank 0 → ``tlaunch ckpt ls`` and later launches: one
+                          JSON record a line of each launch's start, restore, saves, progress,
+                          stop and exit, from which the run's goodput is computed
+                          (:mod:`tlaunch.storage.checkpoint.goodput` declares it too)
+
 Run-directory files (in ``TLAUNCH_LAUNCH_DIR``)
 -----------------------------------------------
 
@@ -129,6 +137,9 @@ CONFIG_FILE = "config.json"
 LAUNCHER_LOG = "launcher.log"
 EXIT_FILE = "exit.json"
 METRICS_FILE = "metrics.jsonl"
+
+# -- checkpoint-directory files (read inside tlaunch.storage too, which declares it) -----------
+GOODPUT_FILE = "goodput.jsonl"
 
 # -- the run's logs folder (``<checkpoint-dir>/logs``: see tlaunch.trackers) -------------------
 LOGS_DIR = "logs"

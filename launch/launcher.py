@@ -33,6 +33,7 @@ from tlaunch.contract import (
     LEASE_TOKEN_ENV,
     START_TIME_ENV,
 )
+from tlaunch.goodput import LaunchRecord
 from tlaunch.preemption import Deadline, Watcher, check_time_left, detect, time_limit_span
 from tlaunch.preflight import Preflight, preflight
 from tlaunch.run_io import make_run_dir
@@ -98,6 +99,7 @@ def launch(config: LaunchConfig, workers: WorkersFactory = _script_workers) -> i
     ``workers`` builds the processes: the script's command by default; functions forked from
     a notebook's kernel for :func:`tlaunch.notebook.notebook_launch`.
     """
+    started = time.time()  # the launch's start-up counts in the run's goodput
     try:
         check_time_left(config.time_limit, time.time())
         strategy = _check_strategy(config)
@@ -110,15 +112,18 @@ def launch(config: LaunchConfig, workers: WorkersFactory = _script_workers) -> i
         print(f"tlaunch: error: {e}", file=sys.stderr)
         return EXIT_UNAVAILABLE if isinstance(e, StorageUnavailable) else EXIT_USAGE
     try:
-        return _supervise(config, strategy, checked, workers)
+        return _supervise(config, strategy, checked, workers, started)
     finally:
         checked.release()  # whatever the exit: 0, 75, a failure, an exception
 
 
-def _supervise(config: LaunchConfig, strategy, checked: Preflight, build: WorkersFactory) -> int:
+def _supervise(
+    config: LaunchConfig, strategy, checked: Preflight, build: WorkersFactory, started: float
+) -> int:
     """Everything after the checks: run directory, data, sync dirs, the supervisor."""
     plan = strategy.plan()
     run_dir = make_run_dir(config)
+    goodput = LaunchRecord(config, run_dir, started)
     control_dir = tempfile.mkdtemp(prefix="tlaunch-control-")
     log_flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
     log_file = open(os.open(os.path.join(run_dir, LAUNCHER_LOG), log_flags, 0o600), "a")
@@ -169,6 +174,8 @@ def _supervise(config: LaunchConfig, strategy, checked: Preflight, build: Worker
         syncs.flush(complete=code == 0)  # exited 0 on its own: every file it wrote is whole
     with open(os.path.join(run_dir, EXIT_FILE), "w") as f:
         json.dump({"exit_code": code, "states": [s.value for s in supervisor.history]}, f)
+    for line in goodput.finish(code):
+        log(line)
     log_file.close()
     return code
 

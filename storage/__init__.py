@@ -48,6 +48,10 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "ckpt_main": ("tlaunch.storage.checkpoint.cli", "main"),
     "load_weights": ("tlaunch.storage.checkpoint.export", "load_weights"),
     "resolve_step": ("tlaunch.storage.checkpoint.export", "resolve_step"),
+    # the run's goodput, recorded beside its checkpoints
+    "append_goodput": ("tlaunch.storage.checkpoint.goodput", "append_record"),
+    "read_goodput": ("tlaunch.storage.checkpoint.goodput", "read_goodput"),
+    "GOODPUT_PROGRESS_SECONDS": ("tlaunch.storage.checkpoint.goodput", "PROGRESS_SECONDS"),
     # one writer per checkpoint directory
     "Lease": ("tlaunch.storage.checkpoint.lease", "Lease"),
     "LeaseHeld": ("tlaunch.storage.checkpoint.lease", "LeaseHeld"),

@@ -2,7 +2,8 @@
 
 Usage::
 
-    tlaunch ckpt ls URL                        # step, commit time, size, status, best/last, metrics
+    tlaunch ckpt ls URL                        # step, commit time, size, status, best/last, metrics;
+                                               # the run's goodput so far (goodput.jsonl)
     tlaunch ckpt verify URL [--step STEP]      # every byte against MANIFEST; exit 1 if any is bad
     tlaunch ckpt export URL [--step STEP] OUT  # one model's weights as OUT (.safetensors)
 
@@ -145,7 +146,21 @@ def _ls(store, monitor: str | None, mode: str | None) -> int:
     for row in rows:
         cells = "  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths, strict=True))
         print(f"{cells}  {row[5]}".rstrip())
+    _goodput(store.url)
     return 0
+
+
+def _goodput(url: str) -> None:
+    """The run's goodput so far, from the records its launches left beside the checkpoints
+    (only a checkpoint directory on this machine's file system has them)."""
+    from tlaunch.storage.checkpoint.goodput import read_goodput
+    from tlaunch.storage.store import local_path
+
+    directory = local_path(url)
+    if directory is None:
+        return
+    for line in read_goodput(directory).lines():
+        print(line)
 
 
 def _verify(store, step: int | str | None, monitor: str | None, mode: str | None) -> int:
