@@ -29,6 +29,7 @@ import contextlib
 import os
 import random
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -39,6 +40,7 @@ import torch
 from tlaunch.checkpointing import MODEL, OPTIMIZER, SCHEDULER, CheckpointManager, Position
 from tlaunch.config import DEFAULT_KEEP_LAST, DEFAULT_SAVE_MINUTES, LaunchConfig
 from tlaunch.contract import CONTROL_DIR_ENV, DEFAULT_CHECKPOINT_DIR_ENV, LAUNCH_DIR_ENV
+from tlaunch.goodput import WorkerRecord
 from tlaunch.loader_workers import install_worker_hook
 from tlaunch.run_io import MetricsLog, Progress, make_run_dir
 from tlaunch.sampling import ResumableLoader
@@ -102,7 +104,10 @@ class Run:
         self.stops.install()
         install_worker_hook()  # a stop never kills a DataLoader's workers, prepared or not
         self.checkpoints = CheckpointManager(config, self.strategy, self.accelerator, self.hparams)
+        opened = time.monotonic()
         self.resume = self.checkpoints.open(self.position, self._metrics)
+        self._restore_s = time.monotonic() - opened if self.checkpoints.loaded is not None else 0.0
+        self._goodput = WorkerRecord.for_run(config, self.is_main, self.checkpoints.enabled)
         self.logs.start(
             strategy=self.strategy,
             accelerator=self.accelerator,
@@ -165,7 +170,11 @@ class Run:
             else:
                 wrapped = obj
             out.append(wrapped)
+        restoring = time.monotonic()
         self.checkpoints.restore_prepared()
+        if self.checkpoints.loaded is not None:
+            self._restore_s += time.monotonic() - restoring
+        self._goodput.ready(self.position.step, self._restore_s)
         return out[0] if len(out) == 1 else tuple(out)
 
     def register(self, obj: Any, name: str | None = None) -> Any:
@@ -301,14 +310,17 @@ class Run:
         """Commit a checkpoint of everything prepared or registered, at the current position."""
         if not self.checkpoints.enabled or self.checkpoints.saved_step == self.position.step:
             return
+        started = time.monotonic()
         self._metrics.flush()  # the lines logged so far are on disk when the checkpoint is
         self.checkpoints.save(self.position, self._metrics.latest())
+        self._goodput.saved(self.position.step, time.monotonic() - started)
 
     def finish(self) -> None:
         """Flush pending saves, close the progress bar and logs, and end the process group.
 
         Call it once, after training; collectives are no longer possible afterwards.
         """
+        self._goodput.stopping(self.position.step)
         if self.checkpoints.enabled:
             self.save()
             self.checkpoints.flush()
@@ -357,6 +369,7 @@ class Run:
 
     def _after_step(self) -> bool:
         """Runs after each optimizer step. Returns True when the epoch loop must end."""
+        self._goodput.after_step(self.position.step)
         self.strategy.end_step(self.accelerator)
         ckpt = self.checkpoints
         ckpt.check_writer()
@@ -371,6 +384,7 @@ class Run:
 
     def _stop_with_checkpoint(self) -> None:
         """Commit a checkpoint at this step, flush it, report, and leave the script."""
+        self._goodput.stopping(self.position.step)
         self.stops.announce()
         self._metrics.close()  # everything logged is on disk before the process leaves
         ckpt, pos = self.checkpoints, self.position
