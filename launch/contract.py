@@ -70,6 +70,10 @@ Control files (in ``TLAUNCH_CONTROL_DIR``)
 ``ready-<local rank>``    worker → launcher: this worker runs the Run API and its stop
                           handlers are in place; a stop then reaches it through ``STOP``
                           alone, never as a signal (which would also hit its loader workers)
+``finished.json``         workers → launcher: ``run.finish()`` returned, the final checkpoint
+                          committed (``{"step", "checkpoint"}``); by local rank 0. Nothing
+                          polls STOP any more: a stop reaches the script as a signal, and is
+                          not reported as lost work
 
 Checkpoint-directory files (in a ``--checkpoint-dir`` on this machine's file system)
 ------------------------------------------------------------------------------------
@@ -130,6 +134,7 @@ DRIVE_ROOT_ENV = "TLAUNCH_DRIVE_ROOT"
 STOP_FILE = "STOP"
 WORKERS_STOPPING = "WORKERS_STOPPING"
 PREEMPTED_REPORT = "preempted.json"
+FINISHED_REPORT = "finished.json"
 READY_PREFIX = "ready-"
 
 # -- run-directory files -----------------------------------------------------------------------

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,7 @@ from tlaunch.contract import (
     DATA_DIRS_ENV,
     DEFAULT_CHECKPOINT_DIR_ENV,
     EXIT_FILE,
+    EXIT_PREEMPTED,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
     LAUNCH_DIR_ENV,
@@ -99,6 +101,21 @@ def launch(config: LaunchConfig, workers: WorkersFactory = _script_workers) -> i
     ``workers`` builds the processes: the script's command by default; functions forked from
     a notebook's kernel for :func:`tlaunch.notebook.notebook_launch`.
     """
+    with _LaunchSignals() as signals:
+        try:
+            return _launch(config, workers)
+        except StoppedBeforeStart as e:
+            signals.decided = True
+            print(
+                f"tlaunch: stopped by {signal.Signals(e.signum).name} before any worker started: "
+                "nothing to lose; run the same command again",
+                file=sys.stderr,
+                flush=True,
+            )
+            return EXIT_PREEMPTED
+
+
+def _launch(config: LaunchConfig, workers: WorkersFactory) -> int:
     started = time.time()  # the launch's start-up counts in the run's goodput
     try:
         check_time_left(config.time_limit, time.time())
@@ -166,8 +183,8 @@ def _supervise(
     )
     watchers = _start_watchers(config, supervisor, float(env[START_TIME_ENV]))
     syncs.start()
-    with _stop_signals(supervisor):
-        code = supervisor.run()
+    assert _LaunchSignals.current is not None, "launch() holds the launcher's signals"
+    code = _LaunchSignals.current.supervise(supervisor)
     for w in watchers:
         w.close()
     if syncs.mirrors and supervisor.stop_signal is None:
@@ -225,23 +242,73 @@ def _start_watchers(config: LaunchConfig, supervisor: Supervisor, started: float
     return watchers
 
 
-class _stop_signals:
-    """Route SIGTERM, SIGINT and SIGUSR1 to the supervisor while the workers run."""
+class StoppedBeforeStart(BaseException):
+    """A stop signal before any worker started: unwinds the checks, the lease and data staging
+    (a BaseException, so that no ``except Exception`` on the way takes it for a failure)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _LaunchSignals:
+    """SIGTERM, SIGINT and SIGUSR1 to the launcher, from its first line to its exit code.
+
+    Before the workers start (the checks, the storage probe, the lease, data staging), the
+    first one unwinds the launch (:class:`StoppedBeforeStart`): nothing ran, nothing is lost,
+    exit 75. While the supervisor runs, each goes to :meth:`Supervisor.request_stop` (SIGUSR1
+    as SIGTERM). Once the exit code is decided they are ignored, so that the launcher writes its
+    records, releases the lease and exits with that code instead of dying by the signal; only
+    a second Ctrl-C, more than a second after the first, ends it at once.
+    """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    #: The launch in progress in this process (``launch`` holds one at a time).
+    current: _LaunchSignals | None = None
 
-    def __init__(self, supervisor: Supervisor) -> None:
+    def __init__(self) -> None:
+        self.supervisor: Supervisor | None = None
+        #: The exit code is known: signals no longer change it.
+        self.decided = False
+        self._unwinding = False
+        self._sigint_at: float | None = None
+        self._previous: dict[int, Any] = {}
+        self._outer: _LaunchSignals | None = None
+
+    def supervise(self, supervisor: Supervisor) -> int:
+        """Run the supervisor with the signals routed to it; its exit code is final."""
         self.supervisor = supervisor
-        self.previous: dict[int, object] = {}
+        try:
+            return supervisor.run()
+        finally:
+            self.supervisor, self.decided = None, True
 
-    def _handle(self, signum: int, frame) -> None:
-        self.supervisor.request_stop(signal.SIGTERM if signum == signal.SIGUSR1 else signum)
+    def _handle(self, signum: int, frame: Any) -> None:
+        signum = signal.SIGTERM if signum == signal.SIGUSR1 else signum
+        if self.supervisor is not None:
+            self.supervisor.request_stop(signum)
+        elif self.decided or self._unwinding:
+            self._second_ctrl_c(signum)
+        else:
+            self._unwinding = True
+            raise StoppedBeforeStart(signum)
 
-    def __enter__(self) -> _stop_signals:
-        for s in self.SIGNALS:
-            self.previous[s] = signal.signal(s, self._handle)
+    def _second_ctrl_c(self, signum: int) -> None:
+        if signum != signal.SIGINT:
+            return
+        now = time.monotonic()
+        if self._sigint_at is not None and now - self._sigint_at > 1.0:
+            raise SystemExit(128 + signal.SIGINT)
+        self._sigint_at = self._sigint_at or now
+
+    def __enter__(self) -> _LaunchSignals:
+        self._outer, _LaunchSignals.current = _LaunchSignals.current, self
+        if threading.current_thread() is threading.main_thread():  # only there can Python
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
-        for s, handler in self.previous.items():
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
             signal.signal(s, handler)
+        _LaunchSignals.current = self._outer

@@ -328,6 +328,7 @@ class Run:
         self._metrics.close()
         self.strategy.end_process_group(self.accelerator)
         self.stops.restore()
+        self.stops.finished(self.position.step, checkpoint=self.checkpoints.enabled)
         self._unregister()
 
     def _unregister(self) -> None:

@@ -33,6 +33,7 @@ from tlaunch.contract import (
     CONTROL_DIR_ENV,
     EXIT_FAILED,
     EXIT_PREEMPTED,
+    FINISHED_REPORT,
     LAUNCHER_PID_ENV,
     PREEMPTED_REPORT,
     START_TIME_ENV,
@@ -212,6 +213,16 @@ class StopController:
         """Tell the launcher the workers stop on their own: a watcher firing now adds nothing."""
         if self.under_launcher and self._local_rank0:
             open(os.path.join(self.control_dir, WORKERS_STOPPING), "w").close()
+
+    def finished(self, step: int, *, checkpoint: bool) -> None:
+        """``run.finish()`` is done (on every rank, after the final commit): the launcher
+        signals a later stop instead of writing STOP that nobody polls, and does not count it
+        as lost work. ``checkpoint``: the final state is committed."""
+        if self.under_launcher and self._local_rank0:
+            path = os.path.join(self.control_dir, FINISHED_REPORT)
+            with open(path + ".tmp", "w") as f:
+                json.dump({"step": step, "checkpoint": checkpoint}, f)
+            os.replace(path + ".tmp", path)  # read whole or not at all
 
     def exit(
         self, *, kept: bool, nothing_new: bool, step: int, epoch: int, batch: int, is_main: bool

@@ -7,6 +7,7 @@
                     │ │         └────────────────────▶ exit: the script's code
                     ▼ ▼
                  STOPPING ──▶ PREEMPTED                     exit 75 (everything kept)
+                         ├──▶ SUCCEEDED                     exit 0 (the run had finished)
                          └──▶ FAILED                        exit 128+signal (nothing saved)
     RUNNING ──▶ PREEMPTED | FAILED       the workers' own stop (a signal sent to them, their
                                          --time-limit margin): 75, or 1 with nothing saved
@@ -15,6 +16,8 @@
 A stop trigger (a signal, a cloud notice, the deadline) moves RUNNING to STOPPING: the
 workers are told, they agree on a step, commit one checkpoint (or find nothing new to save)
 and exit; the supervisor then decides PREEMPTED or FAILED from what the workers reported.
+A stop after ``run.finish()`` (finished.json) loses no training: the run SUCCEEDED if the
+script then exited 0, else it is PREEMPTED when the final checkpoint holds the state.
 Workers report through small files in a node-local control directory, not through exit
 codes, so that torch's elastic agent never mistakes a clean preemption for a failure to
 restart from.
@@ -36,6 +39,7 @@ from tlaunch.contract import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_PREEMPTED,
+    FINISHED_REPORT,
     PREEMPTED_REPORT,
     STOP_FILE,
     WORKERS_STOPPING,
@@ -181,6 +185,19 @@ class Supervisor:
 
     def _finish_stop(self, result: Attempt) -> int:
         report = self._preempted_report()
+        finished = self._report(FINISHED_REPORT)
+        if report is None and finished is not None:
+            at = f"the run had finished at step {finished['step']}"
+            if result.exit_code == EXIT_OK:
+                self._enter(RunState.SUCCEEDED, f"{at} when the stop came")
+                return EXIT_OK
+            if finished.get("checkpoint"):
+                self._enter(
+                    RunState.PREEMPTED,
+                    f"{at} (final checkpoint committed); the script was stopped after it: run "
+                    "the same command again to finish it",
+                )
+                return EXIT_PREEMPTED
         preserved = self._after_stop() if self._after_stop else False
         if report is not None or preserved:
             if report is None:
@@ -199,7 +216,10 @@ class Supervisor:
         return 128 + self.stop_signal if result.exit_code in (0, 1) else result.exit_code
 
     def _preempted_report(self) -> dict | None:
-        path = os.path.join(self.control_dir, PREEMPTED_REPORT)
+        return self._report(PREEMPTED_REPORT)
+
+    def _report(self, name: str) -> dict | None:
+        path = os.path.join(self.control_dir, name)
         try:
             with open(path) as f:
                 return json.load(f)

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable
 
 from tlaunch.config import LaunchConfig
-from tlaunch.contract import CONTROL_DIR_ENV, RUN_ID_ENV, ready_file
+from tlaunch.contract import CONTROL_DIR_ENV, FINISHED_REPORT, RUN_ID_ENV, ready_file
 from tlaunch.strategies import DIRECT, ELASTIC, LaunchPlan
 from tlaunch.supervisor import Attempt
 
@@ -232,8 +232,9 @@ class StopDelivery:
     signal would add nothing for them and would also reach their DataLoader workers, whose
     death ends the rank before it can save. Other scripts get the signal, as under torchrun.
     A stop that comes while a Run API script is still starting (importing torch) waits a
-    little for its ready files instead of killing it mid-import. Either way the workers get
-    ``--grace`` seconds to save and exit, then SIGKILL.
+    little for its ready files instead of killing it mid-import; once its run has finished
+    (finished.json: nothing polls STOP any more) it gets the signal. Either way the workers
+    get ``--grace`` seconds to save and exit, then SIGKILL.
     """
 
     #: At most this long (or half the grace) for starting Run API workers to become ready.
@@ -254,13 +255,28 @@ class StopDelivery:
         timer = threading.Timer(self.grace, kill)
         timer.daemon = True
         timer.start()
-        if self.ready():
-            return
-        if not self.expects_run_api:
+        if self.finished():
             send(signum)
-            return
-        waiter = threading.Thread(target=self._wait_then_send, args=(signum, send), daemon=True)
-        waiter.start()
+        elif self.ready():  # through STOP; unless the run finishes first (then STOP is unread)
+            threading.Thread(
+                target=self._send_once_finished, args=(signum, send), daemon=True
+            ).start()
+        elif not self.expects_run_api:
+            send(signum)
+        else:
+            waiter = threading.Thread(target=self._wait_then_send, args=(signum, send), daemon=True)
+            waiter.start()
+
+    def finished(self) -> bool:
+        return os.path.exists(os.path.join(self.control_dir, FINISHED_REPORT))
+
+    def _send_once_finished(self, signum: int, send: Callable[[int], None]) -> None:
+        deadline = time.monotonic() + self.grace
+        while time.monotonic() < deadline:
+            if self.finished():
+                send(signum)
+                return
+            time.sleep(0.05)
 
     def _wait_then_send(self, signum: int, send: Callable[[int], None]) -> None:
         deadline = time.monotonic() + min(self.READY_WAIT, self.grace / 2)

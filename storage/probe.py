@@ -56,9 +56,13 @@ def probe_writable(url: str, *, retry: RetryPolicy | None = None) -> None:
             )
         except FileNotFoundError:
             raise _missing(location) from None
-    finally:
+    except Exception:
+        # Not on a stop signal (a BaseException): one more call to a store that stopped
+        # answering would hang the stop, and a hidden probe object left behind harms nobody.
         with contextlib.suppress(Exception):  # gone already, or the store refuses: said above
             location.fs.rm_file(probe)
+        raise
+    finally:
         for folder in reversed(made):
             with contextlib.suppress(OSError):
                 os.rmdir(folder)

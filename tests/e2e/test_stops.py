@@ -3,10 +3,14 @@ interrupt it, and only a second Ctrl-C (SIGINT) forces the exit."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import threading
+import time
+from collections.abc import Iterator
 
 import pytest
 from helpers import SCRIPTS, clean_env, tlaunch_cmd, wait_for
@@ -122,3 +126,74 @@ def test_a_stop_while_the_workers_start_exits_75_and_loses_nothing(tmp_path, ref
     assert not trained(out), "no step was taken"
     if nprocs == "2":
         finish_and_compare(tmp_path, ckpt, out, expected)
+
+
+@contextlib.contextmanager
+def _silent_storage() -> Iterator[tuple[str, threading.Event]]:
+    """A loopback "storage endpoint" that accepts connections and never answers: the launcher
+    hangs in its preflight probe for as long as the test likes. The event: someone connected."""
+    server = socket.create_server(("127.0.0.1", 0))
+    connected, held = threading.Event(), []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(server.accept()[0])
+                connected.set()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}", connected
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_during_the_preflight_exits_75_in_one_line(tmp_path, sig):
+    # Nothing has started: a stop while the launcher probes its storage (or takes the lease,
+    # or stages data) loses nothing, and must say so with 75, not die by the signal.
+    with _silent_storage() as (endpoint, connected):
+        proc = subprocess.Popen(
+            tlaunch_cmd("--cpus", "1", "--checkpoint-dir", "gs://bkt/run", "--max-restarts", "0",
+                        str(SCRIPTS / "resume_train.py")),
+            cwd=tmp_path, env=clean_env(STORAGE_EMULATOR_HOST=endpoint),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert connected.wait(60), "the launcher never probed the storage"
+            proc.send_signal(sig)
+            _, stderr = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+    assert proc.returncode == 75, stderr[-3000:]
+    assert "Traceback" not in stderr
+    (line,) = [line for line in stderr.splitlines() if "before any worker started" in line]
+    assert "run the same command again" in line
+
+
+@pytest.mark.parametrize(("after", "code"), [("exit", 0), ("linger", 75)])
+def test_a_stop_after_the_run_finished_is_not_reported_as_lost_work(tmp_path, after, code):
+    # run.finish() committed the final checkpoint; the stop comes while the script tears down
+    # (it then exits 0: the run succeeded) or while it works on after training (it is ended at
+    # once, not after --grace, and running the command again finishes the script): never
+    # "stopped before any checkpoint was committed".
+    ckpt, marker = str(tmp_path / "ckpt"), tmp_path / "finished"
+    proc = subprocess.Popen(
+        tlaunch_cmd("--cpus", "1", "--checkpoint-dir", ckpt, "--grace", "20",
+                    str(SCRIPTS / "finish_then_linger.py"), "--", str(marker), after),
+        cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_for(marker.exists, 120, "run.finish() to return")
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, stderr[-3000:]
+    assert time.monotonic() - started < 15, "ended by the stop, not by --grace's SIGKILL"
+    assert "Traceback" not in stderr
+    assert any("the run had finished at step 2" in line for line in stderr.splitlines())
+    assert committed(ckpt)

@@ -20,6 +20,7 @@ from tlaunch.contract import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_PREEMPTED,
+    FINISHED_REPORT,
     PREEMPTED_REPORT,
     STOP_FILE,
     WORKERS_STOPPING,
@@ -39,6 +40,7 @@ DOCUMENTED = {
     (S.RESTARTING, S.STARTING),
     (S.RUNNING, S.STOPPING),
     (S.STOPPING, S.PREEMPTED),
+    (S.STOPPING, S.SUCCEEDED),
     (S.STOPPING, S.FAILED),
 }
 
@@ -202,6 +204,36 @@ def test_stop_before_any_commit_exits_128_plus_the_signal(build, signum, workers
     assert sup.history == [S.STARTING, S.RUNNING, S.STOPPING, S.FAILED]
     assert workers.stops == [signum]
     assert_documented(sup.history)
+
+
+def stop_after_finish(code: int, *, checkpoint: bool):
+    """The run finished (its final checkpoint committed, or none kept); then a stop came."""
+
+    def attempt(workers: FakeWorkers) -> Attempt:
+        control = Path(workers.supervisor.control_dir)
+        (control / FINISHED_REPORT).write_text(json.dumps({"step": 9, "checkpoint": checkpoint}))
+        workers.supervisor.request_stop(signal.SIGTERM)
+        return Attempt(code)
+
+    return attempt
+
+
+@pytest.mark.parametrize(
+    ("code", "checkpoint", "expected", "state"),
+    [
+        (0, True, EXIT_OK, S.SUCCEEDED),  # the script then left cleanly: the run succeeded
+        (0, False, EXIT_OK, S.SUCCEEDED),
+        (143, True, EXIT_PREEMPTED, S.PREEMPTED),  # ended after training: run it again
+        (143, False, 143, S.FAILED),  # nothing kept: "run again" would train again
+    ],
+)
+def test_a_stop_after_the_run_finished_is_not_lost_work(build, code, checkpoint, expected, state):
+    sup, _, lines = build([stop_after_finish(code, checkpoint=checkpoint)])
+    assert sup.run() == expected
+    assert sup.history[-1] == state
+    assert_documented(sup.history)
+    if state is not S.FAILED:
+        assert any("had finished at step 9" in line for line in lines)
 
 
 def test_stop_where_workers_died_of_their_own_code_returns_it(build):
