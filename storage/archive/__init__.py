@@ -11,8 +11,9 @@ module)::
 
 Beneath them: ``format.py`` (the manifest, content ids, tar headers, the zstd binding),
 ``sources.py`` (listing and planning a folder), ``compress.py`` (one shard into parallel zstd
-frames), ``frames.py`` and ``unpack.py`` (one shard out again, refusing anything but the files
-the manifest lists, each checked against its digest), ``cache.py`` (this machine's cache: an
+frames), ``stream.py`` (one shard downloaded by ranged reads in flight, its frames released to
+the unpackers as they land), ``frames.py`` and ``unpack.py`` (one shard out again, refusing
+anything but the files the manifest lists, each checked against its digest), ``cache.py`` (this machine's cache: an
 entry counts once whole and durable, and is checked on every hit). Storage goes through :func:`tlaunch.storage.store.resolve`, so every URL it knows
 works here: paths, ``gs://``, ``s3://``, ``drive://``, ``memory://``.
 """

@@ -8,9 +8,11 @@
     path = fetch("gs://bucket/data/coco.tlar", "/content/coco")  # a link to that
     info("gs://bucket/data/coco.tlar").files
 
-``fetch`` downloads shards in parallel with ranged reads (an interrupted download resumes
-where it stopped), verifies each download's digest, unpacks into a temp directory beside the
-cache entry, verifying every file's digest, and commits it into place; the next ``fetch`` of
+``fetch`` downloads shards in parallel with ranged reads, several in flight per shard, each
+retried while the store's error is transient (an interrupted download resumes where it
+stopped); unpacks each frame into a temp directory beside the cache entry as soon as its bytes
+are here (:mod:`tlaunch.storage.archive.stream`), verifying every file's digest; checks each
+shard's digest once it is whole; and commits the directory into place. The next ``fetch`` of
 the same content on this machine returns at once. Unpacking refuses anything but the regular files the manifest lists: see
 :mod:`tlaunch.storage.archive.unpack`.
 
@@ -30,7 +32,7 @@ import os
 import shutil
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
@@ -51,20 +53,20 @@ from tlaunch.storage.archive.format import (
     MANIFEST_NAME,
     SHARDS_DIR,
     ArchiveError,
+    FileEntry,
     Manifest,
     ShardEntry,
     check_options,
     default_threads,
-    hasher,
     parse_manifest,
 )
+from tlaunch.storage.archive.stream import ShardStream
 from tlaunch.storage.archive.unpack import Aborted, ShardCorrupt, unpack_shard
 from tlaunch.storage.store import (
     Location,
     RetryPolicy,
     StorageError,
     StorageUnavailable,
-    is_transient,
     redact,
     resolve,
 )
@@ -201,8 +203,24 @@ def _fetch_into_cache(
         raise
 
 
+@dataclass(frozen=True, slots=True)
+class _Download:
+    """One remote shard on its way: ``got`` gives (its local copy, whether it was verified
+    here); with ``stream``, its frames may unpack while it downloads."""
+
+    got: Future
+    stream: ShardStream | None
+
+
 class _FetchJob:
-    """One fill of the cache: parallel downloads feeding parallel unpacks, two progress bars."""
+    """One fill of the cache: parallel downloads feeding parallel unpacks, two progress bars.
+
+    A shard downloaded from its first byte is unpacked while it downloads
+    (:mod:`tlaunch.storage.archive.stream`): each frame as soon as it is here, and its digest
+    checked once its last byte is. A shard resumed from an earlier run's ``.part`` file is
+    unpacked once it is whole and verified, because what that run kept may be what is wrong;
+    one already whole is checked while it unpacks.
+    """
 
     def __init__(
         self, loc: Location, manifest: Manifest, tmp: str, downloads: str, threads: int,
@@ -215,6 +233,7 @@ class _FetchJob:
         self.abort = threading.Event()
         self.lock = threading.Lock()
         self.bars = self._bars(progress)
+        self.streams: list[ShardStream] = []
 
     def _bars(self, progress: bool) -> list[Any]:
         from tqdm import tqdm
@@ -239,46 +258,79 @@ class _FetchJob:
     def run(self) -> None:
         shards = self.manifest.shards
         # Frames of every shard share one pool; a thread per shard (up to _DOWNLOADERS)
-        # waits for its download, hands its frames to the pool and hashes it meanwhile.
+        # hands its frames to the pool as they arrive, and ranged reads share another.
         frames = ThreadPoolExecutor(max(1, self.threads), thread_name_prefix="tlaunch-unpack")
         shard_threads = ThreadPoolExecutor(max(1, min(len(shards), _DOWNLOADERS)))
         downloaders = ThreadPoolExecutor(max(1, min(len(shards), _DOWNLOADERS)))
+        readers = ThreadPoolExecutor(_DOWNLOADERS, thread_name_prefix="tlaunch-read")
         futures: list[Future] = []
         try:
             if not self.local:
                 os.makedirs(self.downloads, exist_ok=True)
             for i, shard in enumerate(shards):
-                got = None if self.local else downloaders.submit(self._download, shard)
+                got = None if self.local else self._start(shard, downloaders, readers)
                 futures.append(shard_threads.submit(self._unpack, i, shard, got, frames))
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             if any(f.exception() is not None for f in done):
                 # The first to end may be a shard the failure stopped (Aborted) while the
                 # failing one still hashes: stop the rest and wait, to report the failure.
-                self.abort.set()
+                self._stop()
                 for f in futures:
                     f.cancel()
                 wait(futures)
                 errors = [e for f in futures if not f.cancelled() and (e := f.exception())]
                 raise next((e for e in errors if not isinstance(e, Aborted)), errors[0])
         except BaseException:
-            self.abort.set()
+            self._stop()
             raise
         finally:
             downloaders.shutdown(wait=True, cancel_futures=True)
             shard_threads.shutdown(wait=True, cancel_futures=True)
+            readers.shutdown(wait=True, cancel_futures=True)
             frames.shutdown(wait=True, cancel_futures=True)
             for bar in self.bars:
                 bar.close()
 
+    def _stop(self) -> None:
+        self.abort.set()
+        for stream in self.streams:
+            stream.stop()
+
+    def _start(
+        self, shard: ShardEntry, downloaders: ThreadPoolExecutor, readers: ThreadPoolExecutor
+    ) -> _Download:
+        final = os.path.join(self.downloads, shard.name)
+        if os.path.exists(final) and os.path.getsize(final) == shard.size:
+            # complete from an earlier run; re-verified while unpacking
+            return _Download(downloaders.submit(self._whole, shard, final), None)
+        stream = self._stream(shard, final, readers)
+        got = downloaders.submit(self._download, shard, stream, final)
+        return _Download(got, None if stream.resumed else stream)
+
+    def _stream(self, shard: ShardEntry, final: str, readers: ThreadPoolExecutor) -> ShardStream:
+        part = final + ".part"
+        stream = ShardStream(self._reader(shard), shard.size, part,
+                             _resume_size(part, shard.size), DOWNLOAD_CHUNK, readers)  # fmt: skip
+        self.streams.append(stream)
+        return stream
+
+    def _whole(self, shard: ShardEntry, final: str) -> tuple[str, bool]:
+        self._tick(self.bars[0])(shard.size)
+        return final, False
+
     def _unpack(
-        self, index: int, shard: ShardEntry, got: Future | None, frames: ThreadPoolExecutor
+        self, index: int, shard: ShardEntry, got: _Download | None, frames: ThreadPoolExecutor
     ) -> None:
-        # Unpacks start in shard order as downloads finish, overlapping the two.
-        path, verified = got.result() if got is not None else (self._local_path(shard), False)
         where = f"{self.where} (shard {index + 1}/{len(self.manifest.shards)})"
+        files = self.manifest.shard_files(shard)
+        tick = self._tick(self.bars[-1])
+        if got is not None and got.stream is not None:
+            return self._unpack_streamed(shard, got, files, where, tick, frames)
+        # Unpacks start in shard order as downloads finish, overlapping the two.
+        path, verified = got.got.result() if got is not None else (self._local_path(shard), False)
         try:
-            unpack_shard(path, shard, self.manifest.shard_files(shard), self.tmp, where,
-                         self._tick(self.bars[-1]), frames, self.abort, verify=not verified)  # fmt: skip
+            unpack_shard(path, shard, files, self.tmp, where, tick, frames, self.abort,
+                         verify=not verified)  # fmt: skip
         except FileNotFoundError:
             raise ArchiveError(
                 f"{where}: shard {shard.name} is missing; pack the archive again"
@@ -291,66 +343,105 @@ class _FetchJob:
                 ) from None
             raise ShardCorrupt(f"{e}: the archive is damaged; pack it again") from None
 
+    def _unpack_streamed(
+        self, shard: ShardEntry, got: _Download, files: Sequence[FileEntry], where: str,
+        tick: Callable[[int], None], frames: ThreadPoolExecutor,
+    ) -> None:  # fmt: skip
+        stream = got.stream
+        assert stream is not None
+        try:
+            unpack_shard(stream.part, shard, files, self.tmp, where, tick, frames, self.abort,
+                         verify=False, ready=stream.wait_for)  # fmt: skip
+        except Aborted:
+            got.got.result()  # raises what stopped the download, when that is what stopped us
+            raise
+        except ArchiveError as e:
+            raise self._verdict(shard, got, e) from None
+        got.got.result()  # the shard's digest, now that every file is checked
+
+    def _verdict(self, shard: ShardEntry, got: _Download, failure: ArchiveError) -> ArchiveError:
+        """What to report when a streamed shard's files fail: :class:`ShardCorrupt` when its
+        bytes are not the manifest's (as a download checked before unpacking would say),
+        else ``failure``. Telling the two apart takes the rest of the shard, which the
+        failure stopped: at most one shard more, on a path that ends in an error anyway."""
+        stream = got.stream
+        assert stream is not None
+        final = stream.part.removesuffix(".part")
+        try:
+            try:
+                got.got.result()
+                return failure  # downloaded whole and verified: the archive itself is wrong
+            except Aborted:
+                stream.pump(lambda n: None)
+            self._verified(shard, stream, final, lambda n: None)
+        except ShardCorrupt as damaged:
+            return damaged
+        except StorageError:
+            pass  # the download failed meanwhile: the files' failure is what is known
+        return failure
+
     def _local_path(self, shard: ShardEntry) -> str:
         return self.loc.join(SHARDS_DIR, shard.name)
 
-    def _download(self, shard: ShardEntry) -> tuple[str, bool]:
-        """(the local copy, whether it was verified here); hashed as the bytes arrive."""
-        final = os.path.join(self.downloads, shard.name)
+    def _reader(self, shard: ShardEntry) -> Callable[[int, int], bytes]:
+        """``read(start, end)``: bytes of the shard, retried while the store's error is transient."""
+        remote = self.loc.join(SHARDS_DIR, shard.name)
+        fs = self.loc.fs
+
+        def read(start: int, end: int) -> bytes:
+            try:
+                data = RetryPolicy().call(
+                    lambda: read_range(fs, remote, start, end), action="downloading",
+                    where=self.loc.url,
+                )  # fmt: skip
+            except FileNotFoundError:
+                raise ArchiveError(
+                    f"{self.where}: shard {shard.name} is missing; pack the archive again"
+                ) from None
+            except StorageError as e:
+                if e.__cause__ is None or isinstance(e, ArchiveError):
+                    raise
+                # A download breaks off for network reasons: the .part file keeps what
+                # arrived, and a rerun resumes; "unavailable" tells the launcher so.
+                kind = StorageUnavailable if isinstance(e, StorageUnavailable) else StorageError
+                raise kind(
+                    f"downloading {self.where} failed ({one_line(e.__cause__)}); "
+                    "run the same command again to resume"
+                ) from e.__cause__
+            if len(data) != end - start:
+                raise ArchiveError(
+                    f"{self.where}: shard {shard.name} is shorter than its manifest says; "
+                    "the archive is damaged; pack it again"
+                )
+            return data
+
+        return read
+
+    def _download(self, shard: ShardEntry, stream: ShardStream, final: str) -> tuple[str, bool]:
+        """(the local copy, True): downloaded, hashed as the bytes arrive, and verified."""
         tick = self._tick(self.bars[0])
-        if os.path.exists(final) and os.path.getsize(final) == shard.size:
-            tick(shard.size)  # complete from an earlier run; re-verified while unpacking
-            return final, False
-        part = final + ".part"
-        resumed = _resume_size(part, shard.size)
-        digest = _hash_file(part) if resumed else hasher()
-        tick(resumed)
-        self._download_rest(shard, part, resumed, digest, tick)
-        if digest.hexdigest() == shard.digest:
-            os.replace(part, final)
+        try:
+            tick(stream.have)
+            stream.pump(tick)
+        except BaseException:
+            stream.stop()  # its unpacker, waiting for bytes, learns it here
+            raise
+        return self._verified(shard, stream, final, tick)
+
+    def _verified(
+        self, shard: ShardEntry, stream: ShardStream, final: str, tick: Callable[[int], None]
+    ) -> tuple[str, bool]:
+        if stream.hexdigest() == shard.digest:
+            os.replace(stream.part, final)
             return final, True
-        os.unlink(part)
+        os.unlink(stream.part)
         tick(-shard.size)
-        if resumed:  # the kept part may be what was damaged: once more from the start
-            return self._download(shard)
+        if stream.resumed:  # the kept part may be what was damaged: once more from the start
+            return self._download(shard, self._stream(shard, final, stream.readers), final)
         raise ShardCorrupt(
             f"{self.where}: shard {shard.name} does not match its checksum as downloaded; "
             "the archive is damaged; pack it again"
         )
-
-    def _download_rest(
-        self, shard: ShardEntry, part: str, have: int, digest: Any, tick: Callable[[int], None]
-    ) -> None:
-        remote = self.loc.join(SHARDS_DIR, shard.name)
-        with open(part, "ab") as f:
-            while have < shard.size:
-                end = min(have + DOWNLOAD_CHUNK, shard.size)
-                try:
-                    data = read_range(self.loc.fs, remote, have, end)
-                except FileNotFoundError:
-                    raise ArchiveError(
-                        f"{self.where}: shard {shard.name} is missing; pack the archive again"
-                    ) from None
-                except Exception as e:
-                    if isinstance(e, (StorageError, Aborted)):
-                        raise
-                    # A download breaks off for network reasons: the .part file keeps what
-                    # arrived, and a rerun resumes; "unavailable" tells the launcher so.
-                    kind = StorageUnavailable if is_transient(e) else StorageError
-                    raise kind(
-                        f"downloading {self.where} failed ({one_line(e)}); "
-                        "run the same command again to resume"
-                    ) from e
-                if len(data) != end - have:
-                    raise ArchiveError(
-                        f"{self.where}: shard {shard.name} is shorter than its manifest says; "
-                        "the archive is damaged; pack it again"
-                    )
-                f.write(data)
-                f.flush()  # what is on disk is what a rerun resumes from
-                digest.update(data)
-                have = end
-                tick(len(data))
 
 
 def _resume_size(part: str, size: int) -> int:
@@ -362,11 +453,3 @@ def _resume_size(part: str, size: int) -> int:
         os.unlink(part)
         return 0
     return have
-
-
-def _hash_file(path: str) -> Any:
-    digest = hasher()
-    with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest

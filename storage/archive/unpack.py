@@ -79,13 +79,16 @@ def unpack_shard(
     pool: Executor,
     abort: threading.Event,
     verify: bool = True,
+    ready: Callable[[int], None] | None = None,
 ) -> None:
     """Unpack the shard file at ``path`` into ``dest``, a fresh directory, on ``pool``.
 
     Every file is checked against its digest in ``files``. ``verify``: when that or anything
     else fails, hash the shard to tell a damaged shard (:class:`ShardCorrupt`) from a bad
-    archive (False when the shard was just checked on download). A failure sets ``abort``,
-    which stops every other frame at its next member.
+    archive (False when the shard is checked on download). A failure sets ``abort``, which
+    stops every other frame at its next member. ``ready(n)``, when given, returns once the
+    file holds its first ``n`` bytes (it is still being downloaded), or raises
+    :class:`Aborted`: each frame is handed to ``pool`` as soon as it is all there.
     """
     if not hasattr(tarfile, "data_filter"):
         raise ArchiveError(
@@ -100,12 +103,21 @@ def unpack_shard(
         for j in sorted(split):  # created here, so frames can fill them in any order
             os.close(_create(f"{dest}/{files[j].path}", files[j].mode, umask))
         spans = _SplitFiles(files, split, tasks, dest, pool, abort)
-        jobs = [pool.submit(_unpack_frame, spans, fd, t, files, dest, where, on_bytes, abort,
-                            split, umask) for t in tasks]  # fmt: skip
-        for job in jobs:
+        jobs: list[Future] = []
+        stopped: list[BaseException] = []  # the download ended before all frames were there
+        for t in tasks:
+            if ready is not None:
+                try:
+                    ready(t.offset + t.size)
+                except Aborted as e:
+                    stopped.append(e)
+                    break
+            job = pool.submit(_unpack_frame, spans, fd, t, files, dest, where, on_bytes, abort,
+                              split, umask)  # fmt: skip
             job.add_done_callback(lambda job: _error(job) is None or abort.set())
+            jobs.append(job)
         wait(jobs)
-        errors = [e for e in map(_error, jobs) if e is not None] or spans.check(where)
+        errors = [e for e in map(_error, jobs) if e is not None] + stopped or spans.check(where)
         failure = next((e for e in errors if not isinstance(e, Aborted)), None)
         # Only now the shard's digest: with every file's checked, it tells what failed.
         digest = _hash(fd, shard.size) if verify and failure is not None else None

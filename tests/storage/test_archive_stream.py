@@ -1,0 +1,165 @@
+"""Fetching a shard while it downloads: frames unpack as their bytes land; a dropped read is
+retried or resumed; a failure never leaves a cache entry; the error says what was wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import pytest
+
+from tests import faultfs
+from tests.faultfs import Fault
+from tlaunch.storage import ArchiveError, StorageUnavailable, fetch, pack, read_manifest, resolve
+from tlaunch.storage.archive import compress
+from tlaunch.storage.archive import fetch as fetch_module
+from tlaunch.storage.archive import unpack as unpack_module
+from tlaunch.storage.archive.format import MANIFEST_NAME, SHARDS_DIR, content_id
+
+pytestmark = pytest.mark.timeout(120)
+
+CHUNK = 64 << 10  # one ranged read
+
+
+@pytest.fixture(autouse=True)
+def _small_pieces(monkeypatch):
+    """Frames and ranged reads of 64 KiB, so a shard of a few hundred KB takes many of each."""
+    monkeypatch.setattr(compress, "FRAME_SIZE", 64 << 10)
+    monkeypatch.setattr(compress, "SMALL_FILE", 4096)
+    monkeypatch.setattr(fetch_module, "DOWNLOAD_CHUNK", CHUNK)
+    faultfs.clear()
+    yield
+    faultfs.clear()
+
+
+@pytest.fixture
+def tree(tmp_path) -> str:
+    root = tmp_path / "data"
+    root.mkdir()
+    rng = __import__("random").Random(7)
+    for i in range(12):
+        body = rng.randbytes(40_000) if i % 2 else b"text %d " % i * 6000
+        (root / f"f{i:02d}.bin").write_bytes(body)
+    (root / "z_large.bin").write_bytes(rng.randbytes(300_000))  # spans several frames
+    return str(root)
+
+
+def tree_bytes(root: str) -> dict[str, bytes]:
+    return {name: open(os.path.join(root, name), "rb").read() for name in sorted(os.listdir(root))}
+
+
+def cache_state(cache: str, archive_id: str) -> tuple[bool, bool, list[str]]:
+    """(entry folder there, completion record there, unpack temp dirs left)."""
+    names = os.listdir(cache) if os.path.isdir(cache) else []
+    return (
+        archive_id in names,
+        f"{archive_id}.json" in names,
+        [n for n in names if ".unpack-" in n],
+    )
+
+
+def test_frames_unpack_while_the_shard_downloads(tree, tmp_path, monkeypatch):
+    url, cache = "faulty://s/ds.tlar", str(tmp_path / "cache")
+    pack(tree, url, progress=False)
+    (shard,) = read_manifest(url).shards
+    assert shard.size > 4 * CHUNK and len(shard.frames) > 4
+    unpacked = threading.Event()
+    real_frame, real_read = unpack_module._extract_frame, fetch_module.read_range
+
+    def frame(*args):
+        real_frame(*args)
+        unpacked.set()
+
+    def read(fs, path, start, end):
+        if end == shard.size:  # the last read waits until a frame has been unpacked
+            assert unpacked.wait(30), "no frame was unpacked before the last bytes arrived"
+        return real_read(fs, path, start, end)
+
+    monkeypatch.setattr(unpack_module, "_extract_frame", frame)
+    monkeypatch.setattr(fetch_module, "read_range", read)
+
+    path = fetch(url, cache_dir=cache, progress=False)
+
+    assert tree_bytes(path) == tree_bytes(tree)
+
+
+def test_a_reset_on_the_third_read_is_retried(tree, tmp_path):
+    url, cache = "faulty://s/ds.tlar", str(tmp_path / "cache")
+    report = pack(tree, url, progress=False)
+    two_pass = Fault("cat_file", "*/shards/*", error=None, times=2)
+    reset = Fault("cat_file", "*/shards/*", ConnectionResetError, times=1)
+
+    with faultfs.faults(two_pass, reset):
+        path = fetch(url, cache_dir=cache, progress=False)
+
+    assert len(reset.calls) == 1  # the third read, reset once, then retried
+    assert tree_bytes(path) == tree_bytes(tree)
+    assert cache_state(cache, report.id) == (True, True, [])
+
+
+def test_a_download_that_keeps_failing_leaves_no_entry_and_a_rerun_resumes(tree, tmp_path):
+    url, cache = "faulty://s/ds.tlar", str(tmp_path / "cache")
+    report = pack(tree, url, progress=False)
+    (shard,) = read_manifest(url).shards
+    two_pass = Fault("cat_file", "*/shards/*", error=None, times=2)
+    reset = Fault("cat_file", "*/shards/*", ConnectionResetError, times=None)
+
+    with faultfs.faults(two_pass, reset), pytest.raises(StorageUnavailable) as err:
+        fetch(url, cache_dir=cache, progress=False)
+
+    assert "run the same command again to resume" in str(err.value)
+    assert "\n" not in str(err.value)
+    # Frames of the first two reads may have unpacked: none of it counts as cached.
+    assert cache_state(cache, report.id) == (False, False, [])
+    part = os.path.join(cache, f".{report.id}.shards", shard.name + ".part")
+    assert os.path.getsize(part) == 2 * CHUNK  # what arrived, in order: a rerun resumes there
+
+    with faultfs.faults(Fault("cat_file", "*/shards/*", error=None, times=None)) as (seen,):
+        path = fetch(url, cache_dir=cache, progress=False)
+
+    assert len(seen.calls) == -(-(shard.size - 2 * CHUNK) // CHUNK)  # only the rest
+    assert tree_bytes(path) == tree_bytes(tree)
+    assert cache_state(cache, report.id) == (True, True, [])
+
+
+def test_a_file_that_fails_its_digest_in_a_late_frame_is_named_and_nothing_is_cached(
+    tree, tmp_path, memory_url
+):
+    url, cache = memory_url + "/ds.tlar", str(tmp_path / "cache")
+    pack(tree, url, progress=False)
+    loc = resolve(url)
+    doc = json.loads(loc.fs.cat_file(loc.join(MANIFEST_NAME)))
+    # The manifest is consistent with itself (its id recomputed) but wrong about the last
+    # file, which sits in the shard's last frames: the shard itself is what was packed.
+    doc["files"][-1]["blake3"] = "0" * 64
+    manifest = read_manifest(url)
+    files = [f.__class__(f.path, f.size, f.mode, f.digest) for f in manifest.files]
+    files[-1] = files[-1].__class__(files[-1].path, files[-1].size, files[-1].mode, "0" * 64)
+    doc["id"] = content_id(manifest.dirs, files)
+    loc.fs.pipe_file(loc.join(MANIFEST_NAME), json.dumps(doc).encode())
+
+    with pytest.raises(ArchiveError) as err:
+        fetch(url, cache_dir=cache, progress=False)
+
+    message = str(err.value)
+    assert "'z_large.bin' does not match the manifest's blake3 digest" in message
+    assert "\n" not in message
+    assert cache_state(cache, doc["id"]) == (False, False, [])
+
+
+def test_a_shard_damaged_in_the_store_is_told_from_a_bad_file(tree, tmp_path, memory_url):
+    url, cache = memory_url + "/ds.tlar", str(tmp_path / "cache")
+    report = pack(tree, url, progress=False)
+    (shard,) = read_manifest(url).shards
+    loc = resolve(url)
+    path = loc.join(SHARDS_DIR, shard.name)
+    data = bytearray(loc.fs.cat_file(path))
+    data[shard.size // 3] ^= 0xFF  # an early frame: it fails long before the shard is here
+    loc.fs.pipe_file(path, bytes(data))
+
+    with pytest.raises(ArchiveError, match="does not match its checksum as downloaded") as err:
+        fetch(url, cache_dir=cache, progress=False)
+
+    assert shard.name in str(err.value) and "pack it again" in str(err.value)
+    assert cache_state(cache, report.id) == (False, False, [])
