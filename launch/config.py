@@ -242,6 +242,18 @@ class LaunchConfig:
     overfit_batches: int = _doc(
         "Repeat the first N batches every epoch (overfit sanity check).", default=0, min=0
     )
+    limit_val_batches: float | None = _doc(
+        "Batches per evaluation pass: a count or a fraction of the set.", default=None
+    )
+    val_every_epochs: int | None = _doc(
+        "run.eval_batches runs every N epochs.", default=None, min=1
+    )
+    val_every_steps: int | None = _doc("run.eval_batches runs every N steps.", default=None, min=1)
+    early_stop: str | None = _doc(
+        "Stop when this metric (logged in run.eval_batches) stops improving (--mode).", default=None
+    )
+    patience: int | None = _doc("Evaluations without improvement to wait.", default=None, min=1)
+    min_delta: float = _doc("Smallest change that counts as an improvement.", default=0.0, min=0)
     progress: str = _doc(
         "Progress bar on rank 0: auto (only on a TTY), on or off.",
         default="auto",
@@ -361,12 +373,21 @@ class LaunchConfig:
             raise UsageError(
                 self._fix("--resume best needs the metric to rank by", add="--monitor val_loss")
             )
-        limit = self.limit_train_batches
-        if limit is not None and (limit <= 0 or 1 < limit != int(limit)):
+        for flag, limit in (("train", self.limit_train_batches), ("val", self.limit_val_batches)):
+            if limit is not None and (limit <= 0 or 1 < limit != int(limit)):
+                raise UsageError(
+                    f"--limit-{flag}-batches is a whole count >= 1 (e.g. 50) or a fraction in "
+                    f"(0, 1] (e.g. 0.1), got {limit}"
+                )
+        if self.val_every_epochs and self.val_every_steps:
             raise UsageError(
-                "--limit-train-batches is a whole count >= 1 (e.g. 50) or a fraction in (0, 1] "
-                f"(e.g. 0.1), got {limit}"
+                self._fix(
+                    "--val-every-epochs or --val-every-steps: choose one", drop="--val-every-epochs"
+                )
             )
+        if bool(self.early_stop) != (self.patience is not None):
+            missing = "--patience 3" if self.early_stop else "--early-stop val_loss"
+            raise UsageError(self._fix("--early-stop and --patience go together", add=missing))
         for spec in self.sync_dir:
             if "=" not in spec or not all(spec.split("=", 1)):
                 raise UsageError(

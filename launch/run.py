@@ -40,6 +40,7 @@ import torch
 from tlaunch.checkpointing import MODEL, OPTIMIZER, SCHEDULER, CheckpointManager, Position
 from tlaunch.config import DEFAULT_KEEP_LAST, DEFAULT_SAVE_MINUTES, LaunchConfig
 from tlaunch.contract import CONTROL_DIR_ENV, DEFAULT_CHECKPOINT_DIR_ENV, LAUNCH_DIR_ENV
+from tlaunch.evaluation import Evaluation
 from tlaunch.goodput import WorkerRecord
 from tlaunch.loader_workers import install_worker_hook
 from tlaunch.run_io import MetricsLog, Progress, make_run_dir
@@ -106,6 +107,7 @@ class Run:
         self.checkpoints = CheckpointManager(config, self.strategy, self.accelerator, self.hparams)
         opened = time.monotonic()
         self.resume = self.checkpoints.open(self.position, self._metrics)
+        self.evaluation = Evaluation(self)  # eval passes, early stopping, the --monitor rule
         self._restore_s = time.monotonic() - opened if self.checkpoints.loaded is not None else 0.0
         self._goodput = WorkerRecord.for_run(config, self.is_main, self.checkpoints.enabled)
         self.logs.start(
@@ -183,7 +185,8 @@ class Run:
             raise TypeError(
                 f"run.register needs an object with state_dict/load_state_dict, got {type(obj).__name__}"
             )
-        self.checkpoints.register(name or f"extra_{len(self.checkpoints.states.extra)}", obj)
+        extra = sum(n.startswith("extra_") for n in self.checkpoints.states.extra)
+        self.checkpoints.register(name or f"extra_{extra}", obj)
         return obj
 
     # -- the loop ------------------------------------------------------------------------------
@@ -204,7 +207,8 @@ class Run:
                 return
             epoch += 1
             pos.epoch, pos.batch_in_epoch = epoch, 0
-            if self.checkpoints.due_at_epoch_end(epoch) and not self._done():
+            scored = self.evaluation.save_due()  # an epoch-end pass logged --monitor
+            if (self.checkpoints.due_at_epoch_end(epoch) or scored) and not self._done():
                 self.save()
 
     def batches(self, loader: Any) -> Iterator[Any]:
@@ -246,6 +250,17 @@ class Run:
                     break
         bar.close()
 
+    def eval_batches(self, loader: Any) -> Iterator[Any]:
+        """One evaluation pass over ``loader`` (a DataLoader not given to ``prepare``): this
+        rank's share, no padding, models in eval mode under ``no_grad``, no step counted;
+        nothing at a point ``--val-every-*`` skips. See :mod:`tlaunch.evaluation`."""
+        return self.evaluation.batches(loader)
+
+    @property
+    def should_evaluate(self) -> bool:
+        """Whether ``run.eval_batches`` called now evaluates (``--val-every-*``)."""
+        return self.evaluation.due()
+
     @contextlib.contextmanager
     def accumulate(self, model: torch.nn.Module) -> Iterator[None]:
         """One micro-batch: gradients are synchronized across ranks, and the optimizer and
@@ -273,6 +288,7 @@ class Run:
         the batch) is a count for the ``tokens_per_sec`` figure (:mod:`tlaunch.trackers`).
         """
         values: dict[str, Any] = {}
+        metrics = self.evaluation.capture(reduce, metrics)  # in a pass: averaged at its end
         for key, value in metrics.items():
             values[key] = (
                 self._metric_value(value, reduce)
@@ -312,7 +328,7 @@ class Run:
             return
         started = time.monotonic()
         self._metrics.flush()  # the lines logged so far are on disk when the checkpoint is
-        self.checkpoints.save(self.position, self._metrics.latest())
+        self.checkpoints.save(self.position, self._saved_metrics())
         self._goodput.saved(self.position.step, time.monotonic() - started)
 
     def finish(self) -> None:
@@ -363,9 +379,14 @@ class Run:
                 total = cap if total is None else min(total, cap)
         return total
 
+    def _saved_metrics(self) -> dict[str, float]:
+        return self.evaluation.checkpoint_metrics(self._metrics.latest(), self.position.step)
+
     def _done(self) -> bool:
-        return self.stops.agreed or (
-            self.config.max_steps is not None and self.position.step >= self.config.max_steps
+        return (
+            self.stops.agreed
+            or self.evaluation.stopped
+            or (self.config.max_steps is not None and self.position.step >= self.config.max_steps)
         )
 
     def _after_step(self) -> bool:
@@ -379,7 +400,7 @@ class Run:
         )
         if stop:
             self._stop_with_checkpoint()
-        if ckpt.due_after_step(self.position.step) or save_due:
+        if ckpt.due_after_step(self.position.step) or save_due or self.evaluation.save_due():
             self.save()
         return self._done()
 
@@ -393,7 +414,7 @@ class Run:
         nothing_new = ckpt.saved_step == pos.step or (pos.step == 0 and ckpt.loaded is None)
         if ckpt.enabled:
             if not nothing_new:
-                ckpt.save(pos, self._metrics.latest(), force=True)
+                ckpt.save(pos, self._saved_metrics(), force=True)
             ckpt.flush(stopping=True)  # rank 0 waits for the commit, the others for rank 0
             ckpt.close()  # the lease too: a notebook may init() again in this process
         self._progress.close()

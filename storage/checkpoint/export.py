@@ -2,7 +2,8 @@
 
 A step is named by its number, ``last`` (the newest committed step that is not quarantined) or
 ``best`` (the step :class:`~.retention.KeepBest` ranks first by a metric in the COMMIT records,
-so ``best`` is the step ``--keep-best`` keeps). The metric and its direction come from the
+so ``best`` is the step ``--keep-best`` keeps; a step that records no value for the metric, as
+a step saved between evaluations does, is never ``best``). The metric and its direction come from the
 caller, else from what the newest step recorded: a tlaunch run saves its flags under
 ``state.json``'s ``config`` (``monitor``, ``mode``).
 

@@ -47,7 +47,10 @@ class KeepBest:
     """The ``n`` steps with the best ``monitor`` metric from ``state["metrics"]``.
 
     A step without a finite number for the metric is never among the best; ties keep the
-    newer step.
+    newer step. A step's metric must have been measured on that step's weights: a tlaunch run
+    records the ``--monitor`` value only in the checkpoint saved right after the evaluation
+    that measured it, and none in a checkpoint saved between evaluations, which is then never
+    ranked (``tlaunch.evaluation``). ``best`` (:mod:`.export`) is this rule's first step.
     """
 
     n: int
