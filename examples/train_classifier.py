@@ -7,6 +7,13 @@ Add `--log-with tensorboard` for its curves: `tensorboard --logdir ckpts/logs`.
 
 Interrupt it (Ctrl-C, or `kill -TERM` the launcher) and run the same command again: it
 resumes where it stopped, and ends with the same parameters as an uninterrupted run.
+
+Each epoch ends with an evaluation pass on a held-out set (`run.eval_batches`: every rank
+evaluates its share, the logged averages are over samples). With early stopping and the best
+evaluated weights kept:
+
+    tlaunch examples/train_classifier.py --cpus 2 --checkpoint-dir ckpts --save-every 10 \
+        --early-stop val_loss --patience 3 --keep-best 1 --monitor val_loss -- --epochs 30
 """
 
 from __future__ import annotations
@@ -22,9 +29,15 @@ from torch.utils.data import DataLoader, TensorDataset
 import tlaunch
 
 
-def make_data(n: int = 512, features: int = 16, classes: int = 4) -> TensorDataset:
+def make_data(
+    n: int = 512, features: int = 16, classes: int = 4, seed: int | None = None
+) -> TensorDataset:
+    """``n`` samples around fixed class centers; another ``seed`` draws other samples (a
+    held-out set) around the same centers."""
     g = torch.Generator().manual_seed(1234)  # the data set is fixed; training order is tlaunch's
     centers = torch.randn(classes, features, generator=g) * 2
+    if seed is not None:
+        g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, classes, (n,), generator=g)
     x = centers[y] + torch.randn(n, features, generator=g)
     x = (x - x.mean(0)) / x.std(0)  # normalize inputs: the practitioners' second lesson
@@ -44,17 +57,6 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-
-def evaluate(model: nn.Module, loader: DataLoader) -> float:
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for x, y in loader:
-            total += F.cross_entropy(model(x), y, reduction="sum").item()
-            count += len(y)
-    model.train()
-    return total / count
 
 
 def params_digest(model: nn.Module) -> str:
@@ -84,7 +86,8 @@ def main() -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=20, gamma=0.5)
     loader = DataLoader(data, batch_size=args.batch_size, shuffle=True)
-    eval_loader = DataLoader(data, batch_size=128)
+    # Not given to run.prepare: run.eval_batches shares it out over the ranks itself.
+    val_loader = DataLoader(make_data(n=250, seed=4321), batch_size=64)
     model, optimizer, loader, scheduler = run.prepare(model, optimizer, loader, scheduler)
 
     for epoch in run.epochs(args.epochs):
@@ -101,16 +104,25 @@ def main() -> None:
                 import time
 
                 time.sleep(args.step_delay)
-        run.log(val_loss=evaluate(model, eval_loader))
-        if run.is_main:
-            print(
-                f"epoch {epoch}: step {run.step} val_loss {run.metrics['val_loss']:.4f}", flush=True
-            )
+        if run.should_evaluate:  # every epoch, or as --val-every-epochs says
+            # Eval mode and no_grad inside; per-sample values averaged over the whole set.
+            for x, y in run.eval_batches(val_loader):
+                logits = model(x)
+                run.log(val_loss=F.cross_entropy(logits, y, reduction="none"), reduce=True)
+                run.log(val_acc=(logits.argmax(1) == y).float(), reduce=True)
+            if run.is_main:
+                m = run.metrics
+                print(
+                    f"epoch {epoch}: step {run.step} val_loss {m['val_loss']:.4f} "
+                    f"val_acc {m['val_acc']:.3f}",
+                    flush=True,
+                )
     run.finish()
     if run.is_main:
         final = run.accelerator.unwrap_model(model)
         print(
-            f"final val_loss {run.metrics['val_loss']:.4f} params {params_digest(final)}",
+            f"final val_loss {run.metrics.get('val_loss', float('nan')):.4f} "
+            f"params {params_digest(final)}",
             flush=True,
         )
         if args.save_params:
