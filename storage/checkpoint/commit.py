@@ -16,6 +16,12 @@ A reader must never take a half-written step for a whole one, whatever moment th
   after a successful write see it. So files are written in place, then MANIFEST, then COMMIT
   last; a step without COMMIT does not exist for readers, and ``clean_stale`` removes it.
 
+Files are streamed (:meth:`CommitProtocol.write_stream`): the serializer writes into the local
+temp file or the upload stream, hashing on the way, so a save holds no file's bytes in memory.
+A stream that fails is retried whole, from the snapshot; a failed upload is cancelled where the
+backend can (a resumable or multi-part upload), else closed at once, so a torn attempt can
+never land after the retry that replaced it. Either way nothing is visible before COMMIT.
+
 Deleting runs the same protocol backwards: COMMIT goes first, so a delete killed half-way leaves
 an uncommitted directory, never a committed one with files missing.
 
@@ -29,12 +35,16 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+from collections.abc import Callable
 from typing import Any
 
-from tlaunch.storage.checkpoint.manifest import COMMIT, TMP_PREFIX, step_dir
+from tlaunch.storage.checkpoint.manifest import COMMIT, TMP_PREFIX, HashingWriter, step_dir
 from tlaunch.storage.checkpoint.threads import in_parallel
-from tlaunch.storage.localfs import fsync_dir, write_atomic
+from tlaunch.storage.localfs import AtomicFile, fsync_dir, write_atomic
 from tlaunch.storage.store import Location, RetryPolicy, StorageError
+
+#: Bytes an upload stream buffers before it sends a part: few requests, little memory.
+UPLOAD_PART = 16 << 20
 
 
 class CommitProtocol:
@@ -54,6 +64,18 @@ class CommitProtocol:
 
     def write(self, path: str, data: bytes) -> None:
         """Write one whole file durably (its bytes survive once this returns)."""
+        raise NotImplementedError
+
+    def write_stream(self, path: str, produce: Callable[[Any], None]) -> dict[str, Any]:
+        """Write the file ``produce(sink)`` writes, durably, retried whole while transient;
+        returns its MANIFEST entry (size and sha256 of the bytes written)."""
+
+        def attempt() -> dict[str, Any]:
+            return self._stream(path, produce)
+
+        return self.retry.call(attempt, action="writing", where=path)
+
+    def _stream(self, path: str, produce: Callable[[Any], None]) -> dict[str, Any]:
         raise NotImplementedError
 
     def commit(self, staging: str, step: int, record: bytes) -> None:
@@ -113,6 +135,12 @@ class RenameCommit(CommitProtocol):
         # Through fs.open, not open(): the one seam where tests inject a full or read-only disk.
         self.retry.call(write_atomic, path, data, opener=self.fs.open, action="writing", where=path)
 
+    def _stream(self, path: str, produce: Callable[[Any], None]) -> dict[str, Any]:
+        with AtomicFile(path, opener=self.fs.open) as f:  # temp name, fsync, rename
+            sink = HashingWriter(f.file)
+            produce(sink)
+        return sink.entry()
+
     def commit(self, staging: str, step: int, record: bytes) -> None:
         self.write(f"{staging}/{COMMIT}", record)
         fsync_dir(staging)
@@ -144,11 +172,35 @@ class MarkerCommit(CommitProtocol):
     def write(self, path: str, data: bytes) -> None:
         self.retry.call(self.fs.pipe_file, path, data, action="writing", where=path)
 
+    def _stream(self, path: str, produce: Callable[[Any], None]) -> dict[str, Any]:
+        f = self.fs.open(path, "wb", block_size=UPLOAD_PART)
+        try:
+            sink = HashingWriter(f)
+            produce(sink)
+            f.close()  # the last part: the object exists from here on
+        except BaseException:
+            _drop(f)
+            raise
+        return sink.entry()
+
     def commit(self, staging: str, step: int, record: bytes) -> None:
         self.write(f"{staging}/{COMMIT}", record)
 
     def uncommit(self, path: str) -> None:
         self.retry.call(self.fs.rm_file, f"{path}/{COMMIT}", action="deleting", where=path)
+
+
+def _drop(f: Any) -> None:
+    """Make a failed upload land nothing later: cancel it where the backend has a real cancel
+    (gcsfs, s3fs), else close it now. Left to the garbage collector, fsspec closes, and so
+    uploads, an abandoned file whenever that runs, possibly over the retry's complete one."""
+    from fsspec.spec import AbstractBufferedFile
+
+    with contextlib.suppress(Exception):
+        if getattr(type(f), "discard", None) not in (None, AbstractBufferedFile.discard):
+            f.discard()
+    with contextlib.suppress(Exception):
+        f.close()
 
 
 def build_commit_protocol(location: Location, retry: RetryPolicy) -> CommitProtocol:

@@ -29,11 +29,13 @@ directory is ever read.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from tlaunch.storage.checkpoint.discovery import StepDir, read_complete
 from tlaunch.storage.checkpoint.manifest import (
     COMMIT,
+    HASH_NAME,
     MANIFEST,
     STATE,
     CheckpointError,
@@ -46,6 +48,9 @@ from tlaunch.storage.checkpoint.manifest import (
 from tlaunch.storage.checkpoint.records import manifest_files
 from tlaunch.storage.checkpoint.serialize import MalformedFile, bytes_to_state
 from tlaunch.storage.store import Location, RetryPolicy, redact
+
+#: Bytes one ranged read of a large file asks for.
+READ_PART = 16 << 20
 
 
 class CorruptCheckpointError(CheckpointError):
@@ -91,16 +96,53 @@ class StepReader:
         except ValueError as e:
             raise self.corrupt(str(e)) from None
 
-    def read(self, name: str, expect: dict[str, Any] | None) -> bytes:
-        """The bytes of file ``name``, checked against its MANIFEST entry ``expect`` if given."""
+    def read(self, name: str, expect: dict[str, Any] | None) -> bytearray:
+        """The bytes of file ``name``, checked against its MANIFEST entry ``expect`` if given.
+
+        One buffer the size of the file, filled in ranged reads of :data:`READ_PART` bytes and
+        hashed as they arrive: no second copy of the file and no second pass over it. Each
+        part is retried on its own (a reset late in a 2 GB file costs one part again), and a
+        part shorter than asked counts as a failed read, never as damage.
+        """
         if name not in self.s.files:
             raise self.corrupt(f"{name} is missing")
-        data = self._read_listed(name)
+        listed = self.s.files[name]
         if expect is not None:
-            problems = hash_problems({name: expect}, lambda _: (len(data), sha256(data)))
+            problems = size_problems({name: expect}, {name: listed})
+            if problems:
+                raise self.corrupt(problems[0])
+        size = listed if listed is not None else (expect or {}).get("size")
+        path = f"{self.s.path}/{name}"
+        try:
+            if size is None or size <= READ_PART:
+                data = bytearray(read_complete(self.fs, self.retry, path, size))
+                digest = sha256(data)
+            else:
+                data, digest = self._read_parts(path, size)
+        except FileNotFoundError:
+            raise self._vanished(name) from None
+        if expect is not None:
+            problems = hash_problems({name: expect}, lambda _: (len(data), digest))
             if problems:
                 raise self.corrupt(problems[0])
         return data
+
+    def _read_parts(self, path: str, size: int) -> tuple[bytearray, str]:
+        data, digest = bytearray(size), hashlib.new(HASH_NAME)
+        view = memoryview(data)
+        for start in range(0, size, READ_PART):
+            end = min(size, start + READ_PART)
+
+            def part(start: int = start, end: int = end) -> bytes:
+                piece = self.fs.cat_file(path, start=start, end=end)
+                if len(piece) != end - start:
+                    raise ConnectionError(f"read {len(piece)} of bytes {start}..{end} listed")
+                return piece
+
+            piece = self.retry.call(part, action="reading", where=path)
+            view[start:end] = piece
+            digest.update(piece)
+        return data, digest.hexdigest()
 
     def problems(self, *, full: bool) -> list[str]:
         """What is proven wrong: sizes against the listing, with ``full`` every byte against its

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,11 +42,10 @@ from tlaunch.storage.checkpoint.manifest import (
     build_manifest,
     commit_record,
     encode_json,
-    sha256,
     step_dir,
 )
 from tlaunch.storage.checkpoint.reading import CorruptCheckpointError, StepGone, StepReader
-from tlaunch.storage.checkpoint.threads import InThread
+from tlaunch.storage.checkpoint.threads import in_parallel
 from tlaunch.storage.store import (
     Location,
     RetryPolicy,
@@ -67,7 +65,8 @@ __all__ = [
 ]
 
 _MAX_STEP = 10**9 - 1
-_UPLOADS_IN_FLIGHT = 2
+#: Files of one step written at once: every large file of a usual save (model, optimizer).
+_FILES_IN_FLIGHT = 4
 
 
 class CheckpointWarning(UserWarning):
@@ -284,7 +283,7 @@ class CheckpointStore:
         return info
 
     def _write_step(
-        self, step: int, staging: str, plan: list[tuple[str, Callable[[], bytes]]], metrics: dict
+        self, step: int, staging: str, plan: list[tuple[str, serialize.FileWriter]], metrics: dict
     ) -> CheckpointInfo:
         files = self._write_files(staging, plan)
         manifest = build_manifest(files)
@@ -297,38 +296,24 @@ class CheckpointStore:
         )
 
     def _write_files(
-        self, staging: str, plan: list[tuple[str, Callable[[], bytes]]]
+        self, staging: str, plan: list[tuple[str, serialize.FileWriter]]
     ) -> dict[str, dict[str, Any]]:
-        """Write every file, serializing each next one while earlier ones upload and hash.
+        """Stream every file from the snapshot, all of them at once; their MANIFEST entries.
 
-        Two uploads may run at once, as in fsspec's own bulk put: object stores move two
-        streams faster than one, and the store stays busy while the next file serializes. The
-        only serialization nothing hides is that of the first large file. Peak memory: the
-        bytes of three files (two uploading, one ready).
+        Each file is serialized straight into its local temp file or upload stream and hashed
+        on the way (:meth:`CommitProtocol.write_stream`), so memory beyond the snapshot is a
+        few upload parts, never a file's bytes. The files go concurrently, as fsspec's own
+        bulk put sends them: an object store moves several streams faster than one, and
+        hashing and serializing (C code without the GIL) overlap each other's waits.
         """
         files: dict[str, dict[str, Any]] = {}
-        uploads: deque[InThread] = deque()
-        try:
-            for name, make in plan:
-                data = make()
-                if len(uploads) == _UPLOADS_IN_FLIGHT:
-                    files.update(uploads.popleft().result())
-                uploads.append(InThread(self._write_hashed, name, f"{staging}/{name}", data))
-            while uploads:
-                files.update(uploads.popleft().result())
-        finally:
-            for upload in uploads:
-                upload.wait()  # the caller may delete the staging dir: never under an upload
-        return files
 
-    def _write_hashed(self, name: str, path: str, data: bytes) -> dict[str, dict[str, Any]]:
-        """Write ``data`` while another thread hashes it (hashlib drops the GIL)."""
-        digest = InThread(sha256, data)
-        try:
-            self._protocol.write(path, data)
-        finally:
-            digest.wait()
-        return {name: {"size": len(data), "sha256": digest.result()}}
+        def write(item: tuple[str, serialize.FileWriter]) -> None:
+            name, produce = item
+            files[name] = self._protocol.write_stream(f"{staging}/{name}", produce)
+
+        in_parallel(write, plan, width=_FILES_IN_FLIGHT)
+        return dict(sorted(files.items()))
 
     def _is_committed(self, step: int) -> bool:
         """One listing of the step's own directory: cheaper than a full scan on object stores."""
@@ -387,19 +372,31 @@ class CheckpointStore:
         return None
 
     def _load(self, s: StepDir, verify: bool) -> LoadedCheckpoint:
+        """Read, check and parse the step's files, several at once.
+
+        Each file is checked against its sha256 before it is parsed, so no parser ever sees
+        bytes that fail their checksum; the files overlap one another's reading, hashing and
+        parsing (all in C code that drops the GIL). Peak memory is the loaded state plus the
+        bytes of the ``.pt`` files being parsed: safetensors tensors are views of the bytes read.
+        """
         reader = self._reader(s)
         files = reader.manifest()
         out = LoadedCheckpoint(self._info(s), {}, {}, {}, {})
         slots = {"tensors": out.tensors, "objects": out.objects, "rng": out.rng}
-        # One file at a time, checked before it is parsed: peak memory is the loaded state plus
-        # one file's bytes, and no parser ever sees bytes that fail their checksum.
-        for name in sorted(files):
+        parsed: dict[str, tuple[str, Any, Any]] = {}
+
+        def load(name: str) -> None:
             data = reader.read(name, files[name] if verify else None)
             label = f"step {s.step} at {redact(self.url)}: {name}"
             try:
-                kind, key, value = serialize.load_file(name, data, label)
+                parsed[name] = serialize.load_file(name, data, label)
             except serialize.MalformedFile as e:
                 raise reader.corrupt(f"{name} {e.detail}") from None
+
+        # Largest first: the longest read starts first.
+        in_parallel(load, sorted(files, key=lambda n: -files[n]["size"]), width=_FILES_IN_FLIGHT)
+        for name in sorted(parsed):
+            kind, key, value = parsed[name]
             if kind == "state":
                 out.state = value
             elif kind in slots:
