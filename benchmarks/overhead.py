@@ -161,7 +161,10 @@ def measure(variant: str, nproc: int, args: argparse.Namespace, tmp: str) -> lis
     env.update({"OMP_NUM_THREADS": "1", **({} if args.glibc_malloc else FIXED_MALLOC)})
     launcher = []
     if variant == "run":
-        launcher = f"-m tlaunch --cpus {nproc} --progress off --run-dir {tmp}".split()
+        # No checkpoints: plain PyTorch and Accelerate save none either, and the default
+        # folder would make the next repetition resume from the end instead of training.
+        launcher = f"-m tlaunch --cpus {nproc} --progress off --run-dir {tmp} --checkpoint-dir none"
+        launcher = launcher.split()
     elif nproc > 1:
         launcher = f"-m torch.distributed.run --standalone --nproc-per-node {nproc}".split()
     if variant == "accelerate":
