@@ -40,6 +40,9 @@ few ``ACCELERATE_*`` / ``PJRT_DEVICE`` variables the chosen strategy's plan name
                           names it. Absent: rank 0 takes the lease itself (plain ``python``)
 ``TLAUNCH_LAUNCHER_PID``  the launcher's pid: a worker whose parent is no longer it (the launcher
                           was killed while the worker started) leaves at once
+``TLAUNCH_HOLD_SIGNALS``  the script names tlaunch: its workers hold stop signals from
+                          interpreter start until their Run's handlers take them
+                          (:mod:`tlaunch.early_signals`)
 ``TLAUNCH_DEFAULT_CHECKPOINT_DIR``
                           where a Run API script saves when no ``--checkpoint-dir`` was given
                           (:func:`tlaunch.config.default_checkpoint_dir`); a keyword to
@@ -120,6 +123,7 @@ DATA_DIRS_ENV = "TLAUNCH_DATA_DIRS"
 LEASE_TOKEN_ENV = "TLAUNCH_LEASE_TOKEN"
 DEFAULT_CHECKPOINT_DIR_ENV = "TLAUNCH_DEFAULT_CHECKPOINT_DIR"
 LAUNCHER_PID_ENV = "TLAUNCH_LAUNCHER_PID"
+HOLD_SIGNALS_ENV = "TLAUNCH_HOLD_SIGNALS"
 
 # -- set by users and tests ------------------------------------------------------------------
 RUN_ID_ENV = "TLAUNCH_RUN_ID"

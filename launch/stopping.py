@@ -144,8 +144,15 @@ class StopController:
         gives them back."""
         if threading.current_thread() is not threading.main_thread():
             return
+        from tlaunch.early_signals import release
+
+        held = release()  # signals that came while the script started: a stop like any other
         for s in STOP_SIGNALS:
             self._previous[s] = signal.signal(s, self._handle)
+        if held:
+            self.requested = True
+            if signal.SIGINT in held:
+                self._sigint_at = time.monotonic()
         if self.under_launcher:
             _die_with_launcher()
             # From here on the launcher stops us through the STOP file alone; one that is

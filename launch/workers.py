@@ -20,7 +20,13 @@ import uuid
 from collections.abc import Callable
 
 from tlaunch.config import LaunchConfig
-from tlaunch.contract import CONTROL_DIR_ENV, FINISHED_REPORT, RUN_ID_ENV, ready_file
+from tlaunch.contract import (
+    CONTROL_DIR_ENV,
+    FINISHED_REPORT,
+    HOLD_SIGNALS_ENV,
+    RUN_ID_ENV,
+    ready_file,
+)
 from tlaunch.strategies import DIRECT, ELASTIC, LaunchPlan
 from tlaunch.supervisor import Attempt
 
@@ -319,6 +325,8 @@ def build_workers(
         env[CONTROL_DIR_ENV], plan.nproc_per_node, config.grace, mentions_run_api(config)
     )
     env = with_exit_hook(env)
+    if delivery.expects_run_api:  # stop signals at start-up are held for its Run (early_signals)
+        env[HOLD_SIGNALS_ENV] = "1"
     if plan.launcher == DIRECT and config.nnodes == 1:
         return DirectWorkers(command, env, delivery)
     if plan.launcher not in (DIRECT, ELASTIC):

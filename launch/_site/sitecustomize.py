@@ -70,5 +70,17 @@ def _run_next_sitecustomize() -> None:
         raise
 
 
+def _hold_stop_signals() -> None:
+    """A stop signal while a Run API worker still starts is held for its Run, not fatal
+    (:mod:`tlaunch.early_signals`); only in the launcher's own children."""
+    from tlaunch.contract import HOLD_SIGNALS_ENV, LAUNCHER_PID_ENV
+
+    if os.environ.get(HOLD_SIGNALS_ENV) and os.environ.get(LAUNCHER_PID_ENV) == str(os.getppid()):
+        from tlaunch.early_signals import hold
+
+        hold()
+
+
+_hold_stop_signals()
 atexit.register(_end_group_at_exit)
 _run_next_sitecustomize()

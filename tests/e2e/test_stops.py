@@ -197,3 +197,27 @@ def test_a_stop_after_the_run_finished_is_not_reported_as_lost_work(tmp_path, af
     assert "Traceback" not in stderr
     assert any("the run had finished at step 2" in line for line in stderr.splitlines())
     assert committed(ckpt)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_to_every_process_while_the_workers_start_exits_75(tmp_path, sig):
+    # systemd's shutdown (or a terminal's Ctrl-C) reaches the workers too, while they are still
+    # starting: nothing was lost, so 75 and "run the same command again", not 143 or 130.
+    ckpt, out = str(tmp_path / "ckpt"), tmp_path / "out"
+    proc = subprocess.Popen(
+        # A long --grace: importing torch on a loaded machine must not be cut short by it.
+        tlaunch_cmd("--cpus", "2", "--checkpoint-dir", ckpt, "--grace", "200",
+                    str(SCRIPTS / "slow_start.py"), "--", str(out)),
+        cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        starting = [tmp_path / f"out.starting.{rank}" for rank in (0, 1)]
+        wait_for(lambda: all(p.exists() for p in starting), 120, "both workers to start")
+        _signal_all(proc, str(out), sig)
+        (tmp_path / "out.go").touch()
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, stderr[-3000:]
+    assert "Traceback" not in stderr and "nothing to lose" in stderr
+    assert not out.exists(), "the run stopped before training"
