@@ -7,6 +7,7 @@ Usage::
     tlaunch --gpus 4 -m mypkg.train -- --gpus 9   # after --, everything goes to the script
     tlaunch data pack|fetch|ls ...            # packed data archives
     tlaunch ckpt ls|verify URL                # inspect checkpoints
+    tlaunch doctor train.py [args] [flags]    # a few instrumented steps: the bugs they show
     tlaunch env                               # versions, platform, devices for a bug report
 
 Launcher flags may stand before or after the script; flags tlaunch does not know pass through
@@ -36,7 +37,7 @@ EXIT_BROKEN_PIPE = 141
 
 SUBCOMMANDS = ("data", "ckpt")
 #: Subcommands of the launch layer itself: name → module whose ``main(argv)`` runs it.
-LAUNCH_SUBCOMMANDS = {"env": "tlaunch.envreport"}
+LAUNCH_SUBCOMMANDS = {"doctor": "tlaunch.doctor.command", "env": "tlaunch.envreport"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="tlaunch",
         usage="tlaunch [flags] SCRIPT|-m MODULE [script args] [-- verbatim script args]\n"
-        "       tlaunch data|ckpt|env ...",
+        "       tlaunch data|ckpt|doctor|env ...",
         description=__doc__.split("\n\n")[0],
         epilog="Exit codes: 0 done, 2 usage error, 75 preempted with a committed save "
         "(re-run the same command to resume), else the script's own code.",

@@ -47,6 +47,9 @@ few ``ACCELERATE_*`` / ``PJRT_DEVICE`` variables the chosen strategy's plan name
                           where a Run API script saves when no ``--checkpoint-dir`` was given
                           (:func:`tlaunch.config.default_checkpoint_dir`); a keyword to
                           ``tlaunch.init`` or ``--checkpoint-dir none`` wins over it
+``TLAUNCH_DOCTOR``        set by ``tlaunch doctor``: the folder of its findings; the workers'
+                          ``sitecustomize`` installs the doctor's hooks
+                          (:mod:`tlaunch.doctor.hooks`), which write ``rank-<RANK>.json`` there
 
 Variables a user (or a test) sets
 ---------------------------------
@@ -123,6 +126,7 @@ DATA_DIRS_ENV = "TLAUNCH_DATA_DIRS"
 LEASE_TOKEN_ENV = "TLAUNCH_LEASE_TOKEN"
 DEFAULT_CHECKPOINT_DIR_ENV = "TLAUNCH_DEFAULT_CHECKPOINT_DIR"
 LAUNCHER_PID_ENV = "TLAUNCH_LAUNCHER_PID"
+DOCTOR_ENV = "TLAUNCH_DOCTOR"
 HOLD_SIGNALS_ENV = "TLAUNCH_HOLD_SIGNALS"
 
 # -- set by users and tests ------------------------------------------------------------------

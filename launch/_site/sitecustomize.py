@@ -13,13 +13,16 @@ ended with ``pthread_exit``, whose unwinding through a ``noexcept`` destructor a
 still with a whole interpreter, the hook ends such a group (see
 ``tlaunch.strategies.base.end_default_group``).
 
-Importing this costs next to nothing: no torch, no tlaunch. The hook does nothing when
-``torch.distributed`` was never imported, when no gloo group of more than one process is left
-(a single process, a script that ended its group, NCCL), or when an uncaught exception ends the
-process (a crashed rank exits as it did, at once). It never changes the exit code and runs after
-the script's own exit functions. It waits for the other ranks to reach their exit too (at most
-5 s, through the group's store), so that a peer still blocked in a collective is never the one
-reported for this rank's failure.
+Under ``tlaunch doctor`` (``TLAUNCH_DOCTOR`` set) it also arms the doctor's hooks, which wait
+for the script to import torch (:mod:`tlaunch.doctor.hooks`).
+
+Importing this costs next to nothing: no torch, and of tlaunch only its contract. The hook does
+nothing when ``torch.distributed`` was never imported, when no gloo group of more than one process
+is left (a single process, a script that ended its group, NCCL), or when an uncaught exception ends
+the process (a crashed rank exits as it did, at once). It never changes the exit code and runs after
+the script's own exit functions. It waits for the other ranks to reach their exit too (at most 5 s,
+through the group's store), so that a peer still blocked in a collective is never the one reported
+for this rank's failure.
 """
 
 import atexit
@@ -82,5 +85,17 @@ def _hold_stop_signals() -> None:
 
 
 _hold_stop_signals()
+def _maybe_arm_doctor() -> None:
+    """Under ``tlaunch doctor``: its hooks, installed when the script imports torch."""
+    from tlaunch.contract import DOCTOR_ENV
+
+    findings = os.environ.get(DOCTOR_ENV)
+    if findings:
+        from tlaunch.doctor.hooks import arm
+
+        arm(findings)
+
+
 atexit.register(_end_group_at_exit)
+_maybe_arm_doctor()
 _run_next_sitecustomize()
