@@ -73,6 +73,17 @@ def _run_next_sitecustomize() -> None:
         raise
 
 
+def _maybe_arm_doctor() -> None:
+    """Under ``tlaunch doctor``: its hooks, installed when the script imports torch."""
+    from tlaunch.contract import DOCTOR_ENV
+
+    findings = os.environ.get(DOCTOR_ENV)
+    if findings:
+        from tlaunch.doctor.hooks import arm
+
+        arm(findings)
+
+
 def _hold_stop_signals() -> None:
     """A stop signal while a Run API worker still starts is held for its Run, not fatal
     (:mod:`tlaunch.early_signals`); only in the launcher's own children."""
@@ -85,17 +96,6 @@ def _hold_stop_signals() -> None:
 
 
 _hold_stop_signals()
-def _maybe_arm_doctor() -> None:
-    """Under ``tlaunch doctor``: its hooks, installed when the script imports torch."""
-    from tlaunch.contract import DOCTOR_ENV
-
-    findings = os.environ.get(DOCTOR_ENV)
-    if findings:
-        from tlaunch.doctor.hooks import arm
-
-        arm(findings)
-
-
 atexit.register(_end_group_at_exit)
 _maybe_arm_doctor()
 _run_next_sitecustomize()
