@@ -11,7 +11,9 @@
 A pass shards the loader over the ranks without padding: rank ``r`` takes every ``world``-th
 sample of the loader's order, so each sample is evaluated once and none twice (torch's
 ``DistributedSampler`` repeats samples to even the shards, which would count them twice). The
-shards may then differ by a sample, and by a batch: nothing in a pass is a collective. A
+shards may then differ by a sample, and by a batch: nothing in a pass is a collective. (An
+IterableDataset or a batch sampler of the script's own has no indices to share: its batches
+are dealt out in turn instead, each rank drawing them all.) A
 ``run.log(..., reduce=True)`` inside the pass is not averaged on the spot but summed on this
 rank, weighted by the samples it covers (the batch's samples for a number or a scalar tensor,
 one per element for a tensor of per-sample values); at the end of the pass one gather adds the
@@ -50,7 +52,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, Sampler
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sampler, SequentialSampler
 
 from tlaunch.early_stop import EarlyStopping
 from tlaunch.loader_workers import ShieldedInit
@@ -71,6 +73,12 @@ class _Indices(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+def _batch_len(batch: Any) -> int:
+    from tlaunch.run import _batch_len as batch_len  # run imports this module
+
+    return batch_len(batch)
 
 
 def shard_indices(order: list[int], *, rank: int, world: int) -> list[int]:
@@ -146,7 +154,7 @@ class Evaluation:
         self.config = config
         self._pass: _Sums | None = None
         self._batch_samples = 0
-        self._shards: dict[int, DataLoader] = {}
+        self._shards: dict[int, tuple[DataLoader, DataLoader]] = {}
         self._evaluated_step: int | None = None
         self._scored_step: int | None = None
         self.passes = 0
@@ -210,8 +218,6 @@ class Evaluation:
                 m.eval()
             with torch.no_grad():
                 for batch in batches:
-                    from tlaunch.run import _batch_len
-
                     self._batch_samples = _batch_len(batch)
                     yield run._to_device(batch)
                     bar.update(run.position.step, run._metrics)
@@ -230,8 +236,9 @@ class Evaluation:
         """This rank's batches of ``loader`` under the batch limit, and how many (if known)."""
         run = self.run
         rank, world, limit = run.rank, run.world_size, self.config.limit_val_batches
-        if isinstance(loader.dataset, IterableDataset):
-            # No indices to share: whole batches are dealt out in turn.
+        if isinstance(loader.dataset, IterableDataset) or loader.batch_size is None:
+            # No indices to share (an IterableDataset, a batch sampler of the script's own):
+            # whole batches are dealt out in turn; every rank draws them all.
             try:
                 total: int | None = val_batch_limit(len(loader), limit)
             except TypeError:
@@ -246,15 +253,20 @@ class Evaluation:
 
             mine = None if total is None else len(range(rank, total, world))
             return dealt(), mine
-        shard = self._shards.get(id(loader))
-        if shard is None:
-            shard = self._shards[id(loader)] = self._shard(loader)
+        if id(loader) not in self._shards:  # the loader is kept: its id stays its own
+            self._shards[id(loader)] = (loader, self._shard(loader))
+        shard = self._shards[id(loader)][1]
         return iter(shard), len(shard)
 
     def _shard(self, loader: DataLoader) -> DataLoader:
+        """A DataLoader with ``loader``'s settings over this rank's share of its samples."""
         run = self.run
-        order = list(loader.sampler)  # the loader's own order (sequential, or its sampler's)
-        size = loader.batch_size or 1
+        if isinstance(loader.sampler, (SequentialSampler, RandomSampler)):
+            order = list(range(len(loader.dataset)))  # a metric does not depend on the order
+        else:
+            with torch.random.fork_rng(devices=[]):  # the training streams stay untouched
+                order = list(loader.sampler)
+        size = loader.batch_size
         keep = val_batch_limit(math.ceil(len(order) / size), self.config.limit_val_batches)
         order = order[: keep * size]
         mine = shard_indices(order, rank=run.rank, world=run.world_size)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from tlaunch.config import LaunchConfig, UsageError
 from tlaunch.early_stop import EarlyStopping
-from tlaunch.evaluation import shard_indices, val_batch_limit
+from tlaunch.evaluation import Evaluation, shard_indices, val_batch_limit
 
 
 def feed(stopper: EarlyStopping, values: list[float]) -> list[bool]:
@@ -81,3 +85,32 @@ def test_bad_evaluation_flags_are_one_line_usage_errors(flags, message):
     with pytest.raises(UsageError, match=message.replace("-", r"\-")) as e:
         LaunchConfig(script="train.py", **flags)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(("limit", "kept"), [(None, 17), (2, 8), (0.5, 8)])
+def test_a_pass_shares_out_the_first_batches_of_the_set_dropping_none(limit, kept):
+    """17 samples in batches of 4, on 2 ranks: every kept sample once, on one rank; the last
+    short batch is evaluated even though the loader itself drops it."""
+    loader = DataLoader(TensorDataset(torch.arange(17)), batch_size=4, drop_last=True)
+    seen: list[list[int]] = []
+    for rank in (0, 1):
+        evaluation = Evaluation.__new__(Evaluation)  # only the sharding, without a Run
+        evaluation.run = SimpleNamespace(rank=rank, world_size=2)
+        evaluation.config = LaunchConfig(limit_val_batches=limit)
+        seen.append([int(i) for (batch,) in evaluation._shard(loader) for i in batch])
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(kept))
+
+
+def test_a_batch_sampler_of_the_script_s_own_is_dealt_out_by_whole_batches():
+    batches = [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    loader = DataLoader(TensorDataset(torch.arange(10)), batch_sampler=batches)
+    seen = []
+    for rank in (0, 1):
+        evaluation = Evaluation.__new__(Evaluation)
+        evaluation.run = SimpleNamespace(rank=rank, world_size=2)
+        evaluation.config = LaunchConfig()
+        mine, count = evaluation._rank_batches(loader)
+        seen.append([int(i) for (batch,) in mine for i in batch])
+        assert count == 2
+    assert seen == [[0, 1, 2, 6, 7, 8], [3, 4, 5, 9]]

@@ -65,6 +65,11 @@ def main() -> None:
     val_loader = DataLoader(val_set(), batch_size=4)
     model, optimizer, loader = run.prepare(model, optimizer, loader)
     plain = run.accelerator.unwrap_model(model)
+    try:  # a prepared loader is a training loader: refused in one line
+        next(iter(run.eval_batches(loader)))
+        raise AssertionError("run.eval_batches took a prepared loader")
+    except ValueError as e:
+        assert "without preparing it" in str(e), e
     seen: list[int] = []
     for _epoch in run.epochs(args.epochs):
         model.train()
