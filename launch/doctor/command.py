@@ -99,7 +99,8 @@ def main(argv: list[str]) -> int:
         options, rest = split_args(argv)
         config = parse_args(rest)
     except UsageError as e:
-        print(f"tlaunch: error: {e}", file=sys.stderr)
+        message = str(e).replace("run: tlaunch [flags]", "run: tlaunch doctor [flags]")
+        print(f"tlaunch: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     platform = detect_platform(options.cloud)
     with tempfile.TemporaryDirectory(prefix="tlaunch-doctor-") as findings:

@@ -60,3 +60,5 @@ def test_bad_doctor_flags_are_one_line_usage_errors(tmp_path):
     assert done.stderr.count("\n") == 1 and "--cloud" in done.stderr and "gce" in done.stderr
     done = run_tlaunch("doctor", str(SCRIPTS / "gallery.py"), "--steps", "1", cwd=tmp_path)
     assert done.returncode == 2 and "--steps must be at least 3" in done.stderr
+    done = run_tlaunch("doctor", "--json", cwd=tmp_path, timeout=120)
+    assert done.returncode == 2 and "run: tlaunch doctor [flags] train.py" in done.stderr
