@@ -33,9 +33,10 @@ def test_a_broken_script_gets_a_table_a_verdict_and_exit_1(tmp_path):
     assert not (tmp_path / "tlaunch-checkpoints").exists()
 
 
-def test_two_processes_run_api_small_batchnorm_as_json(tmp_path):
+def test_two_processes_run_api_accumulating_small_batchnorm_as_json(tmp_path):
     done = run_tlaunch(
-        "doctor", "--cpus", "2", str(SCRIPTS / "run_api.py"), "--bug", "small-batchnorm",
+        "doctor", "--cpus", "2", "--grad-accum", "2", str(SCRIPTS / "run_api.py"),
+        "--bug", "small-batchnorm",
         "--steps", "5", "--overfit-steps", "6", "--json", "--cloud", "gce",
         cwd=tmp_path, timeout=540,
     )  # fmt: skip
@@ -43,6 +44,7 @@ def test_two_processes_run_api_small_batchnorm_as_json(tmp_path):
     report = json.loads(done.stdout)
     assert report["run"]["processes"] == 2 and report["run"]["platform"] == "gce"
     findings = {f["id"]: f for f in report["findings"]}
+    # Gradients kept across the accumulation window are not a missing zero_grad.
     assert set(findings) == {"small-batchnorm", "checkpoint-budget"}
     batchnorm = findings["small-batchnorm"]
     assert batchnorm["severity"] == "warn" and batchnorm["data"]["per_device_batch"] == 8
