@@ -12,8 +12,11 @@ THAT_FOLDER=gs://bucket/run/logs`` carries it to the next machine). There:
   had), so steps redone after a preemption are not there twice;
 - ``metrics.csv`` (``--log-with csv``): ``step,name,value`` rows, trimmed the same way;
 - TensorBoard's event files (``--log-with tensorboard``) under ``<project>/``, the project being
-  the checkpoint folder's name: a resumed run opens its writer with ``purge_step`` at the step
-  after its checkpoint, so TensorBoard drops the events logged after it;
+  the checkpoint folder's name. TensorBoard can only drop events by step: a resumed run at step
+  S opens its writer with ``purge_step=S``, which hides every event from step S on, then logs
+  again the records of step S that ``metrics.jsonl`` kept (those before the checkpoint), so that
+  a metric logged at step S after the save (an epoch-end evaluation), redone by the resumed run,
+  is not shown twice;
 - W&B and MLflow keep their own stores; their run ids are saved in each checkpoint, and a
   resumed run continues the same run (W&B ``resume="allow"``).
 
@@ -129,6 +132,26 @@ def keep_lines(path: str, count: int | None, *, after_step: int | None = None) -
     return len(kept)
 
 
+def _records_at(path: str, step: int) -> list[tuple[int, dict[str, float]]]:
+    """The records of ``step`` at the end of a ``metrics.jsonl``, in order."""
+    try:
+        with open(path) as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        return []
+    found = []
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break
+        if record.get("step") != step:
+            break
+        values = {k: v for k, v in record.items() if k not in ("step", "epoch", "time")}
+        found.append((step, values))
+    return found[::-1]
+
+
 def _step_of(line: str, most: int | None) -> bool:
     try:
         if line.startswith("{"):
@@ -162,6 +185,8 @@ class RunLogs:
         self._file: Any = None
         #: Lines in the run-wide metrics.jsonl (None: this run writes none).
         self._lines: int | None = None
+        #: The kept records of the resumed step, logged again to TensorBoard after its purge.
+        self._replay: list[tuple[int, dict[str, float]]] = []
         #: Without checkpoints the trackers log under the launch's run directory.
         self._launch_only = False
         self._state: dict[str, Any] = {}
@@ -169,6 +194,7 @@ class RunLogs:
         self._hparams_logged: list[str] = []
         self._started = False
         self._figures_from: tuple[float, int, int] | None = None
+        self._first_step = 0
         self._tokens = 0.0
 
     def accelerator_kwargs(self) -> dict[str, Any]:
@@ -183,9 +209,13 @@ class RunLogs:
 
     # -- saved with each checkpoint ----------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        from tlaunch.strategies.tracking import csv_lines
+        """Called at every checkpoint: the trackers' files are on disk up to it."""
+        from tlaunch.strategies.tracking import csv_lines, flush_trackers
 
-        csv = csv_lines(self._accelerator) if self._started else None
+        csv = None
+        if self._started:
+            flush_trackers(self._accelerator)
+            csv = csv_lines(self._accelerator)
         return {
             "jsonl_lines": self._lines,
             "csv_lines": csv,
@@ -211,6 +241,7 @@ class RunLogs:
         """Trim the run's files to the resumed checkpoint, start the trackers and feed them
         from ``metrics`` (rank 0); every rank registers the state a checkpoint keeps."""
         self._strategy, self._accelerator = strategy, accelerator
+        self._first_step = position.step
         self._position, self._optimizers = position, optimizers
         if checkpoints.enabled:
             checkpoints.register(STATE_NAME, self)
@@ -233,6 +264,7 @@ class RunLogs:
         if resumed:
             state = self._state
             self._lines = keep_lines(path, state.get("jsonl_lines"), after_step=step)
+            self._replay = _records_at(path, step)
             keep_lines(csv, state.get("csv_lines"), after_step=step)
         else:  # a fresh start: what an earlier attempt logged was never committed
             self._lines = keep_lines(path, 0)
@@ -247,8 +279,12 @@ class RunLogs:
         saved_ids = self._state.get("ids") or {}
         logged = list(self._state.get("hparams_logged") or []) if resumed else []
         init: dict[str, dict[str, Any]] = {}
-        if "tensorboard" in self.names and resumed:
-            init["tensorboard"] = {"purge_step": step + 1}  # the events after the checkpoint go
+        if "tensorboard" in self.names:
+            # Events queue for the writer's thread instead of stalling the step (its default
+            # queue holds 10); on disk at each checkpoint and every few seconds.
+            init["tensorboard"] = {"max_queue": 100_000, "flush_secs": 5}
+            if resumed:  # from the checkpoint's step on, hidden; its kept records: replayed below
+                init["tensorboard"]["purge_step"] = step
         if "wandb" in self.names:
             run_id = saved_ids.get("wandb") if resumed else None
             init["wandb"] = {
@@ -269,6 +305,10 @@ class RunLogs:
             hparams=hparams,
             hparams_for=set(self.names) - set(logged),
         )
+        if "tensorboard" in self.names and self._replay:
+            from tlaunch.strategies.tracking import log_to_trackers
+
+            log_to_trackers(self._accelerator, self._replay, only="tensorboard")
         self._hparams_logged = sorted(set(logged) | set(self.names))
         self._started = True
         where = self.dir
@@ -299,13 +339,15 @@ class RunLogs:
         """Learning rates, samples (and tokens) per second, seconds per step and peak memory
         since the last figures, if ``FIGURES_SECONDS`` have passed and a step was taken.
 
-        The first flush of a launch only starts the clock: the time before it is start-up,
-        not training. Flushes come from ``run.log`` calls, where the batch being trained is not
-        yet in ``samples_seen``: both ends of a window lag by that one batch, so their
-        difference counts exactly the window's batches, as the tokens logged in it do."""
+        The clock starts at the first flush after a launch's first step: the time before it is
+        start-up, not training. Flushes come from ``run.log`` calls, mostly in the batch loop,
+        where the batch being trained is not yet in ``samples_seen``: both ends of a window lag
+        by that one batch, so their difference counts the window's batches, as the tokens logged
+        in it do (off by a batch where one end is a log outside the loop, at an epoch's end)."""
         now, pos = time.monotonic(), self._position
         if self._figures_from is None:
-            self._figures_from = (now, pos.step, pos.samples_seen)
+            if pos.step > self._first_step:
+                self._figures_from = (now, pos.step, pos.samples_seen)
             self._tokens = 0.0
             return {}
         since, step0, samples0 = self._figures_from

@@ -58,8 +58,13 @@ class CSVTracker(GeneralTracker):
 
     @on_main_process
     def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
+        self.log_records([(step, values)])
+
+    def log_records(self, records: list[tuple[int | None, dict]]) -> None:
+        """Several ``(step, values)`` records in one write."""
         rows = [
             f"{step},{k},{v!r}\n"
+            for step, values in records
             for k, v in values.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)
         ]
@@ -108,10 +113,36 @@ def start_trackers(
     return ids
 
 
-def log_to_trackers(accelerator: Any, records: list[tuple[int, dict[str, float]]]) -> None:
-    """Each ``(step, values)`` record, in order, to every started tracker."""
-    for step, values in records:
-        accelerator.log(values, step=step)
+def log_to_trackers(
+    accelerator: Any, records: list[tuple[int, dict[str, float]]], *, only: str | None = None
+) -> None:
+    """Each ``(step, values)`` record, in order, to every started tracker (or the one named).
+
+    TensorBoard's writer (``get_tracker(unwrap=True)`` hands it out for this) is fed directly:
+    Accelerate's tracker flushes it at every ``log``, which waits for its writer thread to
+    serialize and write everything queued, a stall per record. Unflushed, the events are
+    written by that thread while training goes on, and :func:`flush_trackers` (at every
+    checkpoint) puts them on disk."""
+    for tracker in accelerator.trackers:
+        if only is not None and tracker.name != only:
+            continue
+        if tracker.name == "tensorboard":
+            writer = tracker.tracker
+            for step, values in records:
+                for key, value in values.items():
+                    writer.add_scalar(key, value, global_step=step)
+        elif isinstance(tracker, CSVTracker):
+            tracker.log_records(records)
+        else:
+            for step, values in records:
+                tracker.log(values, step=step)
+
+
+def flush_trackers(accelerator: Any) -> None:
+    """What the trackers hold, on disk (TensorBoard's queued events)."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.tracker.flush()
 
 
 def csv_lines(accelerator: Any) -> int | None:

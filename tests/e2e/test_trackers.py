@@ -17,7 +17,7 @@ FIGURES = {"lr", "samples_per_sec", "step_time_s", "peak_memory_mb", "tokens_per
 
 
 def launch(tmp_path, *script_args: str):
-    flags = ("--progress", "off", "--checkpoint-dir", "ckpt", "--save-every", "5")
+    flags = ("--progress", "off", "--checkpoint-dir", "ckpt", "--save-every", "4")
     return run_tlaunch(
         SCRIPT,
         *flags,
@@ -31,29 +31,32 @@ def launch(tmp_path, *script_args: str):
 
 
 def test_a_killed_then_preempted_run_logs_each_step_once(tmp_path):
-    out = launch(tmp_path, "--kill-at-step", "8")
+    # saves at steps 4, 8, 12 and 16; epoch 0's val is logged at step 16, after that save
+    out = launch(tmp_path, "--kill-at-step", "18")
     assert out.returncode == 128 + 9, out.stderr[-3000:]
     logs = tmp_path / "ckpt" / "logs"
     killed = [
         json.loads(line)["step"] for line in (logs / "metrics.jsonl").read_text().splitlines()
     ]
-    assert killed == list(range(1, 9)), "steps 6-8 were logged after the checkpoint at step 5"
+    assert killed == [*range(1, 17), 16, 17, 18], "val@16, 17, 18: after the step-16 checkpoint"
     # a writer killed in the middle of a line
     with open(logs / "metrics.jsonl", "a") as f:
-        f.write('{"step": 9, "lo')
+        f.write('{"step": 19, "lo')
     with open(logs / "metrics.csv", "a") as f:
-        f.write("9,lo")
+        f.write("19,lo")
 
-    out = launch(tmp_path, "--term-at-step", "13")
+    out = launch(tmp_path, "--term-at-step", "25")
     assert out.returncode == 75, out.stderr[-3000:]
-    assert "resuming from step 5" in out.stderr
+    assert "resuming from step 16" in out.stderr
     out = launch(tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "resuming from step 13" in out.stderr
+    assert "resuming from step 25" in out.stderr
 
     # metrics.jsonl: the run's, each step once, in order; the figures computed on the way
     records = [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, STEPS + 1))
+    assert [(r["step"], list(r)[2]) for r in records if "val" in r] == [(16, "val"), (32, "val")]
+    assert [r["step"] for r in records] == sorted(r["step"] for r in records)
     figured = [r for r in records if set(r) >= FIGURES]
     assert len(figured) >= STEPS - 6, "figures at every flush after each launch's first"
     for r in figured:
@@ -61,7 +64,8 @@ def test_a_killed_then_preempted_run_logs_each_step_once(tmp_path):
         # 100 tokens and 4 samples a step: the two rates count the same steps
         assert r["tokens_per_sec"] == pytest.approx(25 * r["samples_per_sec"]), r
         assert r["step_time_s"] > 0 and r["peak_memory_mb"] > 10
-    loss = {r["step"]: r["loss"] for r in records}
+    loss = {r["step"]: r["loss"] for r in records if "loss" in r}
+    val = {r["step"]: r["val"] for r in records if "val" in r}
 
     # metrics.csv: a header, then each (step, metric) once, steps increasing per metric
     header, *rows = (logs / "metrics.csv").read_text().splitlines()
@@ -73,6 +77,7 @@ def test_a_killed_then_preempted_run_logs_each_step_once(tmp_path):
         if name == "loss":
             assert float(value) == loss[int(step)]
     assert by_name["loss"] == list(range(1, STEPS + 1))
+    assert by_name["val"] == [16, 32]
     for name, steps in by_name.items():
         assert steps == sorted(set(steps)), name
 
@@ -85,6 +90,10 @@ def test_a_killed_then_preempted_run_logs_each_step_once(tmp_path):
     scalars = events.Scalars("loss")
     assert [e.step for e in scalars] == list(range(1, STEPS + 1))
     assert [e.value for e in scalars] == pytest.approx([loss[s] for s in range(1, STEPS + 1)])
+    # val@16 was logged after the step-16 save, then again by the resumed run: shown once
+    assert [(e.step, e.value) for e in events.Scalars("val")] == [
+        (s, pytest.approx(v)) for s, v in val.items()
+    ]
     lr = [e.step for e in events.Scalars("lr")]
     assert lr == sorted(set(lr)) and len(lr) >= STEPS - 6
     assert [hparams_of(f) for f in folders(board) if hparams_of(f)] == [

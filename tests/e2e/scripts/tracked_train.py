@@ -1,4 +1,5 @@
-"""A small Run API job that logs a loss and a token count every step, for the trackers' tests.
+"""A small Run API job that logs a loss and a token count every step and ``val`` at the end of
+each epoch, for the trackers' tests.
 
 Every record is flushed at once and the figures are computed at every flush, so that what a
 killed run leaves behind (lines past its last checkpoint) is on disk. ``--kill-at-step S``: the
@@ -48,5 +49,7 @@ for _epoch in run.epochs(2):
         if run.step == args.term_at_step:
             os.kill(os.getppid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)
+    with torch.no_grad():  # at the step of an epoch-end save, logged after it
+        run.log(val=F.cross_entropy(model(data.tensors[0]), data.tensors[1]))
 run.finish()
 print(f"RESULT step={run.step}", flush=True)

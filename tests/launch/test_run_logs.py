@@ -111,6 +111,13 @@ def _start(tmp_path, monkeypatch, state: dict | None, names: list[str]) -> tuple
         return {"wandb": "w-new", "mlflow": "m-new"}
 
     monkeypatch.setattr(tracking, "start_trackers", fake_start)
+    monkeypatch.setattr(
+        tracking,
+        "log_to_trackers",
+        lambda accelerator, records, only=None: started.setdefault("replayed", []).append(
+            (only, records)
+        ),
+    )
     logs = RunLogs(LaunchConfig(checkpoint_dir=str(tmp_path / "exp1")))
     logs.names = names  # wandb and mlflow are not installed: past the flag's check
     registered = {}
@@ -142,7 +149,6 @@ def test_a_fresh_run_starts_new_tracker_runs_and_logs_its_hyperparameters(tmp_pa
     assert wandb["resume"] == "allow" and len(wandb["id"]) == 16
     assert wandb["dir"] == str(tmp_path / "exp1" / "logs")
     assert started["init_kwargs"]["mlflow"]["run_id"] is None
-    assert "tensorboard" not in started["init_kwargs"]
     state = logs.state_dict()
     assert state["ids"] == {"wandb": "w-new", "mlflow": "m-new"}
     assert state["hparams_logged"] == ["mlflow", "wandb"]
@@ -159,5 +165,20 @@ def test_a_resumed_run_continues_the_same_tracker_runs(tmp_path, monkeypatch):
     kwargs = started["init_kwargs"]
     assert kwargs["wandb"]["id"] == "w-saved" and kwargs["wandb"]["resume"] == "allow"
     assert kwargs["mlflow"]["run_id"] == "m-saved"
-    assert kwargs["tensorboard"] == {"purge_step": 8}, "events after the step-7 checkpoint go"
+    assert kwargs["tensorboard"]["purge_step"] == 7, "events from the step-7 checkpoint on go"
     assert started["hparams_for"] == {"mlflow", "tensorboard"}, "wandb has them already"
+
+
+def test_tensorboard_gets_back_the_kept_records_of_the_resumed_step(tmp_path, monkeypatch):
+    logs = tmp_path / "exp1" / "logs"
+    logs.mkdir(parents=True)
+    kept = [{"step": 6, "loss": 0.6}, {"step": 7, "loss": 0.5}, {"step": 7, "lr": 0.1}]
+    after = [{"step": 7, "val": 0.4}, {"step": 8, "loss": 0.3}]  # logged after the checkpoint
+    (logs / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept + after))
+    saved = {"jsonl_lines": 3, "csv_lines": None, "hparams_logged": ["tensorboard"], "ids": {}}
+    _, started = _start(tmp_path, monkeypatch, saved, ["tensorboard"])
+    # purge_step=7 hides every event from step 7 on; the two kept records of step 7 come back
+    assert started["init_kwargs"]["tensorboard"]["purge_step"] == 7
+    assert started["replayed"] == [("tensorboard", [(7, {"loss": 0.5}), (7, {"lr": 0.1})])]
+    assert (logs / "metrics.jsonl").read_text().splitlines() == [json.dumps(r) for r in kept]
+    assert started["hparams_for"] == set()
