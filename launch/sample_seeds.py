@@ -17,10 +17,22 @@ With ``num_workers=0`` the dataset runs in the training process: the streams are
 a batch's samples and put back after them, so dropout and everything else the training loop
 draws is what it would have been without augmentation. Only the CPU generator is seeded: a
 GPU's stream is never touched.
+
+Cost: three Mersenne Twisters are initialised per sample, ~10 us together in a tight loop and
+two to three times that between the samples of an epoch, whose work has evicted their code
+and state from the caches. So the path is kept short: the generators' own seeding methods
+(the public ``np.random.seed`` and ``random.seed`` check their arguments at more cost than
+the seeding itself), and a batch's seeds derived in one loop. None is seeded lazily: whether a
+sample draws from a stream is known only after it ran, and python's ``getstate``, the only way
+to look, costs more than ``seed``. In the training process numpy's state is copied as bytes
+(:class:`_NumpyState`), not through ``get_state``.
 """
 
 from __future__ import annotations
 
+import _random
+import contextlib
+import ctypes
 import random
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -42,10 +54,90 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return x ^ (x >> 31)
 
 
+#: The objects behind ``torch.rand``..., ``np.random.rand``... and ``random.random``...
+_TORCH, _NUMPY, _PYTHON = torch.random.default_generator, np.random.mtrand._rand, random._inst
+
+
 def _seed_streams(seed: int) -> None:
-    torch.random.default_generator.manual_seed(seed)
-    np.random.seed(seed & 0xFFFFFFFF)
-    random.seed(seed)
+    # torch's CPU generator and numpy's are both MT19937 initialised from the seed's low 32
+    # bits by the same algorithm: from one value they would draw the same words. numpy takes
+    # the high half; python's ``random`` mixes all 64 bits by another algorithm.
+    _TORCH.manual_seed(seed)
+    if type(_NUMPY._bit_generator) is np.random.MT19937:
+        _NUMPY.seed(seed >> 32)  # np.random.seed's own path; also drops a cached normal
+    else:  # np.random.seed for another bit generator, without leaving a cached normal
+        _NUMPY.set_state(type(_NUMPY._bit_generator)(seed >> 32).state)
+    # random.seed(seed) without its argument checks, which take more than the seeding itself
+    _random.Random.seed(_PYTHON, seed)
+    _PYTHON.gauss_next = None
+
+
+class _NumpyState:
+    """Saves and restores numpy's global stream around a batch in the training process.
+
+    ``np.random.get_state``/``set_state`` take ~0.3 ms (MT19937 copies its key one numpy
+    scalar at a time). MT19937, numpy's default, is read and written here as the bytes of its
+    state struct instead (624 key words and a position, at ``ctypes.state_address``; the
+    layout is checked once against the public ``state``). The legacy normal cache
+    (``has_gauss``) has no cheap reader: a probe draw takes the cached normal, if any, without
+    moving the key, and only that case is put back through ``set_state``. Another bit
+    generator takes the public path.
+    """
+
+    _SIZE = 624 * 4 + 4  # uint32_t key[624]; int pos
+
+    def __init__(self) -> None:
+        self._checked: tuple[Any, memoryview | None] = (None, None)
+
+    def _struct(self) -> memoryview | None:
+        """The bytes of the global MT19937's state; None for another bit generator."""
+        bits = _NUMPY._bit_generator
+        if bits is not self._checked[0]:
+            view = None
+            if type(bits) is np.random.MT19937:
+                state = bits.state["state"]
+                layout = state["key"].astype(np.uint32).tobytes() + np.intc(state["pos"]).tobytes()
+                raw = (ctypes.c_char * self._SIZE).from_address(bits.ctypes.state_address)
+                view = memoryview(raw).cast("B")
+                view = view if view.tobytes() == layout else None
+            self._checked = (bits, view)
+        return self._checked[1]
+
+    def save(self) -> Any:
+        view = self._struct()
+        if view is None:
+            return _NUMPY.get_state(legacy=False)
+        key = view.tobytes()
+        normal = _NUMPY.standard_normal()  # the cached normal, or one drawn from the key
+        return view, key, normal if view.tobytes() == key else None
+
+    def restore(self, saved: Any) -> None:
+        if isinstance(saved, dict):
+            _NUMPY.set_state(saved)
+            return
+        view, key, normal = saved
+        if normal is None:
+            _NUMPY.seed(0)  # drops the normal the probe cached
+            view[:] = key
+        else:
+            words = np.frombuffer(key, dtype=np.uint32, count=624)
+            pos = int(np.frombuffer(key, dtype=np.intc, offset=624 * 4)[0])
+            _NUMPY.set_state(("MT19937", words, pos, 1, normal))
+
+
+_NUMPY_STATE = _NumpyState()
+
+
+@contextlib.contextmanager
+def _streams_kept() -> Iterator[None]:
+    """The three streams as they were before the block, after it."""
+    saved = _TORCH.get_state(), _NUMPY_STATE.save(), random.getstate()
+    try:
+        yield
+    finally:
+        _TORCH.set_state(saved[0])
+        _NUMPY_STATE.restore(saved[1])
+        random.setstate(saved[2])
 
 
 #: The torchdata protocol a sampler (or its iterator) offers to have its position saved.
@@ -129,24 +221,21 @@ class SeededSamples(Dataset):
 
     def __getitems__(self, keys: Sequence[tuple[int, int]]) -> list[Any]:
         # DataLoader's fetcher calls this once per batch: in the training process the streams
-        # are saved and restored once per batch, not per sample (numpy's take ~0.2 ms each).
+        # are saved and restored once per batch, not per sample.
         if get_worker_info() is not None:
             return self._load(keys)
-        saved = torch.random.default_generator.get_state(), np.random.get_state(), random.getstate()
-        try:
+        with _streams_kept():
             return self._load(keys)
-        finally:
-            torch.random.default_generator.set_state(saved[0])
-            np.random.set_state(saved[1])
-            random.setstate(saved[2])
 
     def _load(self, keys: Sequence[tuple[int, int]]) -> list[Any]:
         if self.batched and keys:
             epoch, first = keys[0]
             _seed_streams(sample_seed(self.seed, epoch, first))
             return list(self.dataset.__getitems__([i for _, i in keys]))
+        # The seeds first, in one loop: between samples its code would have left the caches.
+        seeds = [sample_seed(self.seed, epoch, index) for epoch, index in keys]
         out = []
-        for epoch, index in keys:
-            _seed_streams(sample_seed(self.seed, epoch, index))
+        for (_, index), seed in zip(keys, seeds, strict=True):
+            _seed_streams(seed)
             out.append(self.dataset[index])
         return out

@@ -1,0 +1,125 @@
+"""Per-sample seeding (tlaunch.sample_seeds): the three streams a sample sees are distinct, and
+loading in the training process gives its streams back exactly, cached normals included."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from tlaunch.sample_seeds import _NUMPY_STATE, SeededSamples, _seed_streams
+
+pytestmark = pytest.mark.timeout(60)
+
+WORDS = 16
+
+
+class RawWords(Dataset):
+    """Sample i is 16 raw 31-bit words from each of torch, numpy and python ``random``."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> list[set[int]]:
+        return [
+            set(torch.randint(0, 2**31, (WORDS,)).tolist()),
+            set(np.random.randint(0, 2**31, WORDS).tolist()),
+            {random.getrandbits(31) for _ in range(WORDS)},
+        ]
+
+
+def test_a_samples_torch_numpy_and_python_streams_share_no_draws():
+    # Torch's and numpy's generators are both MT19937 seeded by the same algorithm: from one
+    # seed they would draw the same words, so a crop and the noise added after it would be
+    # made of the same random bits.
+    samples = SeededSamples(RawWords(), seed=3).__getitems__([(1, i) for i in range(64)])
+    for i, (torch_words, numpy_words, python_words) in enumerate(samples):
+        assert len(torch_words) == len(numpy_words) == len(python_words) == WORDS
+        assert torch_words.isdisjoint(numpy_words), f"sample {i}: torch and numpy"
+        assert python_words.isdisjoint(torch_words | numpy_words), f"sample {i}: python"
+    assert len({frozenset(s[1]) for s in samples}) == 64, "each sample a stream of its own"
+
+
+class Normals(Dataset):
+    """Each sample draws normals from all three streams, an odd number from each, so that
+    each stream's cached second normal is left set."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> list[float]:
+        return [torch.randn(()).item(), np.random.normal(), random.gauss(0, 1)]
+
+
+def training_draws() -> list[float]:
+    """What a training step draws: one normal from each stream (taking a cached one every
+    other call) and a uniform from each."""
+    return [
+        torch.randn(()).item(),
+        np.random.normal(),
+        random.gauss(0, 1),
+        torch.rand(()).item(),
+        np.random.rand(),
+        random.random(),
+    ]
+
+
+@pytest.fixture
+def global_bit_generator(request):
+    """numpy's global generator for the test (``MT19937``, its default, or another), put
+    back afterwards."""
+    original = np.random.get_bit_generator()
+    if request.param != "MT19937":
+        np.random.set_bit_generator(getattr(np.random, request.param)(1))
+    yield
+    np.random.set_bit_generator(original)
+
+
+@pytest.mark.parametrize("global_bit_generator", ["MT19937", "PCG64"], indirect=True)
+@pytest.mark.parametrize("steps_before", [0, 1, 2])
+def test_loading_in_the_training_process_gives_back_its_streams_cached_normals_too(
+    global_bit_generator, steps_before
+):
+    start = torch.get_rng_state(), np.random.get_state(legacy=False), random.getstate()
+
+    def reseed() -> None:
+        torch.set_rng_state(start[0]), np.random.set_state(start[1]), random.setstate(start[2])
+
+    expected = [training_draws() for _ in range(steps_before + 2)]
+    reseed()
+    got = [training_draws() for _ in range(steps_before + 1)]
+    if np.random.get_bit_generator().__class__.__name__ == "MT19937":  # numpy's default
+        assert _NUMPY_STATE._struct() is not None, "numpy's state is copied as bytes"
+    data = SeededSamples(Normals(), seed=3)
+    for batch in ([(0, 0), (0, 1), (0, 2)], [(0, 3)], []):  # num_workers=0: in this process
+        loaded = data.__getitems__(batch)
+        assert len(loaded) == len(batch)
+    got.append(training_draws())
+    assert got == expected
+
+
+@pytest.mark.parametrize("global_bit_generator", ["MT19937", "PCG64"], indirect=True)
+def test_a_samples_normals_do_not_depend_on_the_sample_loaded_before_it(global_bit_generator):
+    # Each sample leaves a cached normal behind in every stream; the next must not take it.
+    data = SeededSamples(Normals(), seed=3)
+    after_another = data.__getitems__([(0, 0), (0, 1)])[1]
+    assert data.__getitems__([(0, 1)]) == [after_another]
+    assert data.__getitems__([(0, 0)]) != [after_another]
+
+
+def test_seeding_a_sample_is_what_the_public_seed_functions_do():
+    # The seeding calls below the public functions (cheaper); same streams, cached normals
+    # dropped. torch.initial_seed() inside __getitem__ is the sample's seed.
+    def draws_after(seed: int, public: bool) -> list[float]:
+        training_draws()  # leaves a cached normal in each stream
+        if public:
+            torch.manual_seed(seed), np.random.seed(seed >> 32), random.seed(seed)
+        else:
+            _seed_streams(seed)
+        return [torch.initial_seed(), *training_draws(), *training_draws()]
+
+    for seed in (0, 2**32 - 1, 2**32 + 5, 0x9E3779B97F4A7C15):
+        assert draws_after(seed, public=False) == draws_after(seed, public=True)
