@@ -276,6 +276,7 @@ class RunLogs:
     def _start_trackers(self, resumed: bool, step: int, hparams: dict[str, Any]) -> None:
         from tlaunch.strategies.tracking import start_trackers
 
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)  # W&B's dir= must exist
         saved_ids = self._state.get("ids") or {}
         logged = list(self._state.get("hparams_logged") or []) if resumed else []
         init: dict[str, dict[str, Any]] = {}

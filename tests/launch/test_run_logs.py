@@ -16,6 +16,7 @@ import pytest
 import tlaunch.strategies.tracking as tracking
 from tlaunch.checkpointing import Position
 from tlaunch.config import LaunchConfig, UsageError
+from tlaunch.contract import LAUNCH_DIR_ENV
 from tlaunch.run_io import MetricsLog
 from tlaunch.trackers import RunLogs, keep_lines, logs_dir, parse_log_with
 
@@ -182,3 +183,12 @@ def test_tensorboard_gets_back_the_kept_records_of_the_resumed_step(tmp_path, mo
     assert started["replayed"] == [("tensorboard", [(7, {"loss": 0.5}), (7, {"lr": 0.1})])]
     assert (logs / "metrics.jsonl").read_text().splitlines() == [json.dumps(r) for r in kept]
     assert started["hparams_for"] == set()
+
+
+def test_without_checkpoints_the_trackers_log_in_the_launch_run_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv(LAUNCH_DIR_ENV, str(tmp_path / "run"))
+    assert RunLogs(LaunchConfig(log_with="csv")).accelerator_kwargs() == {
+        "log_with": ["csv"],
+        "logging_dir": str(tmp_path / "run" / "logs"),
+    }
+    assert RunLogs(LaunchConfig()).accelerator_kwargs() == {}, "no tracker, nothing to set up"
