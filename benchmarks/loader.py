@@ -1,18 +1,22 @@
 """What resumable input pipelines cost: loader throughput with per-sample seeding, and the time
 from a resume to its first batch mid-epoch.
 
-Run: ``.venv/bin/python benchmarks/loader.py [--reps 5] [--workers 2] [--size 64]``
+Run: ``.venv/bin/python benchmarks/loader.py [--reps 9] [--workers 2] [--size 64]
+[--throughput-only]``
 
 1. Throughput. A vision-style map dataset (``--size``-pixel images through a random resized
    crop, a horizontal flip and numpy noise: torch, numpy and python ``random`` draws in
    ``__getitem__``) loaded by the plain ``DataLoader`` (shuffled, persistent workers) and by
    the same loader as ``run.prepare`` rebuilds it (:class:`tlaunch.sampling.ResumableLoader`:
-   keys, a seed per sample for the three streams). Same dataset, batch size and workers; whole
-   epochs after a warm-up epoch, in alternating order; the ratio is the median of the
-   repetitions' back-to-back ratios. Samples per wall-clock second and per CPU second of the
-   process and its workers are both shown; the target, >= 0.98x, is judged on CPU time, which
-   other work on a shared machine does not inflate. Also on ``num_workers=0``, where the
-   training process's streams are saved and restored around each batch.
+   keys, a seed per sample for the three streams). Same dataset, batch size and workers, after
+   a warm-up epoch; each repetition runs an epoch of both, batch by batch in turns, so that
+   both meet the same load from the rest of the machine. Samples per CPU second (the process's
+   time in each loader's calls plus that loader's workers'); the target, >= 0.98x, is judged
+   on the median of the repetitions' ratios, shown with their range. Also on
+   ``num_workers=0``, where the training process's streams are saved and restored around
+   each batch. The first line gives the seeding's cost in a tight loop (each stream's), between
+   the samples of an epoch (where caches are cold) and, per batch, of keeping the training
+   process's streams.
 2. Resume. Time from starting an epoch's iterator to its first batch, at the middle of the
    epoch (a resumed run) against at its start (non-persistent workers: both start them).
    Target: <= 1.1x, i.e. no replay. For contrast, the same for a loader that would replay the
@@ -22,11 +26,12 @@ Run: ``.venv/bin/python benchmarks/loader.py [--reps 5] [--workers 2] [--size 64
 
 from __future__ import annotations
 
+import _random
 import argparse
+import ctypes
 import math
 import os
 import random
-import resource
 import statistics
 import time
 
@@ -35,11 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from tlaunch.sample_seeds import _seed_streams
+from tlaunch.sample_seeds import _NUMPY, _PYTHON, _TORCH, _seed_streams, _streams_kept
 from tlaunch.sampling import ResumableLoader
 
 BATCH = 32
 THROUGHPUT_TARGET, RESUME_TARGET = 0.98, 1.1
+SUMS = ("the three", "between samples", "kept a batch")
 
 
 class Augmented(Dataset):
@@ -105,59 +111,74 @@ def plain_loader(data: Dataset, workers: int, persistent: bool, **kw) -> DataLoa
     return DataLoader(data, batch_size=BATCH, num_workers=workers, **extra, **kw)
 
 
-def cpu_seconds() -> float:
-    """CPU time of this process and of its children that are running (the loader's workers;
-    they are persistent, so the same ones before and after an epoch)."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    total = own.ru_utime + own.ru_stime
-    tick = os.sysconf("SC_CLK_TCK")
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def children() -> set[int]:
+    """This process's child processes (the loaders' workers)."""
+    pids = set()
     for task in os.listdir("/proc/self/task"):
         with open(f"/proc/self/task/{task}/children") as f:
-            for pid in f.read().split():
-                try:
-                    with open(f"/proc/{pid}/stat") as stat:
-                        fields = stat.read().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            pids.update(int(p) for p in f.read().split())
+    return pids
+
+
+def cpu_of(pids: set[int]) -> float:
+    """CPU seconds of these processes, to the nanosecond (the 10 ms ticks of /proc/PID/stat
+    would be a few percent of an epoch)."""
+    total = 0.0
+    for pid in pids:
+        clock = ctypes.c_int()
+        if _LIBC.clock_getcpuclockid(pid, ctypes.byref(clock)) == 0:
+            total += time.clock_gettime(clock.value)
     return total
 
 
-def epoch_rate(batches) -> tuple[float, float]:
-    """(samples per wall-clock second, samples per CPU second) over one epoch."""
-    start, cpu, n = time.perf_counter(), cpu_seconds(), 0
-    for b in batches:
-        n += len(b[0][0] if isinstance(b[1], bool) else b[0])
-    return n / (time.perf_counter() - start), n / (cpu_seconds() - cpu)
+def samples(batch) -> int:
+    return len(batch[0][0] if isinstance(batch[1], bool) else batch[0])
 
 
-def throughput(data: Dataset, workers: int, reps: int) -> list[tuple[str, float, float, float]]:
-    """Per clock (wall, CPU): plain samples/s, seeded samples/s and the median of the
-    repetitions' back-to-back ratios."""
+def throughput(data: Dataset, workers: int, reps: int) -> tuple[float, float, list[float]]:
+    """Plain and seeded samples per CPU second (medians) and the repetitions' ratios.
+
+    Each repetition runs an epoch of both loaders at once, a batch of one then a batch of the
+    other (which first alternates), so that both meet the same load from the rest of the
+    machine. A loader's CPU time is its workers' and what this process spends in its calls.
+    """
     plain = plain_loader(data, workers, persistent=True)
     seeded = ResumableLoader(plain_loader(data, workers, True), seed=0, rank=0, world=1)
-    epoch_rate(plain), epoch_rate(seeded.iterate(0))  # warm-up: workers started
-    pairs = []
+    others = children()
+    for _ in plain:  # warm-up: the workers started
+        pass
+    pids = [children() - others]
+    for _ in seeded.iterate(0):
+        pass
+    pids.append(children() - others - pids[0])
+    rates = []
     for r in range(reps):
-        if r % 2:
-            s = epoch_rate(seeded.iterate(r + 1))
-            p = epoch_rate(plain)
-        else:
-            p = epoch_rate(plain)
-            s = epoch_rate(seeded.iterate(r + 1))
-        pairs.append((p, s))
-    out = []
-    for clock, k in (("wall", 0), ("CPU", 1)):
-        ratio = statistics.median(s[k] / p[k] for p, s in pairs)
-        out.append(
-            (
-                clock,
-                statistics.median(p[k] for p, _ in pairs),
-                statistics.median(s[k] for _, s in pairs),
-                ratio,
-            )
-        )
-    return out
+        cpu = [-cpu_of(p) for p in pids]
+        start = [lambda: iter(plain), lambda r=r: seeded.iterate(r + 1)]
+        its, count = [], [0, 0]
+        for k in (0, 1):
+            t = time.process_time()
+            its.append(start[k]())
+            cpu[k] += time.process_time() - t
+        live = [0, 1] if r % 2 == 0 else [1, 0]
+        while live:
+            for k in list(live):
+                t = time.process_time()
+                batch = next(its[k], None)
+                cpu[k] += time.process_time() - t
+                if batch is None:
+                    live.remove(k)
+                else:
+                    count[k] += samples(batch)
+        rates.append([count[k] / (cpu[k] + cpu_of(pids[k])) for k in (0, 1)])
+    return (
+        statistics.median(p for p, _ in rates),
+        statistics.median(s for _, s in rates),
+        [s / p for p, s in rates],
+    )
 
 
 def first_batch(start_epoch) -> float:
@@ -208,41 +229,80 @@ def resume_times(data: Dataset, workers: int, reps: int) -> dict[str, tuple[floa
     return out
 
 
-def seeding_cost(n: int = 20000) -> float:
-    """Seconds per sample to seed torch's CPU generator, numpy and python ``random``."""
-    start = time.perf_counter()
-    for i in range(n):
-        _seed_streams(i * 0x9E3779B97F4A7C15 & (2**64 - 1))
-    return (time.perf_counter() - start) / n
+def per_call(call, n: int = 20000) -> float:
+    """CPU seconds a call of ``call(i)``, the best of 5 runs of ``n`` in a row (warm caches:
+    between the samples of an epoch each costs more)."""
+    best = math.inf
+    for _ in range(5):
+        start = time.process_time()
+        for i in range(n):
+            call(i)
+        best = min(best, (time.process_time() - start) / n)
+    return best
+
+
+def seeding_costs(data: Dataset) -> dict[str, float]:
+    """Seconds per sample to seed the three streams, together and each on its own, in a tight
+    loop; the three between samples (each after a sample of ``data``, less a call that does
+    nothing there); per batch, keeping the training process's streams around it."""
+
+    def seed(i: int) -> int:
+        return i * 0x9E3779B97F4A7C15 & (2**64 - 1)
+
+    def kept(_: int) -> None:
+        with _streams_kept():
+            pass
+
+    after: dict[bool, list[float]] = {True: [], False: []}
+    for i in range(800):
+        data[i % len(data)]
+        start = time.process_time()
+        if i % 2:
+            _seed_streams(seed(i))
+        after[bool(i % 2)].append(time.process_time() - start)
+    return {
+        "the three": per_call(lambda i: _seed_streams(seed(i))),
+        "torch": per_call(lambda i: _TORCH.manual_seed(seed(i))),
+        "numpy": per_call(lambda i: _NUMPY.seed(seed(i) >> 32)),
+        "python random": per_call(lambda i: _random.Random.seed(_PYTHON, seed(i))),
+        "between samples": statistics.median(after[True]) - statistics.median(after[False]),
+        "kept a batch": per_call(kept, 2000),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--samples", type=int, default=1024)
+    parser.add_argument("--throughput-only", action="store_true", help="skip part 2 (resume)")
     args = parser.parse_args()
     data = Augmented(args.samples, args.size)
-    t = time.perf_counter()
+    t = time.process_time()
     for i in range(200):
         data[i]
-    per_sample = (time.perf_counter() - t) / 200
+    per_sample = (time.process_time() - t) / 200
+    costs = seeding_costs(data)
+    each = ", ".join(f"{k} {v * 1e6:.1f}" for k, v in costs.items() if k not in SUMS)
     print(
-        f"dataset: {args.samples} images {args.size}x{args.size}, {per_sample * 1e3:.2f} ms a "
-        f"sample in one process; seeding the three streams: {seeding_cost() * 1e6:.1f} us a sample"
+        f"dataset: {args.samples} images {args.size}x{args.size}, {per_sample * 1e3:.2f} ms of CPU "
+        f"a sample; seeding the three streams {costs['the three'] * 1e6:.1f} us a sample in a "
+        f"loop ({each}), {costs['between samples'] * 1e6:.1f} us between samples; keeping the "
+        f"training process's streams {costs['kept a batch'] * 1e6:.0f} us a batch of {BATCH}"
     )
     ok = True
     for workers in sorted({args.workers, 0}, reverse=True):
-        for clock, p, s, ratio in throughput(data, workers, args.reps):
-            judged = clock == "CPU"  # what other work on the machine does not inflate
-            ok &= not judged or ratio >= THROUGHPUT_TARGET
-            target = f" (target >= {THROUGHPUT_TARGET}x)" if judged else ""
-            print(
-                f"throughput, {workers} workers, per {clock} second: plain {p:.0f} samples, "
-                f"per-sample seeding {s:.0f} samples: {ratio:.3f}x{target}"
-            )
-    for name, (fresh, resumed) in resume_times(data, args.workers, args.reps).items():
+        p, s, ratios = throughput(data, workers, args.reps)
+        ratio = statistics.median(ratios)
+        ok &= ratio >= THROUGHPUT_TARGET
+        print(
+            f"throughput, {workers} workers, per CPU second: plain {p:.0f} samples, per-sample "
+            f"seeding {s:.0f} samples: {ratio:.3f}x (target >= {THROUGHPUT_TARGET}x), "
+            f"{min(ratios):.3f}-{max(ratios):.3f}x over {len(ratios)} repetitions"
+        )
+    resumes = {} if args.throughput_only else resume_times(data, args.workers, args.reps)
+    for name, (fresh, resumed) in resumes.items():
         ratio = resumed / fresh
         contrast = "contrast" in name
         ok &= contrast or ratio <= RESUME_TARGET
