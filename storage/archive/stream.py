@@ -29,8 +29,8 @@ from typing import Any
 from tlaunch.storage.archive.format import hasher
 from tlaunch.storage.archive.unpack import Aborted
 
-#: Ranged reads in flight per shard. On GCS and S3 one stream falls short of what a VM's link
-#: carries; four chunks of DOWNLOAD_CHUNK each bound what one shard holds in memory.
+#: Ranged reads in flight per shard: one at a time leaves the link idle for a round trip per
+#: read; four chunks of DOWNLOAD_CHUNK bound what one shard holds in memory.
 READS_IN_FLIGHT = 4
 
 
