@@ -1,5 +1,5 @@
-"""Plain threads for the store's concurrent I/O: uploads beside serialization, record reads,
-deletes.
+"""Plain threads for the store's concurrent I/O: a step's files written and read side by side,
+record reads, deletes.
 
 Not an executor: executors refuse work once interpreter shutdown has begun, and the async
 writer's last save (and the retention after it) may run exactly then.
