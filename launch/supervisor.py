@@ -84,6 +84,7 @@ class Supervisor:
         log: Callable[[str], None] | None = None,
         after_stop: Callable[[], bool] | None = None,
         force_workers: Callable[[], None] | None = None,
+        never_started: Callable[[], bool] | None = None,
     ) -> None:
         self._start = start_workers
         self._stop_workers = stop_workers
@@ -94,6 +95,8 @@ class Supervisor:
         self._log = log or (lambda line: print(f"tlaunch: {line}", file=sys.stderr, flush=True))
         #: Extra flush on stop (e.g. --sync-dir); returns True when it preserved the run's state.
         self._after_stop = after_stop
+        #: True when no worker got as far as taking a step (a Run API script still starting).
+        self._never_started = never_started
         self.state = RunState.STARTING
         self.stop_signal: int | None = None
         self.history: list[RunState] = [self.state]
@@ -212,6 +215,13 @@ class Supervisor:
         if self.stop_signal is None:  # the workers' own stop, with nothing saved
             self._enter(RunState.FAILED, "the workers stopped with nothing saved")
             return result.exit_code or EXIT_FAILED
+        if self._never_started is not None and self._never_started():
+            self._enter(
+                RunState.PREEMPTED,
+                "stopped while the workers started, before their Run began: nothing to lose; "
+                "run the same command again",
+            )
+            return EXIT_PREEMPTED
         self._enter(RunState.FAILED, "stopped before any checkpoint was committed")
         return 128 + self.stop_signal if result.exit_code in (0, 1) else result.exit_code
 

@@ -273,6 +273,13 @@ class StopDelivery:
             waiter = threading.Thread(target=self._wait_then_send, args=(signum, send), daemon=True)
             waiter.start()
 
+    def never_ready(self) -> bool:
+        """A Run API script none of whose workers got as far as its Run: whatever ended them,
+        no step was taken (the first needs every rank), so nothing can have been lost."""
+        return self.expects_run_api and not any(
+            os.path.exists(os.path.join(self.control_dir, ready_file(r))) for r in range(self.nproc)
+        )
+
     def finished(self) -> bool:
         return os.path.exists(os.path.join(self.control_dir, FINISHED_REPORT))
 

@@ -95,7 +95,15 @@ def _hold_stop_signals() -> None:
         hold()
 
 
+def _leave_quickly_after_a_stop() -> None:
+    """First of the exit functions, so it runs last (tlaunch.quick_exit)."""
+    from tlaunch.quick_exit import at_exit
+
+    atexit.register(at_exit)
+
+
 _hold_stop_signals()
+_leave_quickly_after_a_stop()
 atexit.register(_end_group_at_exit)
 _maybe_arm_doctor()
 _run_next_sitecustomize()

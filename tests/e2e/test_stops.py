@@ -109,7 +109,8 @@ def test_a_stop_while_the_workers_start_exits_75_and_loses_nothing(tmp_path, ref
     # SIGTERM as soon as the launcher has started the workers: they are still importing torch.
     expected = reference(ref_root, FLAGS[:4])
     ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "final.pt")
-    flags = ("--cpus", nprocs, *FLAGS[2:], "--checkpoint-dir", ckpt)
+    # A long --grace: importing torch on a loaded machine must not be cut short by it.
+    flags = ("--cpus", nprocs, *FLAGS[2:], "--checkpoint-dir", ckpt, "--grace", "200")
     proc = subprocess.Popen(
         tlaunch_cmd(str(SCRIPTS / "resume_train.py"), *flags, "--", "--out", out),
         cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -236,6 +236,16 @@ def test_a_stop_after_the_run_finished_is_not_lost_work(build, code, checkpoint,
         assert any("had finished at step 9" in line for line in lines)
 
 
+@pytest.mark.parametrize(("never_started", "expected"), [(True, EXIT_PREEMPTED), (False, 137)])
+def test_a_stop_that_ends_workers_still_starting_lost_nothing(build, never_started, expected):
+    # --grace ran out while a Run API script still imported torch (a loaded machine, torch_xla):
+    # SIGKILL before any Run began, so no step was taken and none can have been lost.
+    sup, _, lines = build([stop_then(137, commit=False)], never_started=lambda: never_started)
+    assert sup.run() == expected
+    assert_documented(sup.history)
+    assert any("nothing to lose" in line for line in lines) == never_started
+
+
 def test_stop_where_workers_died_of_their_own_code_returns_it(build):
     sup, _, _ = build([stop_then(3, commit=False)])
     assert sup.run() == 3
