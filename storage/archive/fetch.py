@@ -73,7 +73,7 @@ from tlaunch.storage.store import (
 
 log = logging.getLogger(__name__)
 
-DOWNLOAD_CHUNK = 8 << 20  # one ranged read; also how much an interruption can lose
+DOWNLOAD_CHUNK = 8 << 20  # one ranged read; an interruption loses at most the reads in flight
 _DOWNLOADERS = 8  # parallel shard downloads: enough to fill a VM's link from GCS or S3
 
 
@@ -304,8 +304,11 @@ class _FetchJob:
             # complete from an earlier run; re-verified while unpacking
             return _Download(downloaders.submit(self._whole, shard, final), None)
         stream = self._stream(shard, final, readers)
-        got = downloaders.submit(self._download, shard, stream, final)
-        return _Download(got, None if stream.resumed else stream)
+        # Streamed: its unpacker checks the digest, after its last frame, so that nothing
+        # renames or deletes the file while a frame may still read it.
+        streamed = not stream.resumed
+        got = downloaders.submit(self._download, shard, stream, final, not streamed)
+        return _Download(got, stream if streamed else None)
 
     def _stream(self, shard: ShardEntry, final: str, readers: ThreadPoolExecutor) -> ShardStream:
         part = final + ".part"
@@ -357,7 +360,9 @@ class _FetchJob:
             raise
         except ArchiveError as e:
             raise self._verdict(shard, got, e) from None
-        got.got.result()  # the shard's digest, now that every file is checked
+        got.got.result()
+        # The shard's digest, now that every file is checked.
+        self._verified(shard, stream, stream.part.removesuffix(".part"), lambda n: None)
 
     def _verdict(self, shard: ShardEntry, got: _Download, failure: ArchiveError) -> ArchiveError:
         """What to report when a streamed shard's files fail: :class:`ShardCorrupt` when its
@@ -370,7 +375,6 @@ class _FetchJob:
         try:
             try:
                 got.got.result()
-                return failure  # downloaded whole and verified: the archive itself is wrong
             except Aborted:
                 stream.pump(lambda n: None)
             self._verified(shard, stream, final, lambda n: None)
@@ -417,8 +421,11 @@ class _FetchJob:
 
         return read
 
-    def _download(self, shard: ShardEntry, stream: ShardStream, final: str) -> tuple[str, bool]:
-        """(the local copy, True): downloaded, hashed as the bytes arrive, and verified."""
+    def _download(
+        self, shard: ShardEntry, stream: ShardStream, final: str, verify: bool = True
+    ) -> tuple[str, bool]:
+        """(the local copy, whether verified): downloaded, hashed as the bytes arrive, and with
+        ``verify`` checked against the shard's digest and renamed to ``final``."""
         tick = self._tick(self.bars[0])
         try:
             tick(stream.have)
@@ -426,7 +433,7 @@ class _FetchJob:
         except BaseException:
             stream.stop()  # its unpacker, waiting for bytes, learns it here
             raise
-        return self._verified(shard, stream, final, tick)
+        return self._verified(shard, stream, final, tick) if verify else (stream.part, False)
 
     def _verified(
         self, shard: ShardEntry, stream: ShardStream, final: str, tick: Callable[[int], None]

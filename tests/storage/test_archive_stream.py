@@ -163,3 +163,31 @@ def test_a_shard_damaged_in_the_store_is_told_from_a_bad_file(tree, tmp_path, me
 
     assert shard.name in str(err.value) and "pack it again" in str(err.value)
     assert cache_state(cache, report.id) == (False, False, [])
+
+
+def test_a_shard_whose_download_ends_before_its_unpack_starts(
+    tree, tmp_path, memory_url, monkeypatch
+):
+    # The download thread may finish (and the shard be checked) before the thread that
+    # unpacks it gets to open the file: the file must still be there, and be checked once.
+    url, cache = memory_url + "/ds.tlar", str(tmp_path / "cache")
+    pack(tree, url, progress=False)
+    downloaded = threading.Event()
+    real_download, real_unpack = fetch_module._FetchJob._download, fetch_module.unpack_shard
+
+    def download(self, *args):
+        try:
+            return real_download(self, *args)
+        finally:
+            downloaded.set()
+
+    def unpack(*args, **kwargs):
+        assert downloaded.wait(30), "the download did not end"
+        return real_unpack(*args, **kwargs)
+
+    monkeypatch.setattr(fetch_module._FetchJob, "_download", download)
+    monkeypatch.setattr(fetch_module, "unpack_shard", unpack)
+
+    path = fetch(url, cache_dir=cache, progress=False)
+
+    assert tree_bytes(path) == tree_bytes(tree)
