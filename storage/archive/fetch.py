@@ -217,7 +217,7 @@ class _FetchJob:
 
     A shard downloaded from its first byte is unpacked while it downloads
     (:mod:`tlaunch.storage.archive.stream`): each frame as soon as it is here, and its digest
-    checked once its last byte is. A shard resumed from an earlier run's ``.part`` file is
+    checked once its last frame is out. A shard resumed from an earlier run's ``.part`` file is
     unpacked once it is whole and verified, because what that run kept may be what is wrong;
     one already whole is checked while it unpacks.
     """

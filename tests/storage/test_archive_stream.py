@@ -98,6 +98,33 @@ def test_a_reset_on_the_third_read_is_retried(tree, tmp_path):
     assert cache_state(cache, report.id) == (True, True, [])
 
 
+class RecordingBar:
+    def __init__(self) -> None:
+        self.updates: list[int] = []
+
+    def update(self, n: int) -> None:
+        self.updates.append(n)
+
+    def close(self) -> None:
+        pass
+
+
+def test_both_progress_bars_count_every_byte_once_across_a_retry(tree, tmp_path, monkeypatch):
+    url, cache = "faulty://s/ds.tlar", str(tmp_path / "cache")
+    pack(tree, url, progress=False)
+    manifest = read_manifest(url)
+    bars = [RecordingBar(), RecordingBar()]  # download, unpack
+    monkeypatch.setattr(fetch_module._FetchJob, "_bars", lambda self, progress: bars)
+    two_pass = Fault("cat_file", "*/shards/*", error=None, times=2)
+    reset = Fault("cat_file", "*/shards/*", ConnectionResetError, times=1)
+
+    with faultfs.faults(two_pass, reset):
+        fetch(url, cache_dir=cache, progress=False)
+
+    assert sum(bars[0].updates) == manifest.compressed_size
+    assert sum(bars[1].updates) == manifest.total_size
+
+
 def test_a_download_that_keeps_failing_leaves_no_entry_and_a_rerun_resumes(tree, tmp_path):
     url, cache = "faulty://s/ds.tlar", str(tmp_path / "cache")
     report = pack(tree, url, progress=False)
