@@ -1,3 +1,3 @@
-from tlaunch.cli import main
+from tlaunch.cli import program
 
-raise SystemExit(main())
+program()

@@ -177,5 +177,22 @@ def main(argv: list[str] | None = None) -> int:
     return launch(config)
 
 
+def program() -> NoReturn:
+    """The ``tlaunch`` program (its console script and ``python -m tlaunch``): :func:`main`,
+    then leave without the interpreter's teardown. The exit code is decided and every record
+    written by then; a launcher that ran torch's elastic agent has imported torch, whose
+    teardown would add a second or more between a stop's commit and the exit a preempted VM's
+    shutdown waits for. Exit functions still run and open files are flushed
+    (:mod:`tlaunch.quick_exit`)."""
+    import atexit
+
+    from tlaunch.quick_exit import arm, at_exit
+
+    atexit.register(at_exit)  # before anything the program registers: so it runs last
+    code = main()
+    arm(code)
+    raise SystemExit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    program()

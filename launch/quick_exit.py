@@ -49,12 +49,11 @@ def _flush_open_files() -> None:
     import _io
     import gc
 
-    found = [
-        o
-        for o in gc.get_objects()
-        if isinstance(o, (_io.TextIOWrapper, _io.BufferedWriter, _io.BufferedRandom))
-    ]
-    found.sort(key=lambda o: not isinstance(o, _io.TextIOWrapper))
+    kinds = (_io.TextIOWrapper, _io.BufferedWriter, _io.BufferedRandom)
+    # type(), not isinstance(): isinstance also asks __class__, which some objects answer
+    # with a warning (torch's deprecated reduce_op).
+    found = [o for o in gc.get_objects() if issubclass(type(o), kinds)]
+    found.sort(key=lambda o: not issubclass(type(o), _io.TextIOWrapper))
     for obj in found:
         try:
             if not obj.closed and obj.writable():
