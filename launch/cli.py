@@ -190,7 +190,7 @@ def program() -> NoReturn:
 
     atexit.register(at_exit)  # before anything the program registers: so it runs last
     code = main()
-    arm(code)
+    arm(code, scan_files=False)  # tlaunch's own files are closed: no scan of the heap
     raise SystemExit(code)
 
 

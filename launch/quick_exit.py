@@ -24,13 +24,15 @@ import os
 import sys
 
 _code: int | None = None
+_scan_files = True
 
 
-def arm(code: int) -> None:
+def arm(code: int, *, scan_files: bool = True) -> None:
     """Leave with ``code`` at exit, right after the exit functions, unless an uncaught
-    exception ends the process first (then it exits as it would have)."""
-    global _code
-    _code = code
+    exception ends the process first (then it exits as it would have). ``scan_files=False``:
+    the process runs no user code and closes its own files (the launcher)."""
+    global _code, _scan_files
+    _code, _scan_files = code, scan_files
 
 
 def at_exit() -> None:
@@ -38,7 +40,13 @@ def at_exit() -> None:
         return
     if getattr(sys, "last_exc", None) is not None or getattr(sys, "last_value", None) is not None:
         return  # the script raised after the stop: let Python report it and exit its way
-    _flush_open_files()
+    if _scan_files:
+        _flush_open_files()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
     os._exit(_code)
 
 
@@ -59,9 +67,4 @@ def _flush_open_files() -> None:
             if not obj.closed and obj.writable():
                 obj.flush()
         except Exception:  # a broken pipe, a file closed underneath: nothing to keep there
-            pass
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
             pass
