@@ -423,8 +423,9 @@ def main() -> None:
     params = 2 * 1024 * args.hidden + 2 * args.hidden * args.hidden
     print(
         f"goodput: MLP {params / 1e6:.1f}M params + Adam = {params * 12 / 1e6:.0f} MB state, "
-        f"~{args.train_seconds:.0f} s of training, batch {BATCH}/process; a stop every {args.every:.0f} s "
-        f"(+-20%, seed {args.seed}), {args.kill_share:.0%} of them SIGKILL, the rest SIGTERM "
+        f"~{args.train_seconds:.0f} s of training, batch {BATCH}/process; a stop every "
+        f"{args.every:.0f} s (+-20%, seed {args.seed}), {args.kill_share:.0%} of them SIGKILL, "
+        f"the rest SIGTERM "
         f"with a {NOTICE:.0f} s notice"
     )
     root = tempfile.mkdtemp(prefix="tlaunch-bench-goodput-")
