@@ -1,6 +1,6 @@
 """Checkpoint speed: what training waits for, and what a commit to a bucket costs.
 
-    .venv/bin/python benchmarks/checkpoint.py [--mb 500] [--reps 5] [--gcs-reps 3]
+    .venv/bin/python benchmarks/checkpoint.py [--mb 500] [--reps 5] [--gcs-reps 7]
 
 For a model + Adam state of about ``--mb`` MB, each line is the ratio of the two sides'
 medians. The sides run back to back in every rep, in rotating order: the machine is shared, and
@@ -15,7 +15,13 @@ side takes each position equally often.
   hashing and commit protocol cost little on top of moving the bytes): our save from tensors
   to durable COMMIT against ``fs.put`` of the identical files from local disk;
 * the same commit against ``fs.pipe`` of the files' bytes already in memory (the strictest
-  baseline, for information).
+  baseline, for information);
+* host memory of a save: the peak resident set of a process that builds the state and saves it
+  twice (snapshot, background write to local disk, flush), minus that of the same process
+  without the saves, against the state's size (target <= 1.1x: the snapshot, and no second
+  copy while the files are written). Peaks are the kernel's own high-water mark of each
+  child's resident memory (``VmHWM``), not samples; each side runs ``--mem-reps`` times,
+  alternating, and the medians are compared.
 
 fake-gcs-server is started here the way tests/conftest.py starts it. About 2 minutes on a
 2-core machine.
@@ -24,6 +30,7 @@ fake-gcs-server is started here the way tests/conftest.py starts it. About 2 min
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import statistics
@@ -180,6 +187,55 @@ def bench_gcs(model, optimizer, reps: int, local_dir: str) -> dict[str, list[flo
         proc.wait(10)
 
 
+def memory_child(mode: str, megabytes: int, workdir: str) -> None:
+    """One side of the memory measurement, in its own process: build, then save or not."""
+    torch.manual_seed(0)
+    model, optimizer = build_state(megabytes)
+    store = CheckpointStore(os.path.join(workdir, mode))  # the same imports on both sides
+    if mode == "save":
+        writer = AsyncCheckpointWriter(store)
+        for step in (1, 2):
+            writer.submit(step, **save_kwargs(model, optimizer, step))
+            writer.flush()
+        writer.close()
+    # VmHWM: the kernel's high-water mark of this process's resident memory since its exec.
+    # (Not the parent's rusage of it: ru_maxrss also counts the parent's pages at the fork.)
+    with open("/proc/self/status") as status:
+        peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    print(json.dumps({"state": state_bytes(model, optimizer), "peak": peak * 1024}))
+
+
+def bench_memory(megabytes: int, reps: int, workdir: str) -> dict[str, list[float]]:
+    """Peak RSS (bytes) of each side per rep, as each child's kernel accounting reports it."""
+    out: dict[str, list[float]] = {"save": [], "nosave": [], "state": []}
+    for rep in range(reps):
+        for mode in ("save", "nosave") if rep % 2 == 0 else ("nosave", "save"):
+            cmd = [sys.executable, os.path.abspath(__file__), "--mb", str(megabytes)]
+            cmd += ["--memory-child", mode, "--workdir", os.path.join(workdir, f"mem-{rep}")]
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=1800)
+            if proc.returncode != 0:
+                raise SystemExit(f"memory child {mode} failed ({proc.returncode})")
+            result = json.loads(proc.stdout.splitlines()[-1])
+            out[mode].append(float(result["peak"]))
+            out["state"].append(float(result["state"]))
+    return out
+
+
+def memory_line(mem: dict[str, list[float]], target: float = 1.1) -> str:
+    state = statistics.median(mem["state"])
+    extra = statistics.median(mem["save"]) - statistics.median(mem["nosave"])
+    ratio = extra / state
+    per_rep = " ".join(
+        f"{(a - b) / state:.2f}" for a, b in zip(mem["save"], mem["nosave"], strict=True)
+    )
+    return (
+        f"host memory of a save / state size: {ratio:.2f}x (target <= {target}x)"
+        f"{'  ok' if ratio <= target else '  MISSED'}   [+{extra / 2**20:.0f} MiB above "
+        f"{statistics.median(mem['nosave']) / 2**20:.0f} MiB peak RSS without saves; state "
+        f"{state / 2**20:.0f} MiB; per rep {per_rep}]"
+    )
+
+
 def report(label: str, num: list[float], den: list[float], target: float | None = None) -> str:
     """Ratio of the two sides' medians; the orders rotate, so each side met every position."""
     ratio = statistics.median(num) / statistics.median(den)
@@ -195,9 +251,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mb", type=int, default=500, help="state size in MB (default 500)")
     parser.add_argument("--reps", type=int, default=5, help="local repetitions (default 5)")
     parser.add_argument(
-        "--gcs-reps", type=int, default=3, help="fake-gcs-server repetitions (default 3)"
+        "--gcs-reps", type=int, default=7, help="fake-gcs-server repetitions (default 7)"
     )
+    parser.add_argument(
+        "--mem-reps", type=int, default=3, help="peak-memory repetitions per side (default 3)"
+    )
+    parser.add_argument("--memory-child", choices=("save", "nosave"), help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.memory_child:
+        memory_child(args.memory_child, args.mb, args.workdir)
+        return 0
     torch.manual_seed(0)
     model, optimizer = build_state(args.mb)
     size = state_bytes(model, optimizer) / 2**20
@@ -207,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tlaunch-bench-") as workdir:
         local = bench_local(model, optimizer, args.reps, workdir)
         gcs = bench_gcs(model, optimizer, args.gcs_reps, workdir)
+        del model, optimizer  # the memory children need the room
+        memory = bench_memory(args.mb, args.mem_reps, workdir)
     lines = [
         ("async stall / in-memory copy", local["stall"], local["copy"], 1.3),
         ("async stall / accelerator.save_state (sync)", local["stall"], local["accelerate"], None),
@@ -231,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for label, num, den, target in lines:
         print(report(label, num, den, target))
+    print(memory_line(memory))
     return 0
 
 

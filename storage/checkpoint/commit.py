@@ -43,8 +43,10 @@ from tlaunch.storage.checkpoint.threads import in_parallel
 from tlaunch.storage.localfs import AtomicFile, fsync_dir, write_atomic
 from tlaunch.storage.store import Location, RetryPolicy, StorageError
 
-#: Bytes an upload stream buffers before it sends a part: few requests, little memory.
-UPLOAD_PART = 16 << 20
+#: Bytes an upload stream buffers before it sends a part: gcsfs's own put sends 50 MiB parts.
+#: Smaller parts cost time (fake-gcs-server: commit 1.38x a raw put with 16 MiB, 1.22x with
+#: 50 MiB); the memory is a part or two per file in flight, not the file.
+UPLOAD_PART = 50 << 20
 
 
 class CommitProtocol:
