@@ -16,20 +16,11 @@ deadline = time.monotonic() + 60
 while not os.path.exists(f"{out}.go") and time.monotonic() < deadline:
     time.sleep(0.05)
 
-import torch  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+from tiny import train_two_steps  # noqa: E402
 
 import tlaunch  # noqa: E402
 
 run = tlaunch.init()
-model = torch.nn.Linear(2, 1)
-optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-loader = DataLoader(TensorDataset(torch.ones(8, 2)), batch_size=4)
-model, optimizer, loader = run.prepare(model, optimizer, loader)
-for _epoch in run.epochs(1):
-    for (x,) in run.batches(loader):
-        run.backward(model(x).pow(2).mean())
-        optimizer.step()
-        optimizer.zero_grad()
+train_two_steps(run)
 run.finish()
 open(out, "w").close()
