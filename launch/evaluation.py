@@ -56,6 +56,7 @@ from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sampler
 
 from tlaunch.early_stop import EarlyStopping
 from tlaunch.loader_workers import ShieldedInit
+from tlaunch.loop_parts import batch_len
 from tlaunch.sampling import _LOADER_ARGS
 
 #: The name the early-stopping state is saved under in a checkpoint.
@@ -73,12 +74,6 @@ class _Indices(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
-
-
-def _batch_len(batch: Any) -> int:
-    from tlaunch.run import _batch_len as batch_len  # run imports this module
-
-    return batch_len(batch)
 
 
 def shard_indices(order: list[int], *, rank: int, world: int) -> list[int]:
@@ -218,7 +213,7 @@ class Evaluation:
                 m.eval()
             with torch.no_grad():
                 for batch in batches:
-                    self._batch_samples = _batch_len(batch)
+                    self._batch_samples = batch_len(batch)
                     yield run._to_device(batch)
                     bar.update(run.position.step, run._metrics)
             finished = True

@@ -43,6 +43,7 @@ from tlaunch.contract import CONTROL_DIR_ENV, DEFAULT_CHECKPOINT_DIR_ENV, LAUNCH
 from tlaunch.evaluation import Evaluation
 from tlaunch.goodput import WorkerRecord
 from tlaunch.loader_workers import install_worker_hook
+from tlaunch.loop_parts import ReplayBar, StepGatedScheduler, batch_len
 from tlaunch.run_io import MetricsLog, Progress, make_run_dir
 from tlaunch.sampling import ResumableLoader
 from tlaunch.stopping import StopController
@@ -167,7 +168,7 @@ class Run:
                 self.checkpoints.track("loader", resumable)
                 wrapped = resumable.original
             elif hasattr(obj, "step") and hasattr(obj, "state_dict") and hasattr(obj, "optimizer"):
-                wrapped = _StepGatedScheduler(obj, self)
+                wrapped = StepGatedScheduler(obj, self)
                 self.checkpoints.track(SCHEDULER, wrapped)
             else:
                 wrapped = obj
@@ -222,7 +223,7 @@ class Run:
         total = self._batches_per_epoch(resumable)  # None: an iterable of unknown length
         start = self.resume.start_batch(epoch)
         data_epoch = 0 if self.config.overfit_batches else epoch
-        replay = _ReplayBar(self._progress, epoch, start, pos, self._metrics)
+        replay = ReplayBar(self._progress, epoch, start, pos, self._metrics)
         it = resumable.iterate(data_epoch, start, replayed=replay.tick)
         replay.close()
         if start:  # after a replay: the saved streams already include the replayed batches
@@ -240,7 +241,7 @@ class Run:
             pos.batch_in_epoch = i
             yield self._to_device(batch)
             pos.batch_in_epoch = i + 1
-            pos.samples_seen += _batch_len(batch) * self.world_size
+            pos.samples_seen += batch_len(batch) * self.world_size
             bar.update(pos.step, self._metrics)
             if self._sync_now:
                 if not self._step_counted:  # a loop without run.accumulate
@@ -427,60 +428,6 @@ class Run:
             batch=pos.batch_in_epoch,
             is_main=self.is_main,
         )
-
-
-class _StepGatedScheduler:
-    """A scheduler that steps only when the optimizer really stepped (end of an accumulation
-    window, and not skipped by the fp16 scaler), whatever the script calls."""
-
-    def __init__(self, scheduler: Any, run: Run) -> None:
-        self.scheduler, self._run = scheduler, run
-
-    def step(self, *args: Any, **kwargs: Any) -> None:
-        if not self._run._sync_now:
-            return
-        if any(getattr(o, "step_was_skipped", False) for o in self._run._optimizers):
-            return
-        self.scheduler.step(*args, **kwargs)
-
-    def state_dict(self) -> dict:
-        return self.scheduler.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.scheduler.load_state_dict(state)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.scheduler, name)
-
-
-class _ReplayBar:
-    """The progress of a resumed epoch that draws its skipped batches again: a bar of its own,
-    shown from the first batch drawn."""
-
-    def __init__(self, progress: Progress, epoch: int, count: int, pos: Position, metrics) -> None:
-        self._progress, self._epoch, self._count = progress, epoch, count
-        self._pos, self._metrics = pos, metrics
-        self._bar: Any = None
-
-    def tick(self) -> None:
-        if self._bar is None:
-            desc = f"epoch {self._epoch}: replaying {self._count} batches"
-            self._bar = self._progress.bar(self._count, 0, desc)
-        self._bar.update(self._pos.step, self._metrics)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
-def _batch_len(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return len(batch)
-    if isinstance(batch, (list, tuple)) and batch:
-        return _batch_len(batch[0])
-    if isinstance(batch, dict) and batch:
-        return _batch_len(next(iter(batch.values())))
-    return 1
 
 
 def _seed_everything(seed: int) -> None:
