@@ -10,6 +10,7 @@ checkpoint); ``--term-at-step S``: SIGTERM to the launcher and to this worker (a
 import argparse
 import os
 import signal
+import time
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,13 @@ for _epoch in run.epochs(2):
             optimizer.zero_grad()
         run.log(loss=loss, tokens=100)
         if run.step == args.kill_at_step:
+            # The newest save runs in the background: a hard kill before its COMMIT is durable
+            # would make the resume point depend on how fast this machine is.
+            newest = run.step - run.step % run.config.save_every
+            commit = os.path.join(run.config.checkpoint_dir, f"step-{newest:09d}", "COMMIT")
+            deadline = time.monotonic() + 60
+            while not os.path.exists(commit) and time.monotonic() < deadline:
+                time.sleep(0.01)
             os.kill(os.getpid(), signal.SIGKILL)
         if run.step == args.term_at_step:
             os.kill(os.getppid(), signal.SIGTERM)
