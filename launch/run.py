@@ -108,7 +108,6 @@ class Run:
         self.checkpoints = CheckpointManager(config, self.strategy, self.accelerator, self.hparams)
         opened = time.monotonic()
         self.resume = self.checkpoints.open(self.position, self._metrics)
-        self.evaluation = Evaluation(self)  # eval passes, early stopping, the --monitor rule
         self._restore_s = time.monotonic() - opened if self.checkpoints.loaded is not None else 0.0
         self._goodput = WorkerRecord.for_run(config, self.is_main, self.checkpoints.enabled)
         self.logs.start(
@@ -120,6 +119,7 @@ class Run:
             optimizers=self._optimizers,
             hparams=self.hparams,
         )
+        self.evaluation = Evaluation(self)  # eval passes, early stopping, the --monitor rule
 
     # -- where the run is ----------------------------------------------------------------------
     @property
