@@ -40,7 +40,7 @@ few ``ACCELERATE_*`` / ``PJRT_DEVICE`` variables the chosen strategy's plan name
                           names it. Absent: rank 0 takes the lease itself (plain ``python``)
 ``TLAUNCH_LAUNCHER_PID``  the launcher's pid: a worker whose parent is no longer it (the launcher
                           was killed while the worker started) leaves at once
-``TLAUNCH_HOLD_SIGNALS``  the script names tlaunch: its workers hold stop signals from
+``TLAUNCH_HOLD_SIGNALS``  the script calls ``tlaunch.init``: its workers hold stop signals from
                           interpreter start until their Run's handlers take them
                           (:mod:`tlaunch.early_signals`)
 ``TLAUNCH_DEFAULT_CHECKPOINT_DIR``

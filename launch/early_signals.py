@@ -3,12 +3,12 @@
 A shutdown signals every process (systemd), a terminal's Ctrl-C reaches the whole process
 group: a worker still importing torch would die of it and the launcher would report a stop that
 lost work (143), though no step had been taken. When the launcher expects the Run API (the
-script names tlaunch: ``TLAUNCH_HOLD_SIGNALS``), the workers' ``sitecustomize`` calls
+script calls ``tlaunch.init``: ``TLAUNCH_HOLD_SIGNALS``), the workers' ``sitecustomize`` calls
 :func:`hold` at interpreter start, in the launcher's own children only (never in processes they
 spawn); :class:`tlaunch.stopping.StopController` :func:`release`-s them when it installs its
 handlers and counts a held signal as a stop requested before the first step (exit 75). A script
-that names tlaunch but never starts a Run holds its stop signals until the launcher's
-``--grace`` SIGKILL.
+that calls ``tlaunch.init`` only late (or in code that does not run) holds its stop signals
+until the launcher's ``--grace`` SIGKILL.
 
 No torch, nothing of tlaunch: this runs before the script.
 """

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -300,9 +301,16 @@ class StopDelivery:
         send(signum)  # not a Run API script after all, or one that starts very slowly
 
 
-def mentions_run_api(config: LaunchConfig) -> bool:
-    """Whether the script's source names tlaunch: a guess, used only to decide whether a stop
-    that comes while the workers start waits a few seconds for them (see StopDelivery)."""
+#: ``tlaunch.init(`` or ``from tlaunch import ... init``: a script that starts a Run.
+_CALLS_INIT = re.compile(rb"\btlaunch\s*\.\s*init\s*\(|\bfrom\s+tlaunch\s+import\b[^\n]*\binit\b")
+
+
+def calls_run_api(config: LaunchConfig) -> bool:
+    """Whether the script's source starts a Run (calls ``tlaunch.init``): a guess from its
+    text, which decides whether a stop while the workers start waits a few seconds for them,
+    whether they hold stop signals until their Run is ready, and whether workers that never
+    got to it lost nothing (see StopDelivery). Merely naming tlaunch is not enough: a plain
+    script must die of its signal as it would under torchrun."""
     path = config.script
     if config.module:
         import importlib.util
@@ -314,7 +322,7 @@ def mentions_run_api(config: LaunchConfig) -> bool:
         path = spec.origin if spec is not None else None
     try:
         with open(path or "", "rb") as f:
-            return b"tlaunch" in f.read()
+            return _CALLS_INIT.search(f.read()) is not None
     except OSError:
         return False
 
@@ -329,7 +337,7 @@ def build_workers(
     """The workers ``plan`` asks for. Several machines always go through the elastic agent,
     whatever the per-machine count: it is what joins them."""
     delivery = StopDelivery(
-        env[CONTROL_DIR_ENV], plan.nproc_per_node, config.grace, mentions_run_api(config)
+        env[CONTROL_DIR_ENV], plan.nproc_per_node, config.grace, calls_run_api(config)
     )
     env = with_exit_hook(env)
     if delivery.expects_run_api:  # stop signals at start-up are held for its Run (early_signals)

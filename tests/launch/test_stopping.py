@@ -196,3 +196,22 @@ def test_on_save_error_continue_retries_the_step_and_never_excuses_a_failed_stop
         manager.flush(stopping=True)
     assert exit.value.code == 1
     assert store.latest() is None
+
+
+@pytest.mark.parametrize(
+    ("source", "calls"),
+    [
+        ("import tlaunch\nrun = tlaunch.init(hparams={})\n", True),
+        ("from tlaunch import init\nrun = init()\n", True),
+        ('"""Tears its own file. No tlaunch API."""\nimport torch\n', False),
+        ("import tlaunch\nstate = tlaunch.load_weights('ckpt')\n", False),
+    ],
+)
+def test_only_a_script_that_starts_a_run_is_treated_as_one(tmp_path, source, calls):
+    # Its workers hold stop signals until their Run is ready, and if none got to it, the stop
+    # lost nothing: a plain script that merely names tlaunch must die of its signal instead.
+    from tlaunch.workers import calls_run_api
+
+    script = tmp_path / "train.py"
+    script.write_text(source)
+    assert calls_run_api(LaunchConfig(script=str(script))) is calls
