@@ -11,6 +11,7 @@ importable without torch (``tlaunch --help`` uses it).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -506,9 +507,14 @@ def default_checkpoint_dir(config: LaunchConfig, cwd: str | None = None) -> str:
     return os.path.join(cwd, DEFAULT_CHECKPOINT_ROOT, f"{stem}-{key}")
 
 
+@functools.cache
+def _hints() -> dict[str, Any]:
+    return get_type_hints(LaunchConfig)  # evaluates every annotation: once, not once a flag
+
+
 def field_kind(f: dataclasses.Field) -> type:
     """What a flag's or variable's text becomes: ``int | None`` → ``int``; ``list[str]`` → ``list``."""
-    hint = get_type_hints(LaunchConfig)[f.name]
+    hint = _hints()[f.name]
     args = [a for a in get_args(hint) if a is not type(None)]
     base = args[0] if args and get_origin(hint) is not list else hint
     return get_origin(base) or base
