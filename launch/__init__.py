@@ -16,9 +16,16 @@ if TYPE_CHECKING:
 
 def init(**kwargs: Any) -> Run:
     """Start (or resume) a run in this process. See :func:`tlaunch.run.init`."""
-    from tlaunch.run import init as _init
+    from tlaunch import prefetch
 
-    return _init(**kwargs)
+    # The checkpoint's read overlaps the imports and set-up before the restore needs it.
+    prefetch.maybe_start({k: v for k, v in kwargs.items() if k != "hparams"})
+    try:
+        from tlaunch.run import init as _init
+
+        return _init(**kwargs)
+    finally:
+        prefetch.discard()
 
 
 def notebook_launch(fn: Any, *args: Any, **flags: Any) -> Any:

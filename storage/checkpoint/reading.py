@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from tlaunch.storage.checkpoint import prefetch
 from tlaunch.storage.checkpoint.discovery import StepDir, read_complete
 from tlaunch.storage.checkpoint.manifest import (
     COMMIT,
@@ -78,6 +79,9 @@ class StepGone(CheckpointError):
 class StepReader:
     """Reads the files of one committed step from a scan; judges only what it read whole."""
 
+    #: Whether :meth:`read` takes bytes a prefetch read and verified (:mod:`.prefetch`).
+    takes = True
+
     def __init__(self, location: Location, retry: RetryPolicy, url: str, s: StepDir) -> None:
         self.fs, self.retry, self.url, self.s = location.fs, retry, url, s
 
@@ -113,6 +117,9 @@ class StepReader:
                 raise self.corrupt(problems[0])
         size = listed if listed is not None else (expect or {}).get("size")
         path = f"{self.s.path}/{name}"
+        ready = prefetch.take(path, expect) if expect is not None and self.takes else None
+        if ready is not None:  # read whole and proven to have expect's sha256 already
+            return ready
         try:
             if size is None or size <= READ_PART:
                 data = bytearray(read_complete(self.fs, self.retry, path, size))
