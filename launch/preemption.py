@@ -24,8 +24,6 @@ import math
 import os
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 
 from tlaunch.config import UsageError, parse_time_limit
@@ -136,6 +134,9 @@ def detect(mode: str) -> str | None:
 
 
 def _get(url: str, headers: dict[str, str], method: str = "GET") -> tuple[int, str]:
+    import urllib.error  # here, not at the top: most launches never poll, and the launcher's
+    import urllib.request  # start would pay for http.client, email and ssl on every restart
+
     request = urllib.request.Request(url, headers=headers, method=method)
     try:
         with urllib.request.urlopen(request, timeout=2) as response:
