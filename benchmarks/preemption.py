@@ -18,11 +18,20 @@ stop time ``t`` and ``margin: 30 - t``; its two parts, signal -> COMMIT (target:
 plus 1.5x a plain save) and COMMIT -> launcher exit (target: under 0.2 s); ``t`` against a plain
 synchronous ``torch.save`` + fsync of the same state measured in this run; exit code (target
 75); steps lost (target 0).
+
+COMMIT -> exit is split into its stages, from marks the real processes append to a trace file
+while they stop (``--no-split``: none). The worker and the launcher run the code as shipped;
+this file wraps a few of its functions to note the time each returns (rank 0's writer, its
+retention, the flush and its barrier, the report and the end of the process group, the exit
+functions, ``os._exit``; the launcher noticing its workers gone, its decision, its records,
+the lease's release, its own ``os._exit``). Each stage is printed as the median time after
+COMMIT's mtime at which it was reached.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import os
@@ -37,6 +46,136 @@ NOTICE = 30.0
 EXIT_PREEMPTED = 75
 BATCH = 8
 HERE = os.path.abspath(__file__)
+#: The trace file the stopping processes note their stages in (not a tlaunch setting: this
+#: benchmark's own, read only by the wrappers below).
+TRACE_ENV = "PREEMPTION_BENCH_TRACE"
+#: The stages of COMMIT -> launcher exit, in the order they happen: (who, stage, label).
+#: ``rank0`` is the writing rank; ``ranks`` the last of all ranks; ``bench`` this process.
+STAGES = [
+    ("rank0", "saved", "COMMIT durable, save returned"),
+    ("rank0", "retention", "retention pass done"),
+    ("rank0", "writer flushed", "writer flushed"),
+    ("rank0", "flush + barrier", "flush's barrier passed"),
+    ("rank0", "closed", "writer closed"),
+    ("rank0", "exit()", "StopController.exit entered"),
+    ("rank0", "group ended", "process group ended"),
+    ("rank0", "exit functions", "exit functions begin"),
+    ("rank0", "scan", "tlaunch's exit: file scan begins"),
+    ("rank0", "files flushed", "open files flushed"),
+    ("rank0", "os._exit", "rank 0 os._exit"),
+    ("ranks", "os._exit", "last rank os._exit"),
+    ("launcher", "agent noticed", "elastic agent saw them exit"),
+    ("launcher", "workers gone", "launcher: workers gone"),
+    ("launcher", "decided", "launcher: exit code decided"),
+    ("launcher", "records", "launcher: exit.json, goodput"),
+    ("launcher", "lease released", "launcher: lease released"),
+    ("launcher", "os._exit", "launcher os._exit"),
+    ("bench", "exit seen", "launcher exit seen here"),
+]
+_who = "bench"
+
+
+def _mark(stage: str) -> None:
+    path = os.environ.get(TRACE_ENV)
+    if path:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, f"{time.time():.6f}\t{stage}\t{_who}\n".encode())
+        finally:
+            os.close(fd)
+
+
+def _wrap(owner: object, name: str, stage: str, before: str | None = None) -> None:
+    """Note ``stage`` each time ``owner.name`` returns (or raises); ``before`` when called."""
+    original = getattr(owner, name)
+
+    @functools.wraps(original)
+    def noted(*args, **kwargs):
+        if before:
+            _mark(before)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _mark(stage)
+
+    setattr(owner, name, noted)
+
+
+def _note_os_exit() -> None:
+    leave = os._exit
+
+    def noted(code: int) -> None:
+        _mark("os._exit")
+        leave(code)
+
+    os._exit = noted
+
+
+def instrument_worker() -> None:
+    """The worker side of the split: rank 0's save, retention, flush, close; every rank's
+    exit path. Wrappers only: the code that runs is tlaunch's."""
+    global _who
+    _who = f"rank{os.environ.get('RANK', '0')}"
+    import atexit
+
+    import tlaunch.quick_exit
+    from tlaunch.checkpointing import CheckpointManager
+    from tlaunch.stopping import StopController
+    from tlaunch.storage.checkpoint.store import CheckpointStore
+    from tlaunch.storage.checkpoint.writer import AsyncCheckpointWriter
+    from tlaunch.strategies.base import Strategy
+
+    _wrap(CheckpointStore, "save", "saved")
+    _wrap(CheckpointStore, "apply_retention", "retention")
+    _wrap(AsyncCheckpointWriter, "flush", "writer flushed")
+    _wrap(CheckpointManager, "flush", "flush + barrier")
+    _wrap(CheckpointManager, "close", "closed")
+    enter_exit = StopController.exit
+
+    def exit_noted(self, **kwargs):
+        _mark("exit()")
+        return enter_exit(self, **kwargs)
+
+    StopController.exit = exit_noted
+    _wrap(Strategy, "end_process_group", "group ended")
+    atexit.register(_mark, "exit functions")  # before tlaunch.init's: it runs after theirs
+    _wrap(tlaunch.quick_exit, "_flush_open_files", "files flushed", before="scan")
+    _note_os_exit()
+
+
+def instrument_launcher() -> None:
+    """The launcher side of the split: its workers gone, its decision, records, lease, exit."""
+    global _who
+    _who = "launcher"
+    from tlaunch.goodput import LaunchRecord
+    from tlaunch.preflight import Preflight
+    from tlaunch.supervisor import Supervisor
+    from tlaunch.workers import DirectWorkers, ElasticWorkers
+
+    _wrap(DirectWorkers, "start", "workers gone")
+    _wrap(ElasticWorkers, "start", "workers gone")
+    _wrap(Supervisor, "run", "decided")
+    _wrap(LaunchRecord, "finish", "records")
+    _wrap(Preflight, "release", "lease released")
+    configure = ElasticWorkers._elastic_config
+
+    def configure_noted(self, attempt):  # torch is imported by now: note the agent's monitor
+        from torch.distributed.elastic.agent.server.api import WorkerState
+        from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+        monitor = LocalElasticAgent._monitor_workers
+
+        def monitor_noted(agent, group):
+            result = monitor(agent, group)
+            if result.state in (WorkerState.SUCCEEDED, WorkerState.FAILED):
+                _mark("agent noticed")
+            return result
+
+        LocalElasticAgent._monitor_workers = monitor_noted
+        return configure(self, attempt)
+
+    ElasticWorkers._elastic_config = configure_noted
+    _note_os_exit()
 
 
 def build(hidden: int):
@@ -59,6 +198,8 @@ def worker(hidden: int, step_file: str) -> None:
 
     import tlaunch
 
+    if os.environ.get(TRACE_ENV):
+        instrument_worker()
     run = tlaunch.init(hparams={"hidden": hidden})
     g = torch.Generator().manual_seed(1)
     data = TensorDataset(
@@ -113,11 +254,16 @@ def read_step(path: str) -> int:
         return 0
 
 
-def preempt_once(nproc: int, hidden: int, tmp: str, warm_steps: int) -> dict:
+def preempt_once(nproc: int, hidden: int, tmp: str, warm_steps: int, split: bool) -> dict:
     ckpt, step_file = os.path.join(tmp, "ckpt"), os.path.join(tmp, "step")
+    trace = os.path.join(tmp, "trace.tsv")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TLAUNCH_", "ACCELERATE_"))}
+    env.pop(TRACE_ENV, None)
+    if split:
+        env[TRACE_ENV] = trace
     flags = f"--cpus {nproc} --progress off --preemption-watch off --checkpoint-dir".split()
-    cmd = [sys.executable, "-m", "tlaunch", *flags, ckpt, "--run-dir", os.path.join(tmp, "runs")]
+    program = [HERE, "--launcher"] if split else ["-m", "tlaunch"]
+    cmd = [sys.executable, *program, *flags, ckpt, "--run-dir", os.path.join(tmp, "runs")]
     cmd += [HERE, "--worker", "--hidden", str(hidden), "--step-file", step_file]
     log = open(os.path.join(tmp, "launcher.log"), "w")
     # Its own process group: a hung run is killed with its workers, not only the launcher.
@@ -145,7 +291,10 @@ def preempt_once(nproc: int, hidden: int, tmp: str, warm_steps: int) -> dict:
     elapsed = time.time() - signalled
     log.close()
     step, commit_time = committed(ckpt)
+    stages = read_split(trace, signalled, commit_time) if split else {}
+    stages["launcher exit seen here"] = elapsed + signalled - commit_time
     return {
+        "split": stages,
         "t": elapsed,
         "code": code,
         "at": at_signal,
@@ -156,12 +305,44 @@ def preempt_once(nproc: int, hidden: int, tmp: str, warm_steps: int) -> dict:
     }
 
 
+def read_split(trace: str, signalled: float, commit_time: float) -> dict[str, float]:
+    """Seconds after COMMIT's mtime at which each stage of :data:`STAGES` was first reached
+    after the signal (the last rank's, for ``ranks``)."""
+    first: dict[tuple[str, str], float] = {}
+    try:
+        with open(trace) as f:
+            rows = [line.rstrip("\n").split("\t") for line in f]
+    except OSError:
+        return {}
+    for t, stage, who in rows:
+        if float(t) >= signalled:
+            first.setdefault((who, stage), float(t))
+    found: dict[str, float] = {}
+    for who, stage, label in STAGES:
+        if who == "ranks":
+            times = [t for (w, s), t in first.items() if s == stage and w.startswith("rank")]
+            if times:
+                found[label] = max(times) - commit_time
+        elif (who, stage) in first:
+            found[label] = first[who, stage] - commit_time
+    return found
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--launcher"]:  # the tlaunch program, its stop path noted
+        instrument_launcher()
+        sys.argv = ["tlaunch", *sys.argv[2:]]
+        from tlaunch.cli import program
+
+        program()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--nprocs", default="1,2")
     parser.add_argument("--warm-steps", type=int, default=3, help="steps before the signal")
+    parser.add_argument(
+        "--no-split", action="store_true", help="run tlaunch unwrapped: no split of COMMIT -> exit"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--step-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -176,7 +357,9 @@ def main() -> None:
             saves.append(plain_save_seconds(args.hidden, os.path.join(root, "plain.pt")))
             for n in nprocs if rep % 2 == 0 else nprocs[::-1]:
                 with tempfile.TemporaryDirectory(dir=root) as tmp:
-                    results[n].append(preempt_once(n, args.hidden, tmp, args.warm_steps))
+                    results[n].append(
+                        preempt_once(n, args.hidden, tmp, args.warm_steps, not args.no_split)
+                    )
     params = 2 * 1024 * args.hidden + 2 * args.hidden * args.hidden
     save = statistics.median(saves)
     print(
@@ -204,8 +387,24 @@ def main() -> None:
             f"exit codes {codes} (target [75]){miss(codes != [EXIT_PREEMPTED])}",
             f"steps lost: {lost} (target 0; step at signal -> committed: {pairs}){miss(lost > 0)}",
         ]
-        for line in lines:
+        for line in lines + split_lines(rows):
             print(f"--cpus {n}: {line}")
+
+
+def split_lines(rows: list[dict]) -> list[str]:
+    """COMMIT -> exit, stage by stage: median seconds after COMMIT (and the step from the
+    stage before), over the reps that reached it."""
+    lines, before = [], 0.0
+    for _who, _stage, label in [*STAGES]:
+        times = [r["split"][label] for r in rows if label in r["split"]]
+        if not times:
+            continue
+        at = statistics.median(times)
+        if not lines:
+            lines.append("  COMMIT -> exit by stage (median s after COMMIT's mtime; +step):")
+        lines.append(f"    {label:<32} {at:6.3f}  (+{at - before:.3f})")
+        before = at
+    return lines
 
 
 def miss(missed: bool) -> str:
