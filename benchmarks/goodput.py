@@ -1,7 +1,7 @@
 """Goodput under preemption: tlaunch against an Accelerate script, under the same stops.
 
 Run: ``.venv/bin/python benchmarks/goodput.py [--quick] [--every 60] [--nprocs 1,2]
-[--hidden 3072] [--train-seconds 300] [--kill-share 0.25] [--seed 0]``
+[--hidden 3072] [--train-seconds 300] [--kill-share 0.25] [--seed 0] [--baselines 3]``
 
 Goodput is the share of wall time that ends up as training progress that was kept. One small
 real training job (an MLP 1024-H-H-H-1024 with Adam, ~12 x its parameters in bytes of state:
@@ -18,10 +18,14 @@ as on a quiet one) runs three ways:
     ``accelerate launch --cpu`` starts only one). It has no SIGTERM handler, as such scripts
     rarely do: a stop kills it and it loses the steps since its last save;
 (c) the job uninterrupted and without saves (the Accelerate script): its training time, first
-    step to last, is the work every way has to do.
+    step to last, is the work every way has to do. It runs ``--baselines`` times, before,
+    between and after the two ways (3: c a c b c; 2: c a b c), and the median is used: a
+    load that changes during the run moves (c) as it moves the ways, so the ratio stays
+    meaningful; the spread of the (c)s is printed with them.
 
 The schedule is drawn once from ``--seed``: a stop every T seconds (``--every``) of the way's
-wall time, each moved by up to +-20% at random, and for a share of them (``--kill-share``)
+wall time, each moved by up to +-20% at random, and for a share of them (``--kill-share``:
+every 1/share-th stop from a seeded offset, so a job that spans that many stops meets one)
 SIGKILL to every process with no notice; the others SIGTERM to every process (as a VM's
 shutdown sends it) followed by SIGKILL 30 s later if anything is still running (GCE spot's
 notice window). After each stop the same command starts again at once, as on a new VM.
@@ -33,14 +37,20 @@ Both (a) and (b) save every K steps.
 
 Printed per way: goodput = (c)'s training time / the way's total wall time, launches and
 restarts, steps recomputed (steps a launch trained past the step the next launch resumed
-from), and the shares of wall time in start-up (a launch's start to its first step, less
-restore), restore (loading the checkpoint, as the job measures it: ``load_state`` for (b);
-for (a) what the run records in ``goodput.jsonl``), saves (time training waited for periodic
-saves), stop (signal to exit) and recomputed steps (at (c)'s mean step time). For (a) also the
-goodput the run itself reported in its launcher's last line. Target: (a) >= 0.95 at
+from), and the wall time split into parts that add up to it: start-up (the command's start
+to its first step, or to the stop if that came first: the launcher, the interpreters,
+imports, rendezvous, less restore), restore (loading the checkpoint, as the job measures it:
+``load_state`` for (b); for (a) what the run records in ``goodput.jsonl``), saves (time
+training waited for periodic saves), stop (signal to exit), recomputed steps (at (c)'s mean
+step time), end (the last launch's last step to its exit: the final save and teardown) and
+kept (the rest: training that was kept; ``kept = 1.0x (c)`` when the split is right and the
+per-step cost matches (c)'s). For (a) also the goodput the run itself reported in its
+launcher's last line. Target: (a) >= 0.95 at
 ``--every 60`` on 1 process, and above (b) at every T.
 
-``--quick``: 1 process, a ~50 MB state, ~40 s of training, a stop every 15 s.
+``--quick``: 1 process, a ~50 MB state, ~20 s of training, a stop every 15 s, (c) twice:
+under three minutes on a quiet machine. A start-up longer than T (a loaded machine) leaves no
+time to train between stops: the line then says the way did not finish.
 """
 
 from __future__ import annotations
@@ -200,11 +210,16 @@ class Stop:
 
 
 def schedule(seed: int, every: float, kill_share: float, horizon: float) -> list[Stop]:
+    """Stops every ``every`` s +-20%; every ``1/kill_share``-th one a SIGKILL, from a seeded
+    offset, so that a job spanning that many stops meets at least one whatever the seed (a
+    coin per stop left seed 0 without any at T=60)."""
     rng = random.Random(seed)
+    period = round(1 / kill_share) if kill_share > 0 else 0
+    offset = rng.randrange(period) if period else 0
     stops, at = [], 0.0
     while at < horizon:
         at += every * rng.uniform(0.8, 1.2)
-        stops.append(Stop(at, rng.random() < kill_share))
+        stops.append(Stop(at, bool(period) and (len(stops) + offset) % period == 0))
     return stops
 
 
@@ -216,9 +231,11 @@ class LaunchResult:
     resumed: int = 0
     restore: float = 0.0
     last_step: int = 0
+    last_step_at: float | None = None  # epoch seconds of its last step
     saves: float = 0.0
     stop: float = 0.0
     signalled: str = ""
+    signalled_at: float | None = None  # epoch seconds
     code: int | None = None
     output: str = ""
 
@@ -316,6 +333,8 @@ def one_launch(cmd, env, log: str, folder: str, wall: float, pending: list[Stop]
     launch.ended = launch.began + (ended - began)
     launch.code = proc.returncode
     launch.stop = 0.0 if signalled_at is None else ended - signalled_at
+    if signalled_at is not None:
+        launch.signalled_at = launch.began + (signalled_at - began)
     with open(log) as f:
         launch.output = f.read()
     for kind, rest in MARK.findall(launch.output):
@@ -325,6 +344,7 @@ def one_launch(cmd, env, log: str, folder: str, wall: float, pending: list[Stop]
             launch.restore = max(0.0, float(values[2]))
         elif kind == "step":
             launch.last_step = max(launch.last_step, int(values[0]))
+            launch.last_step_at = float(values[1])
         elif kind == "save":
             launch.saves += float(values[1])
     return launch
@@ -364,22 +384,41 @@ def add_run_records(way: Way, ckpt: str) -> None:
 
 
 def shares(way: Way, step_s: float) -> dict[str, float]:
+    """The way's wall time, split into parts that add up to it (seconds).
+
+    Each launch: start-up from its start to its first step or its stop, whichever came first
+    (less the restore inside it); stop from the signal to the exit; between the two, training,
+    of which the saves training waited for and the steps the next launch recomputed are their
+    own parts; after the last launch's last step, ``end`` (its final save and exit). What is
+    left is training that was kept: close to (c)'s training time when the split is right."""
     launches = way.launches
     trained = [x for x in launches if x.ready is not None]  # stopped in start-up: no resume
     recomputed_steps = sum(
         max(0, a.last_step - max(a.resumed, b.resumed))
         for a, b in zip(trained, trained[1:], strict=False)
     )
-    startup = sum((x.ready or x.ended) - x.began for x in launches) - sum(
-        x.restore for x in launches
-    )
+    startup = restore = saves = stop = training = end = 0.0
+    for x in launches:
+        began_training = min(t for t in (x.ready, x.signalled_at, x.ended) if t is not None)
+        stopped = x.signalled_at if x.signalled_at is not None else x.ended
+        restore += x.restore
+        startup += began_training - x.began - x.restore
+        stop += x.ended - stopped if x.signalled_at is not None else 0.0
+        if x.signalled_at is None:  # it ran to the end (or, resumed at the last step, only
+            stopped = max(began_training, x.last_step_at or 0.0)  # finished: no step at all)
+            end += x.ended - stopped
+        training += max(0.0, stopped - began_training)
+        saves += x.saves
+    recomputed = recomputed_steps * step_s
     return {
         "recomputed_steps": recomputed_steps,
         "start-up": startup,
-        "restore": sum(x.restore for x in launches),
-        "saves": sum(x.saves for x in launches),
-        "stop": sum(x.stop for x in launches),
-        "recomputed": recomputed_steps * step_s,
+        "restore": restore,
+        "saves": saves,
+        "stop": stop,
+        "recomputed": recomputed,
+        "end": end,
+        "kept": training - saves - recomputed,
     }
 
 
@@ -406,13 +445,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)  # the job's, once measured
     parser.add_argument("--kill-share", type=float, default=0.25, help="share of SIGKILL stops")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--baselines", type=int, help="runs of (c) among the ways (default 3)")
     parser.add_argument("--keep", action="store_true", help="keep the launches' folders")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", help=argparse.SUPPRESS)
     parser.add_argument("--every-k", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    quick = {"every": 15.0, "nprocs": "1", "hidden": 1024, "train_seconds": 40.0}
-    full = {"every": 60.0, "nprocs": "1,2", "hidden": 3072, "train_seconds": 300.0}
+    quick = {"every": 15.0, "nprocs": "1", "hidden": 1024, "train_seconds": 20.0, "baselines": 2}
+    full = {"every": 60.0, "nprocs": "1,2", "hidden": 3072, "train_seconds": 300.0, "baselines": 3}
     for name, value in (quick if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -447,40 +487,60 @@ def measure(nproc: int, args, root: str) -> None:
         f"sqrt(2 C T) = {interval:.1f} s -> save every K={k} steps (both ways); "
         f"the job: {args.steps} steps"
     )
-    base = run_way("uninterrupted", nproc, args, root, 0, [])
-    marks = MARK.findall(base.launches[0].output)
-    done = [v.split() for kind, v in marks if kind == "done"][0]
-    train = float(done[1]) - float(done[0])
+    # (c) before, between and after the ways: a load that changes during the run moves
+    # every way's wall time and the median of the (c)s alike.
+    stops, rows, trains = [], {}, []
+    for way in order(args.baselines):
+        if way != "uninterrupted":
+            rows[way] = run_way(way, nproc, args, root, k, stops)
+            continue
+        base = run_way("uninterrupted", nproc, args, root, 0, [])
+        done = [v.split() for kind, v in MARK.findall(base.launches[0].output) if kind == "done"]
+        trains.append(float(done[0][1]) - float(done[0][0]))
+        if not stops:  # a horizon no way outlasts: several times (c)'s wall plus stops
+            stops = schedule(
+                args.seed, args.every, args.kill_share, 4 * base.wall + 10 * args.every
+            )
+    train = statistics.median(trains)
     mean_step = train / args.steps
-    print(f"  (c) uninterrupted: training {train:.1f} s ({mean_step:.3f} s/step), "
-          f"wall {base.wall:.1f} s")  # fmt: skip
-    horizon = 4 * base.wall + 10 * args.every
-    stops = schedule(args.seed, args.every, args.kill_share, horizon)
-    rows = {}
-    for way in ("tlaunch", "accelerate"):
-        rows[way] = run_way(way, nproc, args, root, k, stops)
+    spread = (max(trains) - min(trains)) / train
+    print(f"  (c) uninterrupted: training {train:.1f} s ({mean_step:.3f} s/step), median of "
+          f"{len(trains)} runs ({', '.join(f'{t:.1f}' for t in trains)}: spread "
+          f"{spread:.1%})")  # fmt: skip
     for way, label in (("tlaunch", "(a) tlaunch   "), ("accelerate", "(b) accelerate")):
-        w = rows[way]
-        s = shares(w, mean_step)
-        kinds = ",".join(x.signalled[3:] for x in w.launches if x.signalled)
-        parts = "  ".join(
-            f"{name} {s[name] / w.wall:.1%}"
-            for name in ("start-up", "restore", "saves", "stop", "recomputed")
-        )
-        goodput = 0.0 if w.unfinished else train / w.wall
-        target = "  (did not finish: stops outpaced it)" if w.unfinished else ""
-        if way == "tlaunch":
-            other = rows["accelerate"]
-            beaten = goodput > (0.0 if other.unfinished else train / other.wall)
-            target += f"  (target >= {TARGET} and above (b))"
-            if (args.every == 60 and nproc == 1 and goodput < TARGET) or not beaten:
-                target += "  MISSED"
-        print(
-            f"  {label} goodput {goodput:.3f}  wall {w.wall:.1f} s  {len(w.launches)} launches "
-            f"({len(w.launches) - 1} restarts: {kinds or '-'})  steps recomputed "
-            f"{s['recomputed_steps']}  |  {parts}{target}"
-        )
+        print(way_line(way, label, rows, train, mean_step, args, nproc))
     print(f"  (a)'s own report: {rows['tlaunch'].reported}")
+
+
+def order(baselines: int) -> list[str]:
+    """The ways in turn with ``baselines`` runs of (c) spread among them: 2 -> c a b c,
+    3 -> c a c b c."""
+    if baselines >= 3:
+        return ["uninterrupted", "tlaunch", "uninterrupted", "accelerate", "uninterrupted"]
+    return ["uninterrupted", "tlaunch", "accelerate", "uninterrupted"][: 4 if baselines >= 2 else 3]
+
+
+def way_line(way: str, label: str, rows: dict, train: float, mean_step: float, args, nproc) -> str:
+    w = rows[way]
+    s = shares(w, mean_step)
+    kinds = ",".join(x.signalled[3:] for x in w.launches if x.signalled)
+    parts = "  ".join(
+        f"{name} {s[name] / w.wall:.1%}"
+        for name in ("start-up", "restore", "saves", "stop", "recomputed", "end", "kept")
+    )
+    goodput = 0.0 if w.unfinished else train / w.wall
+    target = "  (did not finish: stops outpaced it)" if w.unfinished else ""
+    if way == "tlaunch":
+        other = rows["accelerate"]
+        beaten = goodput > (0.0 if other.unfinished else train / other.wall)
+        target += f"  (target >= {TARGET} and above (b))"
+        if (args.every == 60 and nproc == 1 and goodput < TARGET) or not beaten:
+            target += "  MISSED"
+    return (
+        f"  {label} goodput {goodput:.3f}  wall {w.wall:.1f} s  {len(w.launches)} launches "
+        f"({len(w.launches) - 1} restarts: {kinds or '-'})  steps recomputed "
+        f"{s['recomputed_steps']}  |  {parts} (kept = {s['kept'] / train:.2f}x (c)){target}"
+    )
 
 
 if __name__ == "__main__":
