@@ -5,10 +5,10 @@
     trigger (any rank)                      agreement                   end
     ───────────────────                     ─────────                   ───
     SIGTERM / SIGINT / SIGUSR1 ─┐
-    the launcher's STOP file ───┼─▶ local ─▶ any_rank_lagged ─▶ agreed ─▶ announce
+    the launcher's STOP file ───┼─▶ local ─▶ StepAgreement ─▶ agreed ─▶ announce
     --time-limit minus margin ──┘   flag     (one all-reduce       │     (WORKERS_STOPPING)
-                                             per step, a step      ▼
-                                             late)            the Run commits one
+                                             every ~0.1 s of       ▼
+                                             steps, a step late) the Run commits one
                                                               checkpoint, then exit():
                                                               report (preempted.json),
                                                               end the process group, leave
@@ -28,6 +28,7 @@ import threading
 import time
 from typing import Any
 
+from tlaunch.agreement import StepAgreement
 from tlaunch.config import LaunchConfig
 from tlaunch.contract import (
     CONTROL_DIR_ENV,
@@ -70,13 +71,18 @@ class StepClock:
         self._next_poll = 0.0
         self.slowest_step = 0.0
 
-    def poll_due(self) -> bool:
-        """Called once per optimizer step (it times the step); True on the steps where the
-        slower checks are due."""
+    def tick(self) -> float:
+        """Called once per optimizer step: times the step; returns the monotonic time."""
         now = time.monotonic()
         if self._last_step is not None:
             self.slowest_step = max(self.slowest_step, now - self._last_step)
         self._last_step = now
+        return now
+
+    def poll_due(self) -> bool:
+        """Called once per optimizer step instead of :meth:`tick`; True on the steps where the
+        slower checks are due."""
+        now = self.tick()
         if now < self._next_poll:
             return False
         self._next_poll = now + self.POLL_SECONDS
@@ -133,6 +139,8 @@ class StopController:
         self.agreed = False
         self._sigint_at: float | None = None
         self._previous: dict[int, Any] = {}
+        several = getattr(accelerator, "num_processes", 1) > 1
+        self._agreement = StepAgreement(strategy, accelerator) if several else None
 
     @property
     def under_launcher(self) -> bool:
@@ -188,19 +196,30 @@ class StopController:
     def after_step(self, *, timed_save_due: Any, slowest_save: Any) -> tuple[bool, bool]:
         """Once per optimizer step on every rank: (stop now, save now), agreed by all ranks.
 
-        ``timed_save_due`` and ``slowest_save`` are callables, asked only on polling steps.
+        ``timed_save_due`` and ``slowest_save`` are callables, asked only on polling steps:
+        on one process every :attr:`StepClock.POLL_SECONDS`, on several the steps that start
+        an agreement (:mod:`tlaunch.agreement`: a few times a second, the same steps on every
+        rank).
         """
-        local_stop, save_due = self.requested, False
-        if self.clock.poll_due():
-            local_stop = (
-                local_stop
+
+        def local() -> list[bool]:
+            stop = (
+                self.requested
                 or self.clock.deadline_near(slowest_save())
                 or (self._stop_file is not None and os.path.exists(self._stop_file))
             )
-            save_due = timed_save_due()
-        # Stops and timed saves depend on clocks and signals that differ between ranks; every
-        # rank must take the same decision before anyone saves: one tiny all-reduce per step.
-        stop, save_due = self.strategy.any_rank_lagged(self.accelerator, [local_stop, save_due])
+            return [stop, timed_save_due()]
+
+        if self._agreement is None:  # one process: nothing to agree on
+            stop, save_due = local() if self.clock.poll_due() else (self.requested, False)
+        else:
+            self.clock.tick()
+            # Stops and timed saves depend on clocks and signals that differ between ranks;
+            # every rank must take the same decision at the same step before anyone saves.
+            agreed = self._agreement.after_step(local)
+            if agreed is None:
+                return False, False
+            stop, save_due = agreed
         self.agreed = self.agreed or stop
         return stop, save_due
 

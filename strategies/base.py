@@ -53,9 +53,10 @@ class Strategy(ABC):
       :meth:`to_device` moves a batch where the model is;
     - :meth:`micro_batch`, :meth:`backward`, :meth:`clip_gradients` one micro-batch of an
       accumulation window; :meth:`end_step` after each optimizer step (XLA cuts its graph);
-    - :meth:`reduce_mean`, :meth:`any_rank`, :meth:`any_rank_lagged`,
-      :meth:`gather_object`, :meth:`broadcast_object`, :meth:`barrier` the few collectives
-      the Run API needs (metrics, the stop agreement, RNG gathering, the resume step);
+    - :meth:`reduce_mean`, :meth:`any_rank`, :meth:`begin_agreement` /
+      :meth:`end_agreement`, :meth:`gather_object`, :meth:`broadcast_object`,
+      :meth:`barrier` the few collectives the Run API needs (metrics, the stop agreement,
+      RNG gathering, the resume step);
     - :meth:`rng_state` / :meth:`set_rng_state`, :meth:`scaler_state` /
       :meth:`load_scaler_state` what a checkpoint keeps besides the user's objects;
     - :meth:`end_process_group` the clean end of a run.
@@ -220,31 +221,36 @@ class Strategy(ABC):
         t = torch.tensor([1.0 if f else 0.0 for f in flags], device=accelerator.device)
         return [bool(v > 0) for v in accelerator.reduce(t, reduction="sum").tolist()]
 
-    def any_rank_lagged(self, accelerator: Accelerator, flags: list[bool]) -> list[bool]:
-        """Like :meth:`any_rank`, one call late: starts this call's all-reduce without waiting
-        and returns the agreed flags of the previous call (all False on the first). Every rank
-        still takes the same decision at the same step, and the reduce's latency hides behind a
-        training step instead of stalling it (measured 4.5 ms a step on 2 gloo processes)."""
-        if accelerator.num_processes == 1:
-            return list(flags)
+    def begin_agreement(self, accelerator: Accelerator, values: list[float]) -> None:
+        """Start summing ``values`` over every rank without waiting; :meth:`end_agreement`
+        returns the sums. Every rank starts and ends each agreement at the same point of its
+        loop, so the sums are the same everywhere; meanwhile the reduce's latency hides behind
+        a training step instead of stalling it (measured 4.5 ms a step on 2 gloo processes).
+        Callers send small integers (flags, milliseconds): their float sums are exact, so each
+        rank derives the same decision from them on any backend."""
         import torch
+
+        t = torch.tensor(values, dtype=torch.float32, device=accelerator.device)
+        if accelerator.num_processes == 1:
+            self._agreement: Any = (None, t)
+            return
         import torch.distributed as dist
 
         if not dist.is_initialized() or dist.get_backend() not in ("gloo", "nccl"):
-            return self.any_rank(accelerator, flags)
-        previous = self._drain_lagged()
-        t = torch.tensor([1.0 if f else 0.0 for f in flags], device=accelerator.device)
-        self._lagged = (dist.all_reduce(t, async_op=True), t)
-        return previous if previous is not None else [False] * len(flags)
+            self._agreement = (None, accelerator.reduce(t, reduction="sum"))
+            return
+        self._agreement = (dist.all_reduce(t, async_op=True), t)
 
-    def _drain_lagged(self) -> list[bool] | None:
-        pending = getattr(self, "_lagged", None)
+    def end_agreement(self, accelerator: Accelerator) -> list[float] | None:
+        """The sums of the agreement :meth:`begin_agreement` started (None: none in flight)."""
+        pending = getattr(self, "_agreement", None)
         if pending is None:
             return None
         work, t = pending
-        work.wait()
-        self._lagged = None
-        return [bool(v > 0) for v in t.tolist()]
+        if work is not None:
+            work.wait()
+        self._agreement = None
+        return t.tolist()
 
     def end_process_group(self, accelerator: Accelerator) -> None:
         """Complete the collectives in flight, meet every rank, and end the process group.
@@ -254,7 +260,7 @@ class Strategy(ABC):
         """
         import torch.distributed as dist
 
-        self._drain_lagged()
+        self.end_agreement(accelerator)
         gloo = dist.is_initialized() and dist.get_backend() == "gloo"
         accelerator.wait_for_everyone()
         accelerator.end_training()

@@ -2,6 +2,8 @@
 
 ``--signal-at-batch B``: on rank 0, after micro-batch B (global count), send SIGTERM to the
 launcher and to this process — a real preemption arriving at a known point.
+``--signal-ranks R[,R...]``: instead, at that batch each listed rank sends SIGTERM to itself
+only (the launcher and the other ranks learn of it only through the Run's agreement).
 ``--stop-file-at-batch B``: on the last rank only, create the launcher's STOP file instead (no
 signal anywhere): the other ranks learn of the stop only through the Run's agreement.
 """
@@ -26,6 +28,7 @@ parser.add_argument("--epochs", type=int, default=3)
 parser.add_argument("--batch-size", type=int, default=16)
 parser.add_argument("--lr", type=float, default=1e-2)
 parser.add_argument("--signal-at-batch", type=int, default=-1)
+parser.add_argument("--signal-ranks", default="")
 parser.add_argument("--out", required=True)
 parser.add_argument("--stop-file-at-batch", type=int, default=-1)
 parser.add_argument("--crash-at-batch", type=int, default=-1, help="rank 1 exits 13 there, once")
@@ -65,7 +68,10 @@ for _epoch in run.epochs(args.epochs):
             open(started_marker, "w").close()
         if step_delay:
             time.sleep(step_delay)
-        if micro == args.signal_at_batch and run.rank == 0:
+        if micro == args.signal_at_batch and args.signal_ranks:
+            if str(run.rank) in args.signal_ranks.split(","):
+                os.kill(os.getpid(), signal.SIGTERM)
+        elif micro == args.signal_at_batch and run.rank == 0:
             os.kill(os.getppid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)
         if micro == args.stop_file_at_batch and run.rank == run.world_size - 1:
