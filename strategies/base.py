@@ -14,6 +14,7 @@ Strategies register their names; ``--strategy NAME`` and the hardware flags pick
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import random
 from abc import ABC, abstractmethod
@@ -140,7 +141,10 @@ class Strategy(ABC):
         if not objects:
             return []
         prepared = accelerator.prepare(*objects)
-        return list(prepared) if len(objects) > 1 else [prepared]
+        prepared = list(prepared) if len(objects) > 1 else [prepared]
+        for obj in prepared:
+            _answer_zero_grad_once(obj)
+        return prepared
 
     def to_device(self, accelerator: Accelerator, batch: Any) -> Any:
         """A batch (tensors in lists, tuples, dicts) moved to this process's device. Called
@@ -447,6 +451,30 @@ def _probe_lomo_once() -> None:
     probe = getattr(accelerate.optimizer, "is_lomo_available", None)
     if probe is not None and not hasattr(probe, "cache_info"):
         accelerate.optimizer.is_lomo_available = functools.cache(probe)
+
+
+def _answer_zero_grad_once(optimizer: Any) -> None:
+    """Accelerate's prepared optimizer asks ``inspect.signature`` on every ``zero_grad()``
+    whether the optimizer it wraps takes ``set_to_none``: ~250 µs a call on a busy 2-core
+    machine (measured), more than the ``zero_grad`` itself. The answer is fixed once the
+    optimizer exists; where it is yes, this optimizer's ``zero_grad`` is Accelerate's own branch
+    for it, without the question (nothing while a window accumulates; ``set_to_none`` defaults
+    to True)."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    if not isinstance(optimizer, AcceleratedOptimizer):
+        return
+    if type(optimizer).zero_grad is not AcceleratedOptimizer.zero_grad:
+        return  # a subclass with its own zero_grad: leave it be
+    if "set_to_none" not in inspect.signature(optimizer.optimizer.zero_grad).parameters:
+        return
+    gradient_state = optimizer.gradient_state
+
+    def zero_grad(set_to_none: bool | None = None) -> None:
+        if gradient_state.sync_gradients:
+            optimizer.optimizer.zero_grad(set_to_none=True if set_to_none is None else set_to_none)
+
+    optimizer.zero_grad = zero_grad
 
 
 _REGISTRY: dict[str, type[Strategy]] = {}
