@@ -4,19 +4,20 @@ from a resume to its first batch mid-epoch.
 Run: ``.venv/bin/python benchmarks/loader.py [--reps 9] [--workers 2] [--size 64]
 [--throughput-only]``
 
-1. Throughput. A vision-style map dataset (``--size``-pixel images through a random resized
-   crop, a horizontal flip and numpy noise: torch, numpy and python ``random`` draws in
-   ``__getitem__``) loaded by the plain ``DataLoader`` (shuffled, persistent workers) and by
-   the same loader as ``run.prepare`` rebuilds it (:class:`tlaunch.sampling.ResumableLoader`:
-   keys, a seed per sample for the three streams). Same dataset, batch size and workers, after
-   a warm-up epoch; each repetition runs an epoch of both, batch by batch in turns, so that
-   both meet the same load from the rest of the machine. Samples per CPU second (the process's
-   time in each loader's calls plus that loader's workers'); the target, >= 0.98x, is judged
-   on the median of the repetitions' ratios, shown with their range. Also on
-   ``num_workers=0``, where the training process's streams are saved and restored around
-   each batch. The first line gives the seeding's cost in a tight loop (each stream's), between
-   the samples of an epoch (where caches are cold) and, per batch, of keeping the training
-   process's streams.
+1. Throughput. Two vision-style map datasets of ``--size``-pixel images through a random
+   resized crop and a horizontal flip, plus noise: a torchvision-style one whose noise comes
+   from torch too (its samples draw from torch's stream only), and an albumentations-style one
+   with numpy noise and a python gain (all three streams). Each is loaded by the plain
+   ``DataLoader`` (shuffled, persistent workers) and by the same loader as ``run.prepare``
+   rebuilds it (:class:`tlaunch.sampling.ResumableLoader`: keys, the streams seeded per
+   sample). Same dataset, batch size and workers, after a warm-up epoch; each repetition runs
+   an epoch of both, batch by batch in turns, so that both meet the same load from the rest of
+   the machine. Samples per CPU second (the process's time in each loader's calls plus that
+   loader's workers'); the target, >= 0.98x, is judged on the median of the repetitions'
+   ratios, shown with their range. Also on ``num_workers=0``, where the training process's
+   streams are saved and restored around each batch. The first line gives the seeding's cost
+   in a tight loop (each stream's), between the samples of an epoch (where caches are cold)
+   and, per batch, of keeping the training process's streams.
 2. Resume. Time from starting an epoch's iterator to its first batch, at the middle of the
    epoch (a resumed run) against at its start (non-persistent workers: both start them).
    Target: <= 1.1x, i.e. no replay. For contrast, the same for a loader that would replay the
@@ -62,6 +63,12 @@ class Augmented(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int):
+        img = self.crop_and_flip(i)
+        noisy = img.numpy() + np.random.normal(0, 0.05, img.shape).astype(np.float32)
+        return torch.from_numpy(noisy * random.uniform(0.9, 1.1)), self.labels[i]
+
+    def crop_and_flip(self, i: int) -> torch.Tensor:
+        """RandomResizedCrop + RandomHorizontalFlip, drawing from torch's stream."""
         img = self.images[i]
         _, h, w = img.shape
         area = h * w * torch.empty(1).uniform_(0.3, 1.0).item()
@@ -71,10 +78,26 @@ class Augmented(Dataset):
         left = int(torch.randint(0, w - cw + 1, (1,)).item())
         crop = img[:, top : top + ch, left : left + cw][None]
         img = F.interpolate(crop, size=(self.out, self.out), mode="bilinear", antialias=True)[0]
-        if torch.rand(1) < 0.5:
-            img = img.flip(-1)
-        noisy = img.numpy() + np.random.normal(0, 0.05, img.shape).astype(np.float32)
-        return torch.from_numpy(noisy * random.uniform(0.9, 1.1)), self.labels[i]
+        return img.flip(-1) if torch.rand(1) < 0.5 else img
+
+
+class TorchStream(Augmented):
+    """The same crop and flip, with the noise from torch: a torchvision v2 pipeline's
+    draws (``GaussianNoise`` included), from torch's stream only."""
+
+    def __getitem__(self, i: int):
+        img = self.crop_and_flip(i)
+        return img + torch.randn_like(img) * 0.05 * torch.empty(1).uniform_(0.9, 1.1), self.labels[
+            i
+        ]
+
+
+#: The two kinds of augmentation measured: torch's stream only (numpy's and python's are then
+#: not seeded per sample), and all three.
+DATASETS = {
+    "torchvision-style, torch's stream": TorchStream,
+    "albumentations-style, torch + numpy + python streams": Augmented,
+}
 
 
 class ResumingSampler(Sampler[int]):
@@ -279,28 +302,34 @@ def main() -> None:
     parser.add_argument("--throughput-only", action="store_true", help="skip part 2 (resume)")
     args = parser.parse_args()
     data = Augmented(args.samples, args.size)
-    t = time.process_time()
-    for i in range(200):
-        data[i]
-    per_sample = (time.process_time() - t) / 200
     costs = seeding_costs(data)
     each = ", ".join(f"{k} {v * 1e6:.1f}" for k, v in costs.items() if k not in SUMS)
     print(
-        f"dataset: {args.samples} images {args.size}x{args.size}, {per_sample * 1e3:.2f} ms of CPU "
-        f"a sample; seeding the three streams {costs['the three'] * 1e6:.1f} us a sample in a "
-        f"loop ({each}), {costs['between samples'] * 1e6:.1f} us between samples; keeping the "
+        f"seeding the three streams: {costs['the three'] * 1e6:.1f} us a sample in a loop "
+        f"({each}), {costs['between samples'] * 1e6:.1f} us between samples; keeping the "
         f"training process's streams {costs['kept a batch'] * 1e6:.0f} us a batch of {BATCH}"
     )
     ok = True
-    for workers in sorted({args.workers, 0}, reverse=True):
-        p, s, ratios = throughput(data, workers, args.reps)
-        ratio = statistics.median(ratios)
-        ok &= ratio >= THROUGHPUT_TARGET
+    for kind, cls in DATASETS.items():
+        kind_data = cls(args.samples, args.size)
+        t = time.process_time()
+        for i in range(200):
+            kind_data[i]
+        per_sample = (time.process_time() - t) / 200
         print(
-            f"throughput, {workers} workers, per CPU second: plain {p:.0f} samples, per-sample "
-            f"seeding {s:.0f} samples: {ratio:.3f}x (target >= {THROUGHPUT_TARGET}x), "
-            f"{min(ratios):.3f}-{max(ratios):.3f}x over {len(ratios)} repetitions"
+            f"{kind}: {args.samples} images {args.size}x{args.size}, "
+            f"{per_sample * 1e3:.2f} ms of CPU a sample"
         )
+        for workers in sorted({args.workers, 0}, reverse=True):
+            p, s, ratios = throughput(kind_data, workers, args.reps)
+            ratio = statistics.median(ratios)
+            ok &= ratio >= THROUGHPUT_TARGET
+            print(
+                f"  throughput, {workers} workers, per CPU second: plain {p:.0f} samples, "
+                f"per-sample seeding {s:.0f} samples: {ratio:.3f}x (target >= "
+                f"{THROUGHPUT_TARGET}x), {min(ratios):.3f}-{max(ratios):.3f}x over "
+                f"{len(ratios)} repetitions"
+            )
     resumes = {} if args.throughput_only else resume_times(data, args.workers, args.reps)
     for name, (fresh, resumed) in resumes.items():
         ratio = resumed / fresh

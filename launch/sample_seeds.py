@@ -18,14 +18,15 @@ a batch's samples and put back after them, so dropout and everything else the tr
 draws is what it would have been without augmentation. Only the CPU generator is seeded: a
 GPU's stream is never touched.
 
-Cost: three Mersenne Twisters are initialised per sample, ~10 us together in a tight loop and
-two to three times that between the samples of an epoch, whose work has evicted their code
-and state from the caches. So the path is kept short: the generators' own seeding methods
-(the public ``np.random.seed`` and ``random.seed`` check their arguments at more cost than
-the seeding itself), and a batch's seeds derived in one loop. None is seeded lazily: whether a
-sample draws from a stream is known only after it ran, and python's ``getstate``, the only way
-to look, costs more than ``seed``. In the training process numpy's state is copied as bytes
-(:class:`_NumpyState`), not through ``get_state``.
+Cost: a Mersenne Twister of 624 words is initialised per stream and sample, ~2-5 us each in a
+tight loop and several times that between the samples of an epoch, whose work has evicted
+their code and 2.5 KB states from the caches. So torch's stream, which torchvision's transforms
+draw from, is seeded for every sample, and numpy's and python's only once a sample has drawn
+from them (:class:`_Streams`): a torchvision pipeline pays for one stream, not three. The
+seeding calls are the generators' own (the public ``np.random.seed`` and ``random.seed``
+check their arguments at more cost than the seeding itself), and a batch's seeds are derived
+in one loop. In the training process numpy's state is copied as bytes (:class:`_NumpyState`),
+not through ``get_state``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import _random
 import contextlib
 import ctypes
 import random
+import struct
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -42,6 +44,8 @@ import torch
 from torch.utils.data import Dataset, Sampler, Subset, get_worker_info
 
 _MASK = (1 << 64) - 1
+#: A ``RandomState``'s legacy normal cache when empty: ``has_gauss = 0``, ``gauss = 0.0``.
+_NO_NORMAL = bytes(16)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -58,18 +62,161 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 _TORCH, _NUMPY, _PYTHON = torch.random.default_generator, np.random.mtrand._rand, random._inst
 
 
-def _seed_streams(seed: int) -> None:
+def _seed_torch(seed: int) -> None:
+    _TORCH.manual_seed(seed)
+
+
+def _seed_numpy(seed: int) -> None:
     # torch's CPU generator and numpy's are both MT19937 initialised from the seed's low 32
     # bits by the same algorithm: from one value they would draw the same words. numpy takes
     # the high half; python's ``random`` mixes all 64 bits by another algorithm.
-    _TORCH.manual_seed(seed)
-    if type(_NUMPY._bit_generator) is np.random.MT19937:
+    bits = _NUMPY._bit_generator
+    if type(bits) is not np.random.MT19937:  # np.random.seed, without a cached normal left
+        _NUMPY.set_state(type(bits)(seed >> 32).state)
+        return
+    cache = _NUMPY_STATE.normal_cache()
+    if cache is None:
         _NUMPY.seed(seed >> 32)  # np.random.seed's own path; also drops a cached normal
-    else:  # np.random.seed for another bit generator, without leaving a cached normal
-        _NUMPY.set_state(type(_NUMPY._bit_generator)(seed >> 32).state)
+    else:  # the same, without the checks around it that cost three times the seeding
+        bits._legacy_seeding(seed >> 32)
+        cache[:] = _NO_NORMAL
+
+
+def _seed_python(seed: int) -> None:
     # random.seed(seed) without its argument checks, which take more than the seeding itself
     _random.Random.seed(_PYTHON, seed)
     _PYTHON.gauss_next = None
+
+
+def _seed_streams(seed: int) -> None:
+    """Seeds the three streams from a sample's seed, as the public seed functions would."""
+    _seed_torch(seed)
+    _seed_numpy(seed)
+    _seed_python(seed)
+
+
+def _struct_view(address: int, expected: bytes) -> memoryview | None:
+    """The bytes at ``address``, writable, if they read as ``expected`` (a layout check
+    against the public state), else None."""
+    raw = (ctypes.c_char * len(expected)).from_address(address)
+    view = memoryview(raw).cast("B")
+    return view if view.tobytes() == expected else None
+
+
+def _python_struct() -> memoryview | None:
+    """The state of python's ``random`` as bytes: CPython's ``RandomObject`` is the object
+    header, ``int index``, ``uint32_t state[624]``."""
+    _, (*words, index), _ = _PYTHON.getstate()
+    expected = struct.pack("=i624I", index, *words)
+    return _struct_view(id(_PYTHON) + object.__basicsize__, expected)
+
+
+def _numpy_struct() -> memoryview | None:
+    """The state of numpy's global MT19937 as bytes (``uint32_t key[624]; int pos``); None for
+    another bit generator."""
+    bits = _NUMPY._bit_generator
+    if type(bits) is not np.random.MT19937:
+        return None
+    state = bits.state["state"]
+    expected = state["key"].astype(np.uint32).tobytes() + np.intc(state["pos"]).tobytes()
+    return _struct_view(bits.ctypes.state_address, expected)
+
+
+def _legacy_normal_offset() -> int | None:
+    """Where a ``RandomState`` keeps its cached normal (``int has_gauss`` and, 8 bytes on,
+    ``double gauss``): the one place in two probe objects that holds the normal each has
+    cached, known from a twin drawing it. None if not found once in each."""
+    size = np.random.RandomState.__basicsize__
+    offsets = set()
+    for seed in (7, 8):
+        probe, twin = np.random.RandomState(seed), np.random.RandomState(seed)
+        probe.standard_normal(), twin.standard_normal()
+        pattern = struct.pack("=i4xd", 1, twin.standard_normal())
+        raw = ctypes.string_at(id(probe), size)
+        found = {o for o in range(0, size - 15, 8) if raw[o : o + 16] == pattern}
+        if len(found) != 1:
+            return None
+        offsets |= found
+    return offsets.pop() if len(offsets) == 1 else None
+
+
+def _word_reader(view: memoryview, first: int, second: int) -> Any:
+    """A reader of the 32-bit words at byte offsets ``first`` and ``second`` of ``view``."""
+    words = view.cast("I")
+    first, second = first // 4, second // 4
+    return lambda: (words[first], words[second])
+
+
+class _Streams:
+    """Seeds a sample's streams: torch's always; numpy's and python's once a sample drew from
+    them.
+
+    A dataset built on torchvision draws from torch's generator only, and seeding the other
+    two would cost twice as much again (their 5 KB of state is cold between samples). So
+    numpy's and python's streams are seeded before a batch's samples from its first sample's
+    seed, and their position is read after each sample (two words of their state: python's
+    ``getstate`` would cost more than the seeding). A sample that moved one has drawn from a
+    stream not seeded for it: the stream is seeded from then on in this process, and the
+    sample is loaded again with it seeded. Seeding also drops cached normals, so a draw always
+    moves the position. After the batch, a stream no sample drew from is seeded from the last
+    sample's seed: what a ``collate_fn`` draws is what it would be were every stream seeded
+    for every sample.
+    """
+
+    def __init__(self) -> None:
+        self.numpy_reader: Any = None  # (the bit generator checked, its reader)
+        self.python_reader: Any = None
+        self.numpy_used = self.python_used = False
+        self.marks: tuple[Any, Any] = (None, None)
+
+    def start(self, seed: int) -> None:
+        """Before a batch: every stream seeded, those not yet known to be used marked."""
+        _seed_streams(seed)
+        if not self.numpy_used:
+            bits = _NUMPY._bit_generator
+            if self.numpy_reader is None or self.numpy_reader[0] is not bits:
+                view = _numpy_struct()  # the key's first word and the position
+                self.numpy_reader = (bits, view and _word_reader(view, 0, 624 * 4))
+            self.numpy_used = self.numpy_reader[1] is None  # no reader: seeded for every sample
+        if not self.python_used:
+            if self.python_reader is None:
+                view = _python_struct()  # the position and the state's first word
+                self.python_reader = view and _word_reader(view, 0, 4) or False
+            self.python_used = not self.python_reader
+        self.marks = (
+            None if self.numpy_used else self.numpy_reader[1](),
+            None if self.python_used else self.python_reader(),
+        )
+
+    def seed(self, seed: int) -> None:
+        """Before a sample."""
+        _TORCH.manual_seed(seed)
+        if self.numpy_used:
+            _seed_numpy(seed)
+        if self.python_used:
+            _seed_python(seed)
+
+    def drew_unseeded(self) -> bool:
+        """After a sample: whether it drew from a stream not seeded for it (which is seeded
+        for every sample from now on)."""
+        moved = False
+        if not self.numpy_used and self.numpy_reader[1]() != self.marks[0]:
+            self.numpy_used = moved = True
+        if not self.python_used and (
+            self.python_reader() != self.marks[1] or _PYTHON.gauss_next is not None
+        ):
+            self.python_used = moved = True
+        return moved
+
+    def finish(self, seed: int) -> None:
+        """After a batch: the streams no sample drew from, seeded from the last sample's."""
+        if not self.numpy_used:
+            _seed_numpy(seed)
+        if not self.python_used:
+            _seed_python(seed)
+
+
+_STREAMS = _Streams()
 
 
 class _NumpyState:
@@ -77,36 +224,39 @@ class _NumpyState:
 
     ``np.random.get_state``/``set_state`` take ~0.3 ms (MT19937 copies its key one numpy
     scalar at a time). MT19937, numpy's default, is read and written here as the bytes of its
-    state struct instead (624 key words and a position, at ``ctypes.state_address``; the
-    layout is checked once against the public ``state``). The legacy normal cache
-    (``has_gauss``) has no cheap reader: a probe draw takes the cached normal, if any, without
-    moving the key, and only that case is put back through ``set_state``. Another bit
-    generator takes the public path.
+    state struct instead (624 key words and a position, at ``ctypes.state_address``), and the
+    legacy normal cache as the 16 bytes ``RandomState`` keeps it in; both layouts are checked
+    against the public state once. Should the cache not be found, a probe draw takes the
+    cached normal, if any, without moving the key, and only that case is put back through
+    ``set_state``. Another bit generator takes the public path.
     """
-
-    _SIZE = 624 * 4 + 4  # uint32_t key[624]; int pos
 
     def __init__(self) -> None:
         self._checked: tuple[Any, memoryview | None] = (None, None)
+        self._normal: memoryview | None | bool = False  # not looked for yet
 
     def _struct(self) -> memoryview | None:
         """The bytes of the global MT19937's state; None for another bit generator."""
         bits = _NUMPY._bit_generator
         if bits is not self._checked[0]:
-            view = None
-            if type(bits) is np.random.MT19937:
-                state = bits.state["state"]
-                layout = state["key"].astype(np.uint32).tobytes() + np.intc(state["pos"]).tobytes()
-                raw = (ctypes.c_char * self._SIZE).from_address(bits.ctypes.state_address)
-                view = memoryview(raw).cast("B")
-                view = view if view.tobytes() == layout else None
-            self._checked = (bits, view)
+            self._checked = (bits, _numpy_struct())
         return self._checked[1]
+
+    def normal_cache(self) -> memoryview | None:
+        """The bytes of the global ``RandomState``'s cached normal (``has_gauss``, ``gauss``)."""
+        if self._normal is False:
+            offset = _legacy_normal_offset()
+            raw = offset is not None and (ctypes.c_char * 16).from_address(id(_NUMPY) + offset)
+            self._normal = memoryview(raw).cast("B") if raw else None
+        return self._normal
 
     def save(self) -> Any:
         view = self._struct()
         if view is None:
             return _NUMPY.get_state(legacy=False)
+        cache = self.normal_cache()
+        if cache is not None:
+            return view, view.tobytes(), cache, cache.tobytes()
         key = view.tobytes()
         normal = _NUMPY.standard_normal()  # the cached normal, or one drawn from the key
         return view, key, normal if view.tobytes() == key else None
@@ -114,30 +264,54 @@ class _NumpyState:
     def restore(self, saved: Any) -> None:
         if isinstance(saved, dict):
             _NUMPY.set_state(saved)
-            return
-        view, key, normal = saved
-        if normal is None:
+        elif len(saved) == 4:
+            view, key, cache, normal = saved
+            view[:], cache[:] = key, normal
+        elif saved[2] is None:
             _NUMPY.seed(0)  # drops the normal the probe cached
-            view[:] = key
+            saved[0][:] = saved[1]
         else:
+            view, key, normal = saved
             words = np.frombuffer(key, dtype=np.uint32, count=624)
             pos = int(np.frombuffer(key, dtype=np.intc, offset=624 * 4)[0])
             _NUMPY.set_state(("MT19937", words, pos, 1, normal))
 
 
-_NUMPY_STATE = _NumpyState()
+class _PythonState:
+    """Saves and restores python's ``random`` as the bytes of its state (``random.getstate``
+    builds a tuple of 625 ints, ``setstate`` reads it back: ~50 us a batch with cold
+    caches), and its cached normal ``gauss_next``; the public path if the layout differs."""
+
+    def __init__(self) -> None:
+        self._view: memoryview | None | bool = False  # not checked yet
+
+    def save(self) -> Any:
+        if self._view is False:
+            self._view = _python_struct()
+        if self._view is None:
+            return random.getstate()
+        return self._view.tobytes(), _PYTHON.gauss_next
+
+    def restore(self, saved: Any) -> None:
+        if self._view is None:
+            random.setstate(saved)
+        else:
+            self._view[:], _PYTHON.gauss_next = saved
+
+
+_NUMPY_STATE, _PYTHON_STATE = _NumpyState(), _PythonState()
 
 
 @contextlib.contextmanager
 def _streams_kept() -> Iterator[None]:
     """The three streams as they were before the block, after it."""
-    saved = _TORCH.get_state(), _NUMPY_STATE.save(), random.getstate()
+    saved = _TORCH.get_state(), _NUMPY_STATE.save(), _PYTHON_STATE.save()
     try:
         yield
     finally:
         _TORCH.set_state(saved[0])
         _NUMPY_STATE.restore(saved[1])
-        random.setstate(saved[2])
+        _PYTHON_STATE.restore(saved[2])
 
 
 #: The torchdata protocol a sampler (or its iterator) offers to have its position saved.
@@ -234,8 +408,16 @@ class SeededSamples(Dataset):
             return list(self.dataset.__getitems__([i for _, i in keys]))
         # The seeds first, in one loop: between samples its code would have left the caches.
         seeds = [sample_seed(self.seed, epoch, index) for epoch, index in keys]
-        out = []
+        if not seeds:
+            return []
+        streams, out = _STREAMS, []
+        streams.start(seeds[0])
         for (_, index), seed in zip(keys, seeds, strict=True):
-            _seed_streams(seed)
-            out.append(self.dataset[index])
+            streams.seed(seed)
+            sample = self.dataset[index]
+            if streams.drew_unseeded():  # again, with the stream it drew from seeded
+                streams.seed(seed)
+                sample = self.dataset[index]
+            out.append(sample)
+        streams.finish(seeds[-1])
         return out

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from tlaunch.sample_seeds import _NUMPY_STATE, SeededSamples, _seed_streams
+from tlaunch import sample_seeds
+from tlaunch.sample_seeds import _NUMPY_STATE, SeededSamples, _seed_streams, sample_seed
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -93,6 +94,8 @@ def test_loading_in_the_training_process_gives_back_its_streams_cached_normals_t
     got = [training_draws() for _ in range(steps_before + 1)]
     if np.random.get_bit_generator().__class__.__name__ == "MT19937":  # numpy's default
         assert _NUMPY_STATE._struct() is not None, "numpy's state is copied as bytes"
+        assert _NUMPY_STATE.normal_cache() is not None, "and its cached normal"
+    assert sample_seeds._python_struct() is not None, "python's state is copied as bytes"
     data = SeededSamples(Normals(), seed=3)
     for batch in ([(0, 0), (0, 1), (0, 2)], [(0, 3)], []):  # num_workers=0: in this process
         loaded = data.__getitems__(batch)
@@ -123,3 +126,95 @@ def test_seeding_a_sample_is_what_the_public_seed_functions_do():
 
     for seed in (0, 2**32 - 1, 2**32 + 5, 0x9E3779B97F4A7C15):
         assert draws_after(seed, public=False) == draws_after(seed, public=True)
+
+
+@pytest.fixture
+def fresh_streams(monkeypatch):
+    """Per-sample seeding as in a new worker process: no stream known to be drawn from yet."""
+    monkeypatch.setattr(sample_seeds, "_STREAMS", sample_seeds._Streams())
+    return sample_seeds._STREAMS
+
+
+class Sometimes(Dataset):
+    """Draws from torch always; from numpy and python ``random`` only for some samples (a
+    normal, a uniform and raw words), as a transform applied with a probability would."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, i: int) -> list[float]:
+        self.calls += 1
+        out = [torch.rand(()).item()]
+        if i % 7 == 3:
+            out += [np.random.normal(), float(np.random.randint(0, 2**31))]
+        if i % 5 == 4:
+            out += [random.gauss(0, 1), float(random.getrandbits(31))]
+        return out
+
+
+def every_stream_seeded(dataset: Dataset, keys: list[tuple[int, int]], seed: int) -> list:
+    """What each sample would be were all three streams seeded for every sample."""
+    out = []
+    for epoch, index in keys:
+        _seed_streams(sample_seed(seed, epoch, index))
+        out.append(dataset[index])
+    return out
+
+
+def collate_draws() -> list[float]:
+    """What a collate_fn after the batch draws (mixup's lambda, a cutmix box...)."""
+    return [torch.rand(()).item(), np.random.normal(), np.random.rand(), random.gauss(0, 1)]
+
+
+@pytest.mark.parametrize("global_bit_generator", ["MT19937", "PCG64"], indirect=True)
+def test_streams_seeded_only_once_drawn_from_give_what_seeding_all_three_gives(
+    fresh_streams, global_bit_generator
+):
+    # numpy's and python's streams are seeded for a sample only once a sample drew from them;
+    # a sample that draws from one not seeded for it is loaded again. The samples, and what a
+    # collate_fn draws after the batch, must be what seeding every stream gives.
+    data, reference = Sometimes(), Sometimes()
+    loader = SeededSamples(data, seed=11)
+    for start in range(0, 40, 8):
+        keys = [(2, i) for i in range(start, start + 8)]
+        got = loader._load(keys), collate_draws()  # _load: as in a worker, no streams kept
+        expected = every_stream_seeded(reference, keys, seed=11), collate_draws()
+        assert got == expected, f"batch from sample {start}"
+    assert fresh_streams.python_used and fresh_streams.numpy_used
+    # numpy is first drawn from by sample 3, python by sample 4: each loaded twice. numpy's
+    # stream has no cheap position to read with another bit generator: seeded from the start.
+    mt19937 = np.random.get_bit_generator().__class__.__name__ == "MT19937"
+    assert data.calls == 40 + (2 if mt19937 else 1)
+
+
+class TorchOnly(Dataset):
+    """A torchvision-style sample: torch's stream only."""
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> float:
+        return torch.rand(()).item()
+
+
+def test_a_dataset_drawing_from_torch_only_costs_no_numpy_or_python_seeding(
+    fresh_streams, monkeypatch
+):
+    seeded = []
+    for name in ("_seed_numpy", "_seed_python"):
+        real = getattr(sample_seeds, name)
+        monkeypatch.setattr(sample_seeds, name, lambda s, real=real: (seeded.append(s), real(s)))
+    data = SeededSamples(TorchOnly(), seed=5)
+    for start in (0, 8):
+        keys = [(0, i) for i in range(start, start + 8)]
+        got = data._load(keys), collate_draws()
+        n = len(seeded)
+        # a collate_fn draws what it would were every stream seeded for every sample
+        assert got == (every_stream_seeded(TorchOnly(), keys, seed=5), collate_draws())
+        del seeded[n:]
+    assert not (fresh_streams.numpy_used or fresh_streams.python_used)
+    # the batch's start and end (from its first and last sample's seed), not per sample
+    assert len(seeded) == 2 * 2 * 2
