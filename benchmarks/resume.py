@@ -15,10 +15,21 @@ scales it), once as a committed tlaunch checkpoint (a short ``tlaunch --max-step
   after ``accelerator.load_state``.
 
 Each script prints ``time.time()`` at its stages (started, torch+accelerate imported, init,
-state loaded, first step); the parent subtracts the time it recorded just before starting the
-process. Both read the state from the page cache (the setup runs just wrote it). Target:
-tlaunch <= 1.0x plain Accelerate (median of the per-repetition, back-to-back ratios), with
-every file's sha256 checked against MANIFEST, which Accelerate does not do.
+model and optimizer built, state loaded, first step); the parent subtracts the time it recorded
+just before starting the process. Both read the state from the page cache (the setup runs just
+wrote it). Target: tlaunch <= 1.0x plain Accelerate (median of the per-repetition, back-to-back
+ratios, with their range), with every file's sha256 checked against MANIFEST, which Accelerate
+does not do.
+
+The split, medians in seconds: ``start`` (the launcher, for tlaunch, until the worker's
+interpreter runs the script), ``imports`` (torch, accelerate, tlaunch), ``init``
+(``tlaunch.init``: the Accelerator and the checkpoint found, read, verified and parsed; for
+Accelerate, ``Accelerator()``), ``build`` (the script's model and optimizer), ``prepare``
+(``run.prepare`` applying the loaded state; ``prepare`` + ``load_state`` for Accelerate) and
+``step``. ``restore`` is the restore's own time within them (tlaunch: what it records as its
+restore; Accelerate: ``load_state``). ``--without-prefetch`` adds a third row: tlaunch with the
+checkpoint read left to the restore (the read that starts in the worker's ``sitecustomize``
+and at the top of ``tlaunch.init`` dropped), to measure what overlapping it buys.
 """
 
 from __future__ import annotations
@@ -63,7 +74,7 @@ def build(hidden: int):
     return model, opt, DataLoader(data, batch_size=BATCH, shuffle=True)
 
 
-def worker_run(hidden: int, setup: bool) -> None:
+def worker_run(hidden: int, setup: bool, prefetch: bool = True) -> None:
     mark("started", T0)
     import accelerate  # noqa: F401  (tlaunch.init imports it anyway; here "imported" means the same for both)
     import torch.nn.functional as F
@@ -71,13 +82,20 @@ def worker_run(hidden: int, setup: bool) -> None:
     import tlaunch
 
     mark("imported")
+    if not prefetch:  # the ablation: the restore reads everything itself
+        import tlaunch.prefetch as ahead
+
+        ahead.discard()
+        ahead.maybe_start = lambda overrides: False
     run = tlaunch.init(hparams={"hidden": hidden})
     mark("init")
     if not setup and run.step == 0:
         raise SystemExit("resume benchmark: tlaunch found no checkpoint to resume from")
     model, opt, loader = build(hidden)
+    mark("built")
     model, opt, loader = run.prepare(model, opt, loader)
     mark("loaded")
+    print(f"RESTORE {run._restore_s:.6f}", flush=True)
     for _epoch in run.epochs(1000):
         for x, y in run.batches(loader):
             with run.accumulate(model):
@@ -97,11 +115,15 @@ def worker_accelerate(hidden: int, state_dir: str, setup: bool) -> None:
 
     mark("imported")
     accelerator = Accelerator(cpu=True)
-    model, opt, loader = accelerator.prepare(*build(hidden))
     mark("init")
+    objects = build(hidden)
+    mark("built")
+    model, opt, loader = accelerator.prepare(*objects)
+    restoring = time.time()
     if not setup:
         accelerator.load_state(state_dir)
     mark("loaded")
+    print(f"RESTORE {time.time() - restoring:.6f}", flush=True)
     for i, (x, y) in enumerate(loader):
         accelerator.backward(F.mse_loss(model(x), y))
         opt.step()
@@ -120,6 +142,8 @@ def start(cmd: list[str]) -> dict[str, float]:
     started = time.time()
     proc = run_group(cmd, env, timeout=600)
     marks = {m[0]: float(m[1]) - started for m in re.findall(r"MARK (\w+) ([\d.]+)", proc.stdout)}
+    restore = re.search(r"RESTORE ([\d.]+)", proc.stdout)
+    marks["restore"] = float(restore.group(1)) if restore else float("nan")
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
     return marks
@@ -129,12 +153,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--worker", choices=("run", "accelerate"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--without-prefetch",
+        action="store_true",
+        help="also time tlaunch with the checkpoint read left to the restore",
+    )
+    parser.add_argument(
+        "--worker", choices=("run", "run-no-prefetch", "accelerate"), help=argparse.SUPPRESS
+    )
     parser.add_argument("--state-dir", help=argparse.SUPPRESS)
     parser.add_argument("--setup", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker == "run":
-        return worker_run(args.hidden, args.setup)
+    if args.worker in ("run", "run-no-prefetch"):
+        return worker_run(args.hidden, args.setup, prefetch=args.worker == "run")
     if args.worker == "accelerate":
         return worker_accelerate(args.hidden, args.state_dir, args.setup)
 
@@ -147,42 +178,70 @@ def main() -> None:
             "tlaunch": [*tl, *me, "--worker", "run"],
             "accelerate": [sys.executable, *me, "--worker", "accelerate", "--state-dir", acc_state],
         }
+        if args.without_prefetch:
+            cmds["no prefetch"] = [*tl, *me, "--worker", "run-no-prefetch"]
         start([*tl, "--max-steps", "3", *me, "--worker", "run", "--setup"])
         start([*cmds["accelerate"], "--setup"])
         size = {
             "tlaunch": sum(os.path.getsize(f) for f in glob.glob(f"{ckpt}/step-*/*")),
             "accelerate": sum(os.path.getsize(f) for f in glob.glob(f"{acc_state}/*")),
         }
-        times: dict[str, list[dict[str, float]]] = {"tlaunch": [], "accelerate": []}
+        times: dict[str, list[dict[str, float]]] = {name: [] for name in cmds}
         for rep in range(args.reps):
-            for name in ("tlaunch", "accelerate") if rep % 2 == 0 else ("accelerate", "tlaunch"):
+            order = list(cmds) if rep % 2 == 0 else list(reversed(cmds))
+            for name in order:
                 times[name].append(start(cmds[name]))
+    report(args, times, size)
 
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f}x (reps {min(values):.2f}-{max(values):.2f})"
+
+
+def report(
+    args: argparse.Namespace, times: dict[str, list[dict[str, float]]], size: dict[str, int]
+) -> None:
     print(f"resume: MLP hidden {args.hidden}, Adam; medians of {args.reps} reps, alternating")
-    for name in times:
+    for name in size:
         print(f"  {name:10s} state on disk {size[name] / 1e6:6.1f} MB")
-    stages = ("started", "imported", "init", "loaded", "first_step")
-    print("  seconds from process start:  " + "  ".join(f"{s:>10s}" for s in stages))
-    med = {
-        n: {s: statistics.median(r[s] for r in rows) for s in stages} for n, rows in times.items()
+    marks = ("started", "imported", "init", "built", "loaded", "first_step")
+    parts = ("start", "imports", "init", "build", "prepare", "step")
+    print("  seconds, medians:      " + "".join(f"{p:>9s}" for p in (*parts, "restore", "total")))
+    for name, rows in times.items():
+        durations = [
+            [r[b] - (r[a] if a else 0.0) for a, b in zip((None, *marks), marks, strict=False)]
+            for r in rows
+        ]
+        cells = [statistics.median(d[i] for d in durations) for i in range(len(parts))]
+        cells += [statistics.median(r["restore"] for r in rows)]
+        cells += [statistics.median(r["first_step"] for r in rows)]
+        print(f"  {name:22s} " + "".join(f"{c:9.2f}" for c in cells))
+    for name, rows in times.items():
+        reps = " ".join(f"{r['first_step']:.2f}" for r in rows)
+        print(f"  {name:12s} start -> first step, reps: {reps}")
+    # Paired: a rep's runs were back to back, which cancels load drift between reps.
+    ratios = {
+        name: [
+            a["first_step"] / b["first_step"]
+            for a, b in zip(rows, times["accelerate"], strict=True)
+        ]
+        for name, rows in times.items()
+        if name != "accelerate"
     }
-    for name in times:
-        print(f"  {name:28s} " + "  ".join(f"{med[name][s]:10.2f}" for s in stages))
-    first = {n: [r["first_step"] for r in rows] for n, rows in times.items()}
-    # Paired: a rep's two runs were back to back, which cancels load drift between reps.
-    ratio = statistics.median(a / b for a, b in zip(*first.values(), strict=True))
-    for name, values in first.items():
-        print(f"  {name:10s} start -> first step, reps: {' '.join(f'{t:.2f}' for t in values)}")
+    ratio = statistics.median(ratios["tlaunch"])
     print(
-        f"tlaunch resume / accelerate load_state, start to first step: {ratio:.2f}x "
-        f"(target <= {TARGET}x){'' if ratio <= TARGET else '  MISSED'}"
+        f"tlaunch resume / accelerate load_state, start to first step: "
+        f"{spread(ratios['tlaunch'])} (target <= {TARGET}x){'' if ratio <= TARGET else '  MISSED'}"
     )
+    if "no prefetch" in ratios:
+        print(f"  without the prefetch: {spread(ratios['no prefetch'])}")
     # tlaunch loads in tlaunch.init and applies in run.prepare; Accelerate loads after prepare:
-    # imported -> loaded covers build + prepare + load for both.
-    load = {n: med[n]["loaded"] - med[n]["imported"] for n in med}
+    # imported -> loaded covers init + build + prepare + load for both.
+    load = {n: [r["loaded"] - r["imported"] for r in rows] for n, rows in times.items()}
+    tl, acc = statistics.median(load["tlaunch"]), statistics.median(load["accelerate"])
     print(
-        f"tlaunch / accelerate, imported -> state loaded: {load['tlaunch'] / load['accelerate']:.2f}x "
-        f"({load['tlaunch']:.2f} s vs {load['accelerate']:.2f} s)"
+        f"tlaunch / accelerate, imported -> state loaded: {tl / acc:.2f}x "
+        f"({tl:.2f} s vs {acc:.2f} s)"
     )
 
 

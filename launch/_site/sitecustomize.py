@@ -16,7 +16,11 @@ still with a whole interpreter, the hook ends such a group (see
 Under ``tlaunch doctor`` (``TLAUNCH_DOCTOR`` set) it also arms the doctor's hooks, which wait
 for the script to import torch (:mod:`tlaunch.doctor.hooks`).
 
-Importing this costs next to nothing: no torch, and of tlaunch only its contract. The hook does
+In a Run API worker it starts the resume's checkpoint read (:mod:`tlaunch.prefetch`) in a
+background thread, so that it overlaps the script's imports.
+
+Importing this costs next to nothing: no torch, and of tlaunch only its contract (a Run API
+worker's rank 0: its configuration too, to tell which checkpoint to read). The hook does
 nothing when ``torch.distributed`` was never imported, when no gloo group of more than one process
 is left (a single process, a script that ended its group, NCCL), or when an uncaught exception ends
 the process (a crashed rank exits as it did, at once). It never changes the exit code and runs after
@@ -95,14 +99,26 @@ def _hold_stop_signals() -> None:
         hold()
 
 
+def _prefetch_checkpoint() -> None:
+    """A Run API worker starts reading the checkpoint its restore will load while the script
+    still imports torch (:mod:`tlaunch.prefetch`; ``tlaunch.init`` keeps that read)."""
+    from tlaunch.contract import HOLD_SIGNALS_ENV, LAUNCHER_PID_ENV
+
+    if os.environ.get(HOLD_SIGNALS_ENV) and os.environ.get(LAUNCHER_PID_ENV) == str(os.getppid()):
+        from tlaunch.prefetch import maybe_start
+
+        maybe_start({})
+
+
 def _leave_quickly_after_a_stop() -> None:
     """First of the exit functions, so it runs last (tlaunch.quick_exit)."""
-    from tlaunch.quick_exit import at_exit
+    from tlaunch.quick_exit import install
 
-    atexit.register(at_exit)
+    install()
 
 
 _hold_stop_signals()
+_prefetch_checkpoint()
 _leave_quickly_after_a_stop()
 atexit.register(_end_group_at_exit)
 _maybe_arm_doctor()

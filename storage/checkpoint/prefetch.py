@@ -40,7 +40,8 @@ class _File:
 
 
 class _Prefetch:
-    def __init__(self) -> None:
+    def __init__(self, target: tuple[str, int | None]) -> None:
+        self.target = target
         #: Set once the files to read are known (or the prefetch gave up): a restore that gets
         #: there first waits for the plan rather than reading the same bytes twice.
         self.planned = threading.Event()
@@ -54,11 +55,14 @@ _current: _Prefetch | None = None
 def start(url: str, step: int | None = None) -> None:
     """Read committed ``step`` at ``url`` (the newest committed one if None) in the background.
 
-    Returns at once; never raises. One prefetch per process: a second one replaces the first.
+    Returns at once; never raises. One prefetch per process: the same target again keeps the
+    one under way, another replaces it.
     """
     global _current
+    if _current is not None and _current.target == (url, step):
+        return
     discard()
-    prefetch = _current = _Prefetch()
+    prefetch = _current = _Prefetch((url, step))
     threading.Thread(
         target=_run, args=(prefetch, url, step), name="tlaunch-prefetch", daemon=True
     ).start()
