@@ -50,6 +50,9 @@ few ``ACCELERATE_*`` / ``PJRT_DEVICE`` variables the chosen strategy's plan name
 ``TLAUNCH_DOCTOR``        set by ``tlaunch doctor``: the folder of its findings; the workers'
                           ``sitecustomize`` installs the doctor's hooks
                           (:mod:`tlaunch.doctor.hooks`), which write ``rank-<RANK>.json`` there
+``TLAUNCH_EXIT_FD``       one worker (no elastic agent): a pipe it writes its exit code to right
+                          before it leaves quickly after a stop (:mod:`tlaunch.quick_exit`); the
+                          launcher then stops waiting for it while the kernel frees its memory
 
 Variables a user (or a test) sets
 ---------------------------------
@@ -128,6 +131,7 @@ DEFAULT_CHECKPOINT_DIR_ENV = "TLAUNCH_DEFAULT_CHECKPOINT_DIR"
 LAUNCHER_PID_ENV = "TLAUNCH_LAUNCHER_PID"
 HOLD_SIGNALS_ENV = "TLAUNCH_HOLD_SIGNALS"
 DOCTOR_ENV = "TLAUNCH_DOCTOR"
+EXIT_FD_ENV = "TLAUNCH_EXIT_FD"
 
 # -- set by users and tests ------------------------------------------------------------------
 RUN_ID_ENV = "TLAUNCH_RUN_ID"

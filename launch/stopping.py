@@ -236,7 +236,13 @@ class StopController:
 
     # -- the end -----------------------------------------------------------------------------
     def announce(self) -> None:
-        """Tell the launcher the workers stop on their own: a watcher firing now adds nothing."""
+        """Tell the launcher the workers stop on their own: a watcher firing now adds nothing.
+        Under the launcher this process will leave quickly: its exit's search for open files
+        begins now, while the checkpoint is written (:func:`tlaunch.quick_exit.prepare`)."""
+        if self.under_launcher:
+            from tlaunch.quick_exit import prepare
+
+            prepare()
         if self.under_launcher and self._local_rank0:
             open(os.path.join(self.control_dir, WORKERS_STOPPING), "w").close()
 

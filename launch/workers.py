@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from collections.abc import Callable
 from tlaunch.config import LaunchConfig
 from tlaunch.contract import (
     CONTROL_DIR_ENV,
+    EXIT_FD_ENV,
     FINISHED_REPORT,
     HOLD_SIGNALS_ENV,
     RUN_ID_ENV,
@@ -58,8 +60,25 @@ class DirectWorkers:
         self.proc: subprocess.Popen | None = None
 
     def start(self, attempt: int) -> Attempt:
-        self.proc = subprocess.Popen(self.command, env=self.env, start_new_session=True)
-        code = self.proc.wait()
+        if not hasattr(os, "pidfd_open"):  # no way to wait for either: the exit alone
+            self.proc = subprocess.Popen(self.command, env=self.env, start_new_session=True)
+            return self._attempt(self.proc.wait())
+        notice, tell = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                self.command,
+                env={**self.env, EXIT_FD_ENV: str(tell)},
+                start_new_session=True,
+                pass_fds=(tell,),
+            )
+        finally:
+            os.close(tell)
+        try:
+            return self._attempt(_notice_or_exit(self.proc, notice))
+        finally:
+            os.close(notice)
+
+    def _attempt(self, code: int) -> Attempt:
         if code < 0:
             return Attempt(128 - code, f"the script was killed by {signal.Signals(-code).name}")
         return Attempt(code, f"the script exited with code {code}" if code else "")
@@ -150,6 +169,9 @@ class ElasticWorkers:
             agent_api._terminate_process_handler,
             self._agent_signal,
         )
+        agent_loop = _agent_server_api()
+        wake = _WakeOnChildExit()
+        clock, agent_loop.time = agent_loop.time, wake
         try:
             elastic_launch(self._elastic_config(attempt), self.command[0])(*self.command[1:])
             return Attempt(0)
@@ -168,6 +190,8 @@ class ElasticWorkers:
         finally:
             self.running = False
             agent_api._terminate_process_handler = torch_handler
+            agent_loop.time = clock
+            wake.close()
             # The agent leaves its handlers installed; between attempts the supervisor's apply.
             for s, h in handlers.items():
                 signal.signal(s, h)
@@ -213,6 +237,76 @@ def _agent_multiprocessing_api():
     import torch.distributed.elastic.multiprocessing.api as agent_api
 
     return agent_api
+
+
+def _notice_or_exit(proc: subprocess.Popen, notice: int) -> int:
+    """The child's exit code: from its notice when it leaves quickly after a stop (it ran its
+    last line; the kernel then frees its memory, 0.3 s and more for a large state, which this
+    launcher does not wait for: :mod:`tlaunch.quick_exit`), else from its exit. A pidfd tells
+    of the exit, not the pipe's end: a process the script forked may hold the pipe open."""
+    try:
+        exited = os.pidfd_open(proc.pid)
+    except OSError:  # gone already (reaped it cannot be: only proc.wait reaps it)
+        return proc.wait()
+    try:
+        ready, _, _ = select.select([notice, exited], [], [])
+        if notice in ready:
+            told = os.read(notice, 1)
+            if told:
+                return told[0]
+        return proc.wait()
+    finally:
+        os.close(exited)
+
+
+def _agent_server_api():
+    import torch.distributed.elastic.agent.server.api as agent_loop
+
+    return agent_loop
+
+
+class _WakeOnChildExit:
+    """The ``time`` module of torch's agent while it runs, but for ``sleep``: the agent's
+    monitor loop sleeps ``monitor_interval`` (0.1 s) between looks at its workers, and a
+    stopped run's launcher can only exit once the agent saw them gone. This sleep ends as soon
+    as a child of this process exits: it waits on a pidfd of each (Linux 5.3+; elsewhere, or
+    with no child, it is ``time.sleep``). No signal handler, so nothing else is interrupted."""
+
+    def __init__(self) -> None:
+        self._fds: dict[int, int] = {}  # child pid -> its pidfd
+        self._woke: set[int] = set()  # children that ended a sleep already (zombies or reaped)
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        watched = self._watch()
+        if not watched:
+            time.sleep(seconds)
+            return
+        ready, _, _ = select.select(list(watched), [], [], seconds)
+        for fd in ready:
+            self._woke.add(watched[fd])
+            os.close(self._fds.pop(watched[fd]))
+
+    def _watch(self) -> dict[int, int]:
+        """pidfd -> pid for the children not seen exiting yet."""
+        pidfd_open = getattr(os, "pidfd_open", None)
+        if pidfd_open is not None:
+            children = _children(os.getpid())
+            self._woke.intersection_update(children)  # reaped ones go: their pids may return
+            for pid in children:
+                if pid not in self._fds and pid not in self._woke:
+                    try:
+                        self._fds[pid] = pidfd_open(pid)
+                    except OSError:  # gone already, or pidfds unsupported: polled as before
+                        self._woke.add(pid)
+        return {fd: pid for pid, fd in self._fds.items()}
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 def _children(pid: int) -> list[int]:

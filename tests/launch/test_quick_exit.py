@@ -1,5 +1,6 @@
 """Leaving without the interpreter's teardown keeps what teardown would have kept: files the
-script never closed, its atexit functions, and its own exit after an uncaught exception."""
+script never closed (whether opened before or after the stop began: ``prepare``), its atexit
+functions, and its own exit after an uncaught exception."""
 
 from __future__ import annotations
 
@@ -12,14 +13,24 @@ import pytest
 pytestmark = pytest.mark.timeout(120)
 
 SCRIPT = """
-    import atexit, os, sys
+    import atexit, gc, io, os, sys
     from tlaunch import quick_exit
 
-    atexit.register(quick_exit.at_exit)  # first: runs last, as sitecustomize registers it
+    class Log(io.TextIOWrapper):
+        pass
+
+    quick_exit.install()  # first: runs last, as in a worker (sitecustomize)
     text = open(sys.argv[1] + ".txt", "w")
     text.write("never closed, never flushed")
+    closed = open(sys.argv[1] + ".closed", "w")
+    if sys.argv[3] == "prepared":  # the stop began: files from before it are found meanwhile
+        quick_exit.prepare()
+    closed.close()
     raw = open(sys.argv[1] + ".bin", "wb")
     raw.write(b"\\x00" * 10)
+    sub = Log(open(sys.argv[1] + ".sub", "wb"))
+    sub.write("a subclass")
+    gc.collect()  # the newer files move to the oldest generation, where the frozen ones are not
     atexit.register(lambda: open(sys.argv[1] + ".atexit", "w").close())
 
     class Slow:
@@ -34,15 +45,17 @@ SCRIPT = """
 """
 
 
+@pytest.mark.parametrize("prepared", ["prepared", "not prepared"])
 @pytest.mark.parametrize("how", ["exit", "raise"])
-def test_a_quick_exit_keeps_unclosed_files_and_exit_functions(tmp_path, how):
+def test_a_quick_exit_keeps_unclosed_files_and_exit_functions(tmp_path, how, prepared):
     base = str(tmp_path / "out")
     proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(SCRIPT), base, how],
+        [sys.executable, "-c", textwrap.dedent(SCRIPT), base, how, prepared],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert open(base + ".txt").read() == "never closed, never flushed"
     assert open(base + ".bin", "rb").read() == b"\x00" * 10
+    assert open(base + ".sub").read() == "a subclass"
     assert (tmp_path / "out.atexit").exists()
     if how == "exit":
         assert proc.returncode == 0
