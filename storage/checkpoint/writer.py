@@ -9,13 +9,15 @@ first has committed. A queue would let snapshots pile up in memory whenever stor
 than the save interval; blocking turns slow storage into visible back-pressure instead.
 
 A failed save is never swallowed: its error is raised by the next ``submit``, ``check`` or
-``flush``. The thread is not a daemon, and an ``atexit`` hook flushes too, so a script that
-returns from ``main`` while a save is in flight still commits it.
+``flush``. An ``atexit`` hook flushes, so a script that returns from ``main`` while a save is in
+flight still commits it.
 
 ``flush`` returns once the save is settled: committed (or failed) and its retention pass done.
 Freeing the snapshot comes after that, at the end of the writer's thread: for a state of 500 MB
-it takes 0.1-0.2 s (every page given back to the kernel), which a stop's exit need not wait
-for (the next ``submit`` does: one snapshot in flight at a time).
+it takes 0.1-0.5 s (every page given back to the kernel), which a stop's exit need not wait
+for (the next ``submit`` does: one snapshot in flight at a time). So the thread is a daemon:
+the interpreter's exit waits for the ``atexit`` flush, not for the freeing, and a process that
+leaves with ``os._exit`` leaves the rest of it to the kernel.
 """
 
 from __future__ import annotations
@@ -118,7 +120,10 @@ class AsyncCheckpointWriter:
             self._in_flight = step
             self._settled = settled = threading.Event()
             self._thread = threading.Thread(
-                target=self._save, args=(step, kwargs, settled), name=f"tlaunch-ckpt-step-{step}"
+                target=self._save,
+                args=(step, kwargs, settled),
+                name=f"tlaunch-ckpt-step-{step}",
+                daemon=True,  # the exit waits for the commit through the atexit flush
             )
             self._thread.start()
 
