@@ -501,6 +501,11 @@ def measure(nproc: int, args, root: str) -> None:
             stops = schedule(
                 args.seed, args.every, args.kill_share, 4 * base.wall + 10 * args.every
             )
+            startup = base.wall - trains[0]
+            if startup > args.every / 2:  # most stops then land in a start-up: every way loses
+                print(f"  warning: (c) took {startup:.0f} s to start and finish, more than half "
+                      f"of T = {args.every:.0f} s: this machine is too loaded for this schedule; "
+                      "the goodputs below mostly measure start-up")  # fmt: skip
     train = statistics.median(trains)
     mean_step = train / args.steps
     spread = (max(trains) - min(trains)) / train
