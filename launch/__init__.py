@@ -23,6 +23,7 @@ def init(**kwargs: Any) -> Run:
     try:
         from tlaunch.run import init as _init
 
+        prefetch.parse_ahead()  # torch is imported now
         return _init(**kwargs)
     finally:
         prefetch.discard()

@@ -43,6 +43,13 @@ def maybe_start(overrides: Mapping[str, Any]) -> bool:
     return True
 
 
+def parse_ahead() -> None:
+    """Torch is imported: the prefetch may parse the files it read, too."""
+    from tlaunch.storage.checkpoint import prefetch
+
+    prefetch.parse_ahead()
+
+
 def discard() -> None:
     """Drop what the restore did not take."""
     from tlaunch.storage.checkpoint import prefetch

@@ -32,11 +32,18 @@ _FILES_IN_FLIGHT = 4
 
 @dataclass
 class _File:
-    """One file being prefetched: ``data`` and its MANIFEST ``sha256`` once read and verified."""
+    """One file being prefetched: ``data`` and its MANIFEST ``sha256`` and ``size`` once read
+    and verified; ``value``, what :func:`.serialize.load_file` made of them, once parsed."""
 
     done: threading.Event = field(default_factory=threading.Event)
     data: bytearray | None = None
     sha256: str | None = None
+    size: int | None = None
+    parsed: threading.Event = field(default_factory=threading.Event)
+    value: tuple[str, Any, Any] | None = None
+
+    def proven(self, expect: dict[str, Any]) -> bool:
+        return self.sha256 == expect.get("sha256") and self.size == expect.get("size")
 
 
 class _Prefetch:
@@ -47,6 +54,9 @@ class _Prefetch:
         self.planned = threading.Event()
         self.files: dict[str, _File] = {}
         self.lock = threading.Lock()
+        #: Set by :func:`parse_ahead` (torch is imported) or :func:`discard` (parse nothing).
+        self.parse_ok = threading.Event()
+        self.dropped = False
 
 
 _current: _Prefetch | None = None
@@ -80,10 +90,34 @@ def take(path: str, expect: dict[str, Any]) -> bytearray | None:
     if entry is None:
         return None
     entry.done.wait()
-    data, digest = entry.data, entry.sha256
-    if data is None or digest != expect.get("sha256") or len(data) != expect.get("size"):
+    return entry.data if entry.data is not None and entry.proven(expect) else None
+
+
+def parse_ahead() -> None:
+    """Let the prefetch parse what it read (once torch is imported: parsing imports it, which
+    must not start in a thread while the main one may import it too)."""
+    prefetch = _current
+    if prefetch is not None:
+        prefetch.parse_ok.set()
+
+
+def take_parsed(path: str, expect: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """:func:`.serialize.load_file`'s result for ``path``, parsed from bytes that :func:`take`
+    would hand over; else None (and the bytes, if any, stay for :func:`take`)."""
+    prefetch = _current
+    if prefetch is None or not prefetch.parse_ok.is_set():
         return None
-    return data
+    prefetch.planned.wait()
+    with prefetch.lock:
+        entry = prefetch.files.get(path)
+    if entry is None:
+        return None
+    entry.parsed.wait()
+    if entry.value is None or not entry.proven(expect):
+        return None
+    with prefetch.lock:
+        prefetch.files.pop(path, None)
+    return entry.value
 
 
 def discard() -> None:
@@ -91,6 +125,8 @@ def discard() -> None:
     global _current
     prefetch, _current = _current, None
     if prefetch is not None:
+        prefetch.dropped = True
+        prefetch.parse_ok.set()  # the parser leaves
         with prefetch.lock:
             prefetch.files.clear()
 
@@ -121,14 +157,44 @@ def _run(prefetch: _Prefetch, url: str, step: int | None) -> None:
             try:
                 if prefetch is _current:  # discarded meanwhile: read no more
                     entry.data = reader.read(name, files[name])
-                    entry.sha256 = files[name]["sha256"]
+                    entry.sha256, entry.size = files[name]["sha256"], files[name]["size"]
             except Exception:
                 pass  # not taken: the restore reads this file itself, with its retries
             finally:
                 entry.done.set()
 
+    in_order = [(name, entries[f"{reader.s.path}/{name}"]) for name in names]
+    label = f"step {reader.s.step} at {reader.url}"
+    threading.Thread(
+        target=_parse, args=(prefetch, in_order, label), name="tlaunch-prefetch", daemon=True
+    ).start()
     for _ in range(min(_FILES_IN_FLIGHT, len(names))):
         threading.Thread(target=work, name="tlaunch-prefetch", daemon=True).start()
+
+
+def _parse(prefetch: _Prefetch, entries: list[tuple[str, _File]], label: str) -> None:
+    """Parse each file read and verified, largest first, once :func:`parse_ahead` allows it.
+
+    Only bytes whose sha256 matched are parsed, as in the restore. What fails to parse is left
+    unparsed: the restore parses it again and reports. A parsed ``.pt`` file's bytes are
+    dropped (its tensors are copies); a ``.safetensors`` file's tensors are views of them.
+    """
+    try:
+        from tlaunch.storage.checkpoint import serialize
+
+        prefetch.parse_ok.wait()
+        for name, entry in entries:
+            entry.done.wait()
+            if entry.data is not None and not prefetch.dropped:
+                try:
+                    entry.value = serialize.load_file(name, entry.data, f"{label}: {name}")
+                    entry.data = None
+                except Exception:
+                    pass
+            entry.parsed.set()
+    finally:  # whatever happened, nobody waits for a parse that will not come
+        for _, entry in entries:
+            entry.parsed.set()
 
 
 def _plan(url: str, step: int | None) -> tuple[Any, dict[str, dict[str, Any]]]:

@@ -100,6 +100,13 @@ class StepReader:
         except ValueError as e:
             raise self.corrupt(str(e)) from None
 
+    def prefetched(self, name: str, expect: dict[str, Any]) -> tuple[str, Any, Any] | None:
+        """File ``name`` as a prefetch parsed it from bytes proven to match ``expect``, or None
+        (then :meth:`read` reads, checks and reports as ever)."""
+        if not self.takes or size_problems({name: expect}, self.s.files):
+            return None
+        return prefetch.take_parsed(f"{self.s.path}/{name}", expect)
+
     def read(self, name: str, expect: dict[str, Any] | None) -> bytearray:
         """The bytes of file ``name``, checked against its MANIFEST entry ``expect`` if given.
 

@@ -386,6 +386,10 @@ class CheckpointStore:
         parsed: dict[str, tuple[str, Any, Any]] = {}
 
         def load(name: str) -> None:
+            ready = reader.prefetched(name, files[name]) if verify else None
+            if ready is not None:  # parsed ahead from bytes proven to have files[name]'s sha256
+                parsed[name] = ready
+                return
             data = reader.read(name, files[name] if verify else None)
             label = f"step {s.step} at {redact(self.url)}: {name}"
             try:

@@ -1,8 +1,8 @@
 """A resume's checkpoint read ahead of the restore: taken only when proven, harmless otherwise.
 
-The prefetch (``tlaunch.storage.checkpoint.prefetch``) reads the step a restore will very likely
-load while the process still starts; the restore takes those bytes only when they were read whole
-and carry the sha256 its own MANIFEST names. Each test runs the real store on ``faulty://`` and
+The prefetch (``tlaunch.storage.checkpoint.prefetch``) reads (and, once allowed, parses) the step a
+restore will very likely load while the process still starts; the restore takes those bytes only
+when they were read whole and carry the sha256 its own MANIFEST names. Each test runs the real store on ``faulty://`` and
 compares with what the restore does without a prefetch.
 """
 
@@ -17,7 +17,7 @@ from ckpt_helpers import NO_WAIT, make_state, rewrite
 
 from tests import faultfs
 from tlaunch.storage import CheckpointStore
-from tlaunch.storage.checkpoint import prefetch
+from tlaunch.storage.checkpoint import prefetch, serialize
 from tlaunch.storage.checkpoint.manifest import CheckpointError
 from tlaunch.storage.checkpoint.store import CheckpointWarning
 
@@ -71,6 +71,23 @@ def test_prefetched_files_are_read_once_by_the_prefetch_and_taken_by_the_restore
     assert threads == ["tlaunch-prefetch"], "the restore read the file again"
 
 
+def test_files_parsed_ahead_are_taken_parsed(monkeypatch):
+    store = saved(1, 2)
+    parsers: list[str] = []
+    load_file = serialize.load_file
+
+    def spy(*args):
+        parsers.append(threading.current_thread().name)
+        return load_file(*args)
+
+    monkeypatch.setattr(serialize, "load_file", spy)
+    prefetch.start(URL)
+    prefetch.parse_ahead()
+    loaded = store.load_latest()
+    assert_same_state(loaded, 2)
+    assert parsers and set(parsers) == {"tlaunch-prefetch"}, parsers
+
+
 def test_a_read_error_in_the_prefetch_is_the_restores_to_retry_and_resume_is_exact():
     store = saved(1, 2)
     failed: list[str] = []
@@ -83,6 +100,7 @@ def test_a_read_error_in_the_prefetch_is_the_restores_to_retry_and_resume_is_exa
     )
     with faultfs.faults(reset, read_by_thread("optimizer.pt", threads)):
         prefetch.start(URL)
+        prefetch.parse_ahead()
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # nothing quarantined, no fallback
             loaded = store.load_latest()
@@ -124,6 +142,7 @@ def test_a_corrupt_file_found_by_the_prefetch_quarantines_and_falls_back_as_with
     store = saved(1, 2)
     rewrite(store, 2, "model.safetensors", lambda b: b[:-1] + bytes([b[-1] ^ 1]))
     prefetch.start(URL)
+    prefetch.parse_ahead()
     with pytest.warns(CheckpointWarning, match="step 2 .*quarantined it, using step 1 instead"):
         loaded = store.load_latest()
     assert_same_state(loaded, 1)
