@@ -1,10 +1,12 @@
-"""A step's files read and verified before the restore asks for them.
+"""A step's files read, verified and parsed before the restore asks for them.
 
 A resumed process spends its first seconds importing and building things that do not need the
 checkpoint. :func:`start` reads the step a resume will very likely load (the newest committed
 one, or the step named) in background threads meanwhile, each file in ranged parts and checked
-against its MANIFEST sha256 as it arrives (:meth:`.reading.StepReader.read`), and
-:meth:`.reading.StepReader.read` then takes those bytes instead of reading them again.
+against its MANIFEST sha256 as it arrives (:meth:`.reading.StepReader.read`); once
+:func:`parse_ahead` says torch is imported, it parses the files that passed, too. The restore
+then takes the parsed files (:meth:`.reading.StepReader.prefetched`) or the bytes
+(:meth:`.reading.StepReader.read`) instead of reading them again.
 
 Why a wrong guess is harmless: bytes are handed over by content, never by name alone. The
 restore asks with the MANIFEST entry it read and checked against COMMIT itself, and gets
@@ -16,8 +18,9 @@ bytes that failed their digest, a scan that found nothing. The prefetch changes 
 URL: it never quarantines, cleans or deletes, and takes no lease.
 
 Importing this module imports nothing else of the store: the thread does, while the caller
-goes on. Memory: what the restore does not take is held until :func:`discard`, which the caller runs as
-soon as the restore is done.
+goes on. Memory: a parsed ``.pt`` file's bytes are dropped (its tensors are copies), so the
+peak is the restore's own; what the restore does not take is held until :func:`discard`, which
+the caller runs as soon as the restore is done.
 """
 
 from __future__ import annotations
