@@ -34,6 +34,7 @@ from __future__ import annotations
 import _random
 import contextlib
 import ctypes
+import itertools
 import random
 import struct
 from collections.abc import Iterator, Sequence
@@ -333,11 +334,18 @@ class EpochKeys(Sampler):
         self.skip = 0
 
     def __iter__(self) -> Iterator:
-        keys = _Keys(iter(self.sampler), self.epoch, self.batches)
+        indices = iter(self.sampler)
         for _ in range(self.skip):
-            next(keys.indices, None)
+            next(indices, None)
         self.skip = 0
-        return keys
+        if any(hasattr(indices, name) for name in STATE_METHODS):  # torchdata saves its state
+            return _Keys(indices, self.epoch, self.batches)
+        # The loader draws every key in the training process: built in C, not one call each
+        # (a call a sample costs the training process more than the seeding costs a worker).
+        epoch = self.epoch
+        if self.batches:
+            return ([(epoch, i) for i in batch] for batch in indices)
+        return zip(itertools.repeat(epoch), indices)
 
     def __len__(self) -> int:
         return len(self.sampler)
