@@ -1,23 +1,25 @@
 """What resumable input pipelines cost: loader throughput with per-sample seeding, and the time
 from a resume to its first batch mid-epoch.
 
-Run: ``.venv/bin/python benchmarks/loader.py [--reps 9] [--workers 2] [--size 64]
+Run: ``.venv/bin/python benchmarks/loader.py [--reps 9] [--workers 2] [--sizes 64,128]
 [--throughput-only]``
 
-1. Throughput. Two vision-style map datasets of ``--size``-pixel images through a random
-   resized crop and a horizontal flip, plus noise: a torchvision-style one whose noise comes
-   from torch too (its samples draw from torch's stream only), and an albumentations-style one
-   with numpy noise and a python gain (all three streams). Each is loaded by the plain
-   ``DataLoader`` (shuffled, persistent workers) and by the same loader as ``run.prepare``
-   rebuilds it (:class:`tlaunch.sampling.ResumableLoader`: keys, the streams seeded per
-   sample). Same dataset, batch size and workers, after a warm-up epoch; each repetition runs
-   an epoch of both, batch by batch in turns, so that both meet the same load from the rest of
-   the machine. Samples per CPU second (the process's time in each loader's calls plus that
-   loader's workers'); the target, >= 0.98x, is judged on the median of the repetitions'
-   ratios, shown with their range. Also on ``num_workers=0``, where the training process's
-   streams are saved and restored around each batch. The first line gives the seeding's cost
-   in a tight loop (each stream's), between the samples of an epoch (where caches are cold)
-   and, per batch, of keeping the training process's streams.
+1. Throughput. Two vision-style map datasets of generated images (64 pixels a side: light
+   work that shows the seeding's fixed cost per sample; 128: ~1 ms a sample, still lighter
+   than decoding a photo) through a random resized crop and a horizontal flip, plus noise: a
+   torchvision-style one whose noise comes from torch too (its samples draw from torch's
+   stream only), and an albumentations-style one with numpy noise and a python gain (all
+   three streams). Each is loaded by the plain ``DataLoader`` (shuffled, persistent workers)
+   and by the same loader as ``run.prepare`` rebuilds it
+   (:class:`tlaunch.sampling.ResumableLoader`: keys, the streams seeded per sample). Same
+   dataset, batch size and workers, after a warm-up epoch; each repetition runs an epoch of
+   both, batch by batch in turns, so that both meet the same load from the rest of the
+   machine. Samples per CPU second (the process's time in each loader's calls plus that
+   loader's workers'; one torch thread everywhere); the target, >= 0.98x, is judged on the
+   median of the repetitions' ratios, shown with their range. Also on ``num_workers=0``,
+   where the training process's streams are saved and restored around each batch. The first
+   line gives the seeding's cost in a tight loop (each stream's), between the samples of an
+   epoch (where caches are cold) and, per batch, of keeping the training process's streams.
 2. Resume. Time from starting an epoch's iterator to its first batch, at the middle of the
    epoch (a resumed run) against at its start (non-persistent workers: both start them).
    Target: <= 1.1x, i.e. no replay. For contrast, the same for a loader that would replay the
@@ -30,6 +32,7 @@ from __future__ import annotations
 import _random
 import argparse
 import ctypes
+import itertools
 import math
 import os
 import random
@@ -46,6 +49,7 @@ from tlaunch.sampling import ResumableLoader
 
 BATCH = 32
 THROUGHPUT_TARGET, RESUME_TARGET = 0.98, 1.1
+IMAGE_BYTES = 200 << 20
 SUMS = ("the three", "between samples", "kept a batch")
 
 
@@ -297,11 +301,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
-    parser.add_argument("--samples", type=int, default=1024)
+    parser.add_argument(
+        "--sizes", default="64,128", help="image sides in pixels (crops are 3/4 of them)"
+    )
+    parser.add_argument("--samples", type=int, default=1024, help="at most; 200 MB of images")
     parser.add_argument("--throughput-only", action="store_true", help="skip part 2 (resume)")
     args = parser.parse_args()
-    data = Augmented(args.samples, args.size)
+    # One thread, as in a loader worker: with two, the training process's CPU time would be
+    # mostly OpenMP's threads waiting for work.
+    torch.set_num_threads(1)
+    sizes = [int(side) for side in args.sizes.split(",")]
+    data = Augmented(args.samples, sizes[0])
     costs = seeding_costs(data)
     each = ", ".join(f"{k} {v * 1e6:.1f}" for k, v in costs.items() if k not in SUMS)
     print(
@@ -310,16 +320,14 @@ def main() -> None:
         f"training process's streams {costs['kept a batch'] * 1e6:.0f} us a batch of {BATCH}"
     )
     ok = True
-    for kind, cls in DATASETS.items():
-        kind_data = cls(args.samples, args.size)
+    for size, (kind, cls) in itertools.product(sizes, DATASETS.items()):
+        n = min(args.samples, IMAGE_BYTES // (3 * size * size * 4))
+        kind_data = cls(n, size)
         t = time.process_time()
         for i in range(200):
-            kind_data[i]
+            kind_data[i % n]
         per_sample = (time.process_time() - t) / 200
-        print(
-            f"{kind}: {args.samples} images {args.size}x{args.size}, "
-            f"{per_sample * 1e3:.2f} ms of CPU a sample"
-        )
+        print(f"{kind}: {n} images {size}x{size}, {per_sample * 1e3:.2f} ms of CPU a sample")
         for workers in sorted({args.workers, 0}, reverse=True):
             p, s, ratios = throughput(kind_data, workers, args.reps)
             ratio = statistics.median(ratios)
