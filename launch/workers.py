@@ -332,10 +332,14 @@ class StopDelivery:
     a ready file once their handlers are in place: they are stopped through STOP alone. A
     signal would add nothing for them and would also reach their DataLoader workers, whose
     death ends the rank before it can save. Other scripts get the signal, as under torchrun.
-    A stop that comes while a Run API script is still starting (importing torch) waits a
-    little for its ready files instead of killing it mid-import; once its run has finished
-    (finished.json: nothing polls STOP any more) it gets the signal. Either way the workers
-    get ``--grace`` seconds to save and exit, then SIGKILL.
+    A stop that comes while a Run API script is still starting (importing torch, building its
+    model) ends its workers at once if none of them has its Run yet: no step can have been
+    taken (the first needs every rank), so finishing the start-up only to stop would cost a
+    restart's worth of time for nothing. STOP is written before the ready files are looked at,
+    so a rank whose Run begins in between sees it and takes no step either. If some ranks are
+    ready, the others are waited for a little; once its run has finished (finished.json:
+    nothing polls STOP any more) the script gets the signal. Either way the workers get
+    ``--grace`` seconds to save and exit, then SIGKILL.
     """
 
     #: At most this long (or half the grace) for starting Run API workers to become ready.
@@ -344,6 +348,7 @@ class StopDelivery:
     def __init__(self, control_dir: str, nproc: int, grace: float, expects_run_api: bool) -> None:
         self.control_dir, self.nproc, self.grace = control_dir, nproc, grace
         self.expects_run_api = expects_run_api
+        self._ended_before_ready = False
 
     def ready(self) -> bool:
         return all(
@@ -364,6 +369,9 @@ class StopDelivery:
             ).start()
         elif not self.expects_run_api:
             send(signum)
+        elif self.never_ready():  # nothing to lose: don't let them finish starting first
+            self._ended_before_ready = True
+            kill()
         else:
             waiter = threading.Thread(target=self._wait_then_send, args=(signum, send), daemon=True)
             waiter.start()
@@ -371,6 +379,8 @@ class StopDelivery:
     def never_ready(self) -> bool:
         """A Run API script none of whose workers got as far as its Run: whatever ended them,
         no step was taken (the first needs every rank), so nothing can have been lost."""
+        if self._ended_before_ready:
+            return True
         return self.expects_run_api and not any(
             os.path.exists(os.path.join(self.control_dir, ready_file(r))) for r in range(self.nproc)
         )

@@ -129,6 +129,36 @@ def test_a_stop_while_the_workers_start_exits_75_and_loses_nothing(tmp_path, ref
         finish_and_compare(tmp_path, ckpt, out, expected)
 
 
+SLOW_START = """
+import pathlib, sys, time
+pathlib.Path(sys.argv[1]).write_text("started")
+time.sleep(600)  # a start that takes long: importing torch on a loaded machine, a big model
+import tlaunch
+tlaunch.init()
+"""
+
+
+def test_a_stop_before_any_run_began_does_not_wait_for_the_start_up_to_finish(tmp_path):
+    # Nothing can be lost before the first step, so the stop must not cost the rest of the
+    # start-up (the next launch pays it again): the launcher ends the workers at once.
+    script, started = tmp_path / "slow_start.py", tmp_path / "started"
+    script.write_text(SLOW_START)
+    flags = ("--cpus", "1", "--checkpoint-dir", str(tmp_path / "ckpt"), "--grace", "300")
+    proc = subprocess.Popen(
+        tlaunch_cmd(str(script), *flags, "--", str(started)),
+        cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: proc.poll() is not None or started.exists(), 120, "the worker to start")
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)  # not the worker's 600 s, nor --grace's 300
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, stderr[-3000:]
+    assert "nothing to lose" in stderr and "Traceback" not in stderr
+    assert not processes_mentioning(str(started)), "the worker is gone"
+
+
 @contextlib.contextmanager
 def _silent_storage() -> Iterator[tuple[str, threading.Event]]:
     """A loopback "storage endpoint" that accepts connections and never answers: the launcher
