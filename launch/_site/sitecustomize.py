@@ -16,7 +16,8 @@ still with a whole interpreter, the hook ends such a group (see
 Under ``tlaunch doctor`` (``TLAUNCH_DOCTOR`` set) it also arms the doctor's hooks, which wait
 for the script to import torch (:mod:`tlaunch.doctor.hooks`).
 
-In a Run API worker it starts the resume's checkpoint read (:mod:`tlaunch.prefetch`) in a
+In a Run API worker it asks Linux to end the worker with its launcher (from the first line, not
+only once the Run began) and starts the resume's checkpoint read (:mod:`tlaunch.prefetch`) in a
 background thread, so that it overlaps the script's imports.
 
 Importing this costs next to nothing: no torch, and of tlaunch only its contract (a Run API
@@ -99,6 +100,29 @@ def _hold_stop_signals() -> None:
         hold()
 
 
+def _die_with_the_launcher() -> None:
+    """A Run API worker dies with its launcher from its first line, not only once its Run
+    began: one killed while the worker still imports torch or builds a model would leave it
+    running on until then (``tlaunch.stopping`` asks again, and exits if the launcher is gone)."""
+    from tlaunch.contract import HOLD_SIGNALS_ENV, LAUNCHER_PID_ENV
+
+    launcher = os.environ.get(LAUNCHER_PID_ENV)
+    if not (os.environ.get(HOLD_SIGNALS_ENV) and sys.platform.startswith("linux")):
+        return
+    if launcher != str(os.getppid()):
+        return  # not the launcher's own child (a process the script started), or it is gone
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if str(os.getppid()) != launcher:  # it died before the request took effect
+        os._exit(1)
+
+
 def _prefetch_checkpoint() -> None:
     """A Run API worker starts reading the checkpoint its restore will load while the script
     still imports torch (:mod:`tlaunch.prefetch`; ``tlaunch.init`` keeps that read)."""
@@ -118,6 +142,7 @@ def _leave_quickly_after_a_stop() -> None:
 
 
 _hold_stop_signals()
+_die_with_the_launcher()
 _prefetch_checkpoint()
 _leave_quickly_after_a_stop()
 atexit.register(_end_group_at_exit)

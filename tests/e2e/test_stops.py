@@ -159,6 +159,25 @@ def test_a_stop_before_any_run_began_does_not_wait_for_the_start_up_to_finish(tm
     assert not processes_mentioning(str(started)), "the worker is gone"
 
 
+def test_a_worker_still_starting_dies_with_its_launcher(tmp_path):
+    # A hard kill of the launcher (an OOM kill, a lost VM's agent) while its worker still
+    # starts: the worker must not run on (and later train and write beside the next launch).
+    script, started = tmp_path / "slow_start.py", tmp_path / "started"
+    script.write_text(SLOW_START)
+    proc = subprocess.Popen(
+        tlaunch_cmd(str(script), "--cpus", "1", "--checkpoint-dir", str(tmp_path / "ckpt"),
+                    "--", str(started)),
+        cwd=tmp_path, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: proc.poll() is not None or started.exists(), 120, "the worker to start")
+        assert processes_mentioning(str(started)), "the worker runs"
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    wait_for(lambda: not processes_mentioning(str(started)), 30, "the worker to die with it")
+
+
 @contextlib.contextmanager
 def _silent_storage() -> Iterator[tuple[str, threading.Event]]:
     """A loopback "storage endpoint" that accepts connections and never answers: the launcher
