@@ -42,7 +42,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler, Subset, get_worker_info
+from torch.utils.data import (
+    ConcatDataset,
+    Dataset,
+    Sampler,
+    StackDataset,
+    Subset,
+    TensorDataset,
+    get_worker_info,
+)
 
 _MASK = (1 << 64) - 1
 #: A ``RandomState``'s legacy normal cache when empty: ``has_gauss = 0``, ``gauss = 0.0``.
@@ -383,6 +391,21 @@ def _batched(dataset: Any) -> bool:
     if isinstance(dataset, Subset):
         return _batched(dataset.dataset)
     return callable(getattr(dataset, "__getitems__", None))
+
+
+def draws_nothing(dataset: Any) -> bool:
+    """Whether ``dataset`` cannot draw random numbers: a ``TensorDataset`` (indexing tensors)
+    or ``Subset``/``ConcatDataset``/``StackDataset`` of such. Its samples need no seeds."""
+    if type(dataset) is TensorDataset:
+        return True
+    if type(dataset) is Subset:
+        return draws_nothing(dataset.dataset)
+    if type(dataset) is ConcatDataset:
+        return all(draws_nothing(d) for d in dataset.datasets)
+    if type(dataset) is StackDataset:
+        parts = dataset.datasets
+        return all(draws_nothing(d) for d in (parts.values() if isinstance(parts, dict) else parts))
+    return False
 
 
 class SeededSamples(Dataset):

@@ -28,7 +28,7 @@ from torch.utils.data import (
 )
 
 from tlaunch.loader_workers import ShieldedInit, stops_held
-from tlaunch.sample_seeds import STATE_METHODS, EpochKeys, SeededSamples
+from tlaunch.sample_seeds import STATE_METHODS, EpochKeys, SeededSamples, draws_nothing
 
 _LOADER_ARGS = (
     "num_workers",
@@ -167,7 +167,8 @@ class ResumableLoader:
     """The script's DataLoader, rebuilt so that a resumed run re-enters an epoch exactly.
 
     * Map-style data: samples are loaded with random streams seeded per sample
-      (:mod:`tlaunch.sample_seeds`), whatever the sampler. With torch's random, sequential or
+      (:mod:`tlaunch.sample_seeds`), whatever the sampler, unless the dataset cannot draw
+      (a ``TensorDataset``: :func:`~tlaunch.sample_seeds.draws_nothing`). With torch's random, sequential or
       distributed sampler the order comes from a :class:`ResumableSampler` and a resumed epoch
       starts at its sample index, loading nothing it skips (``BY_INDEX``).
     * A sampler of the script's own, or an IterableDataset, with ``state_dict`` and
@@ -195,6 +196,15 @@ class ResumableLoader:
             self.sampler = ResumableSampler(
                 len(loader.dataset), shuffle=shuffle, seed=self.seed, rank=rank, world=world
             )
+            if draws_nothing(loader.dataset):  # nothing to seed: plain indices, as it is
+                self.loader = _rebuild(
+                    loader,
+                    DataLoader,
+                    loader.dataset,
+                    generator=self.generator,
+                    sampler=self.sampler,
+                )
+                return
             self.keys = EpochKeys(self.sampler)
             self.loader = self._build(loader, DataLoader, seed, sampler=self.keys)
             return

@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 import torch
 from torch.utils.data import (
+    ConcatDataset,
     DataLoader,
     Dataset,
     DistributedSampler,
     IterableDataset,
     Sampler,
     Subset,
+    TensorDataset,
 )
 
 from tlaunch import sampling
@@ -294,6 +296,22 @@ def test_a_batched_dataset_is_called_once_per_batch_and_a_subset_per_sample():
     # Subset's own __getitems__ only passes the call through: seeded per sample, like its base.
     whole = by_index(build_loader(Augmented(24)).iterate(0))
     assert by_index(build_loader(Subset(Augmented(24), range(24))).iterate(0)) == whole
+
+
+def test_a_dataset_that_cannot_draw_is_loaded_as_it_is_and_resumes_exactly():
+    # A TensorDataset (or a Subset/ConcatDataset of them) only indexes tensors: no seeds, no
+    # keys, no wrapper per sample; its resumed epoch is still the tail of the whole one.
+    tensors = TensorDataset(torch.arange(30), torch.arange(30) * 2)
+    for data in (tensors, Subset(tensors, range(5, 30)), ConcatDataset([tensors, tensors])):
+        loader = build_loader(data)
+        assert loader.loader.dataset is data and loader.keys is None
+        whole = [b[0].tolist() for b, _ in loader.iterate(2)]
+        assert whole != [b[0].tolist() for b, _ in loader.iterate(3)]
+        for start in (1, 3):
+            assert [b[0].tolist() for b, _ in loader.iterate(2, start)] == whole[start:]
+    # One part that may draw is enough to seed the samples.
+    mixed = build_loader(ConcatDataset([tensors, Augmented(24)]))
+    assert isinstance(mixed.loader.dataset, sampling.SeededSamples)
 
 
 def test_loading_in_the_training_process_leaves_its_random_streams_alone():
