@@ -145,8 +145,11 @@ def children() -> set[int]:
     """This process's child processes (the loaders' workers)."""
     pids = set()
     for task in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{task}/children") as f:
-            pids.update(int(p) for p in f.read().split())
+        try:
+            with open(f"/proc/self/task/{task}/children") as f:
+                pids.update(int(p) for p in f.read().split())
+        except FileNotFoundError:  # a thread that ended since the listing
+            pass
     return pids
 
 
