@@ -95,10 +95,12 @@ def test_early_stopping_stops_every_rank_at_the_same_epoch_and_keeps_its_patienc
         f"--mode min); best val_metric 0 at epoch 3, step {4 * 4}"
     )
     # 64 samples in batches of 8 on 2 ranks: 4 steps an epoch; step 22 is inside epoch 5.
-    stopped = early_stop_run(tmp_path, "cut", "cut.pt", "--signal-at-step", "22")
+    # Steps of 0.12 s: the ranks agree on a stop every ~0.1 s of steps, i.e. every step here.
+    cut = ("--signal-at-step", "22", "--step-seconds", "0.12")
+    stopped = early_stop_run(tmp_path, "cut", "cut.pt", *cut)
     assert stopped.returncode == 75, stopped.stderr[-3000:]
     assert not results(stopped.stdout)
-    again = early_stop_run(tmp_path, "cut", "cut.pt", "--signal-at-step", "22")
+    again = early_stop_run(tmp_path, "cut", "cut.pt", *cut)
     assert again.returncode == 0, again.stderr[-3000:]
     assert results(again.stdout) == [row], again.stdout
     # The ranks agree on the stop within a step: it lands at step 22 or 23, in epoch 5 either way.

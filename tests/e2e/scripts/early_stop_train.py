@@ -3,6 +3,8 @@ and worse after it, logged from an evaluation pass at the end of every epoch.
 
 ``--signal-at-step S``: rank 0 sends SIGTERM to the launcher and to itself after step S (a
 preemption at a known point; a resumed run starts past S and does not send it again).
+``--step-seconds T``: each step takes at least T seconds (the ranks agree on a stop about
+every 0.1 s of steps: with T >= 0.1 the stop lands within a step of S).
 Rank 0 prints ``RESULT epoch=<last epoch run> step=<steps>`` and saves the final parameters.
 In epoch 0 a first pass raises inside its loop: the model must be back in train mode after.
 """
@@ -11,6 +13,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +28,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
 parser.add_argument("--epochs", type=int, default=20)
 parser.add_argument("--signal-at-step", type=int, default=-1)
+parser.add_argument("--step-seconds", type=float, default=0.0)
 args = parser.parse_args()
 
 run = tlaunch.init(hparams={"lr": 0.01, "batch_size": 8})
@@ -41,6 +45,7 @@ for epoch in run.epochs(args.epochs):
             run.backward(F.cross_entropy(model(x), y))
             optimizer.step()
             optimizer.zero_grad()
+        time.sleep(args.step_seconds)
         if run.step == args.signal_at_step and run.rank == 0:
             os.kill(os.getppid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)
