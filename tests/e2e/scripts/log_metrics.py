@@ -5,13 +5,15 @@ the file got there through a flush the test can name (a full buffer, a save, a s
 
 Run it with ``tlaunch --max-steps N``. ``--end finish|raise|sigkill``: how the script leaves
 after its last step; ``--signal-at-step S``: rank 0 sends itself SIGTERM at step S (the Run's
-stop). Rank 0 prints ``RESULT step=S lines=N`` after each step's ``run.log``, N being the lines
+stop; ``--step-seconds T`` makes each step take at least T s, so that the ranks, which agree
+on a stop every ~0.1 s of steps, agree on every step). Rank 0 prints ``RESULT step=S lines=N`` after each step's ``run.log``, N being the lines
 on disk then.
 """
 
 import argparse
 import os
 import signal
+import time
 
 import torch
 from torch import nn
@@ -23,6 +25,7 @@ from tlaunch.run_io import MetricsLog
 parser = argparse.ArgumentParser()
 parser.add_argument("--end", default="finish", choices=["finish", "raise", "sigkill"])
 parser.add_argument("--signal-at-step", type=int, default=-1)
+parser.add_argument("--step-seconds", type=float, default=0.0)
 parser.add_argument("--flush-records", type=int, default=1000)
 args = parser.parse_args()
 
@@ -47,6 +50,7 @@ for _epoch in run.epochs(1):
             optimizer.step()
             optimizer.zero_grad()
         counter += 1
+        time.sleep(args.step_seconds)
         run.log(loss=loss, counter=counter, rank=torch.tensor(float(run.rank)), reduce=True)
         if run.is_main:
             with open(path) as f:
