@@ -5,10 +5,14 @@ launcher's death any more; then it trains slowly, saving every step, as an orpha
 argv: MARKER -- written (with this process's pid) once the script runs.
 """
 
+import ctypes
 import os
 import sys
 import time
 
+# Untied from the launcher's death first: a worker asks Linux to end it with its launcher from
+# its first line (tlaunch's sitecustomize); an orphan is one that request never reached.
+ctypes.CDLL(None, use_errno=True).prctl(1, 0)  # PR_SET_PDEATHSIG: none
 marker = sys.argv[1]
 launcher = os.getppid()
 with open(marker + ".tmp", "w") as f:
