@@ -8,14 +8,17 @@ script calls ``tlaunch.init``: ``TLAUNCH_HOLD_SIGNALS``), the workers' ``sitecus
 spawn); :class:`tlaunch.stopping.StopController` :func:`release`-s them when it installs its
 handlers and counts a held signal as a stop requested before the first step (exit 75). A script
 that calls ``tlaunch.init`` only late (or in code that does not run) holds its stop signals
-until the launcher's ``--grace`` SIGKILL.
+until the launcher's ``--grace`` SIGKILL. :func:`die_with` ties a worker to its launcher's
+death, from ``sitecustomize`` and again when the Run installs its handlers.
 
 No torch, nothing of tlaunch: this runs before the script.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from typing import Any
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -42,3 +45,19 @@ def release() -> list[int]:
     _previous.clear()
     held, _held[:] = list(_held), []
     return held
+
+
+def die_with(parent: int) -> None:
+    """Ask Linux to SIGKILL this process when ``parent`` (its launcher) dies; leave at once if
+    it is gone already (the request only covers a death still to come). Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        os._exit(1)

@@ -296,17 +296,8 @@ def _die_with_launcher() -> None:
     """Ask Linux to SIGKILL this worker when the launcher dies (torch's elastic agent starts
     workers in sessions of their own, so a hard kill of the launcher would leave them training
     on, and writing checkpoints beside the next launch). Elsewhere this is a no-op."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
+    from tlaunch.early_signals import die_with
 
     # The launcher's pid, not getppid(): a launcher killed while this worker still imported
     # torch has already left it to the reaper, whose pid getppid() would return.
-    parent = int(os.environ.get(LAUNCHER_PID_ENV) or os.getppid())
-    PR_SET_PDEATHSIG = 1
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the launcher died before the request took effect
-        os._exit(1)
+    die_with(int(os.environ.get(LAUNCHER_PID_ENV) or os.getppid()))

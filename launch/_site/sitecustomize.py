@@ -107,20 +107,11 @@ def _die_with_the_launcher() -> None:
     from tlaunch.contract import HOLD_SIGNALS_ENV, LAUNCHER_PID_ENV
 
     launcher = os.environ.get(LAUNCHER_PID_ENV)
-    if not (os.environ.get(HOLD_SIGNALS_ENV) and sys.platform.startswith("linux")):
-        return
-    if launcher != str(os.getppid()):
-        return  # not the launcher's own child (a process the script started), or it is gone
-    import ctypes
-    import signal
+    # only in the launcher's own children (not a process the script started), while it lives
+    if os.environ.get(HOLD_SIGNALS_ENV) and launcher == str(os.getppid()):
+        from tlaunch.early_signals import die_with
 
-    PR_SET_PDEATHSIG = 1
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        return
-    if str(os.getppid()) != launcher:  # it died before the request took effect
-        os._exit(1)
+        die_with(int(launcher))
 
 
 def _prefetch_checkpoint() -> None:
