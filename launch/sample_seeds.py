@@ -184,7 +184,7 @@ class _Streams:
         if not self.numpy_used:
             bits = _NUMPY._bit_generator
             if self.numpy_reader is None or self.numpy_reader[0] is not bits:
-                view = _numpy_struct()  # the key's first word and the position
+                view = _NUMPY_STATE._struct()  # the key's first word and the position
                 self.numpy_reader = (bits, view and _word_reader(view, 0, 624 * 4))
             self.numpy_used = self.numpy_reader[1] is None  # no reader: seeded for every sample
         if not self.python_used:
