@@ -106,7 +106,9 @@ def test_a_stopped_run_resumed_with_other_loader_workers_ends_bitwise_equal(
     # Loaded in the training process (no workers); plain python runs as one launched process.
     expected = reference("1" if plain else cpus)
     ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "final.pt")
-    stop = ["--signal-at-batch", str(signal_at), "--signal-how", how]
+    # 0.12 s batches: the ranks agree on a stop every ~0.1 s of steps, so every step here and
+    # the stop lands before the run's end however fast the machine is.
+    stop = ["--signal-at-batch", str(signal_at), "--signal-how", how, "--batch-seconds", "0.12"]
     code, stderr = launch(
         tmp_path, cpus, "--out", out, *loader_args(*stop_with), *stop, ckpt=ckpt, plain=plain
     )

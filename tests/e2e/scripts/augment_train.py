@@ -6,6 +6,8 @@ processes.
 ``launcher`` sends SIGTERM to the launcher and to this rank (a preemption at a known point);
 ``all`` sends SIGTERM to the launcher, every rank and every loader worker (systemd's stop);
 ``group-int`` sends SIGINT to this process group (a terminal's Ctrl-C under plain python).
+``--batch-seconds T``: each micro-batch takes at least T s (the ranks agree on a stop every
+~0.1 s of steps: with T >= 0.1 the stop lands within a step or two of B, not past the end).
 Prints ``RESULT step=S`` at the end and saves the final parameters to ``--out``.
 """
 
@@ -14,6 +16,7 @@ import math
 import os
 import random
 import subprocess
+import time
 
 import numpy as np
 import torch
@@ -33,6 +36,7 @@ parser.add_argument("--samples", type=int, default=96)
 parser.add_argument("--batch-size", type=int, default=8)
 parser.add_argument("--signal-at-batch", type=int, default=-1)
 parser.add_argument("--signal-how", choices=("launcher", "all", "group-int"), default="launcher")
+parser.add_argument("--batch-seconds", type=float, default=0.0)
 args = parser.parse_args()
 
 
@@ -181,6 +185,7 @@ for _epoch in run.epochs(args.epochs):
             optimizer.step()
             optimizer.zero_grad()
         micro += 1
+        time.sleep(args.batch_seconds)
         if run.rank == 0 and not os.path.exists(started_marker):
             open(started_marker, "w").close()
         if micro == args.signal_at_batch and run.rank == 0:
