@@ -15,6 +15,9 @@ SCRIPT = str(SCRIPTS / "resume_train.py")
 
 
 def launch(where, *flags: str, out: str, signal_at: int = -1, timeout: float = 200):
+    # An interrupted run's batches take 0.12 s: the ranks agree on a stop every ~0.1 s of
+    # steps, so every step here, and the stop lands before the run's end on any machine.
+    pace = {"RESUME_TEST_STEP_DELAY": "0.12"} if signal_at >= 0 else {}
     return run_tlaunch(
         SCRIPT,
         *flags,
@@ -27,6 +30,7 @@ def launch(where, *flags: str, out: str, signal_at: int = -1, timeout: float = 2
         str(signal_at),
         cwd=where,
         timeout=timeout,
+        **pace,
     )
 
 
