@@ -96,6 +96,14 @@ def arm(code: int, *, scan_files: bool = True) -> None:
     global _code, _scan_files
     _code, _scan_files = code, scan_files
     _skip_torch_library_finalizers()
+    writer = _checkpoint_writer()
+    if writer is not None:  # its threads may free their snapshots while the process leaves
+        writer.leave_without_teardown()
+
+
+def _checkpoint_writer():
+    """tlaunch's checkpoint writer module if this process imported it (never imports it)."""
+    return sys.modules.get("tlaunch.storage.checkpoint.writer")
 
 
 def _skip_torch_library_finalizers() -> None:
@@ -114,6 +122,9 @@ def at_exit() -> None:
         if _finding is not None:  # Python reports it and exits its way, frozen objects included
             _finding.join()  # its list holds every object: none would be finalized
             gc.unfreeze()
+        writer = _checkpoint_writer()
+        if writer is not None and _code is not None:  # the teardown follows after all
+            writer.wait_for_freeing()
         return
     if _scan_files:
         _flush_open_files()

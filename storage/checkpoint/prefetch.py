@@ -120,7 +120,10 @@ def take_parsed(path: str, expect: dict[str, Any]) -> tuple[str, Any, Any] | Non
         return None
     with prefetch.lock:
         prefetch.files.pop(path, None)
-    return entry.value
+    # Handed over: the parsing thread keeps no reference, so it never frees the tensors (a
+    # daemon thread freeing tensors while the interpreter tears down aborts the process).
+    value, entry.value = entry.value, None
+    return value
 
 
 def discard() -> None:

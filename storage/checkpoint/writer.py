@@ -16,8 +16,9 @@ flight still commits it.
 Freeing the snapshot comes after that, at the end of the writer's thread: for a state of 500 MB
 it takes 0.1-0.5 s (every page given back to the kernel), which a stop's exit need not wait
 for (the next ``submit`` does: one snapshot in flight at a time). So the thread is a daemon:
-the interpreter's exit waits for the ``atexit`` flush, not for the freeing, and a process that
-leaves with ``os._exit`` leaves the rest of it to the kernel.
+the ``atexit`` flush does not wait for the freeing, and a process that leaves with
+``os._exit`` (:func:`leave_without_teardown`) leaves the rest of it to the kernel. A process
+that goes through the interpreter's teardown waits for it (:func:`wait_for_freeing`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import copy
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +39,38 @@ if TYPE_CHECKING:
     from tlaunch.storage.checkpoint.store import CheckpointInfo, CheckpointStore
 
 log = logging.getLogger(__name__)
+
+#: The writers of this process, whose threads the exit may have to wait for.
+_writers: weakref.WeakSet[AsyncCheckpointWriter] = weakref.WeakSet()
+#: False once the process is to leave with ``os._exit`` right after its exit functions.
+_teardown_follows = True
+
+
+def leave_without_teardown() -> None:
+    """This process leaves with ``os._exit`` after its exit functions (``tlaunch.quick_exit``):
+    the exit need not wait for a snapshot to be freed, the kernel takes the pages back."""
+    global _teardown_follows
+    _teardown_follows = False
+
+
+def wait_for_freeing() -> None:
+    """Until every writer's thread has freed its snapshot and ended.
+
+    Needed before the interpreter's teardown: torch frees a tensor without the GIL and takes
+    it back for the storage's Python object; a daemon thread that takes the GIL during the
+    teardown is ended with ``pthread_exit``, and that unwinding through torch's ``noexcept``
+    destructors aborts the process ("terminate called without an active exception").
+    """
+    for writer in list(_writers):
+        thread = writer._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+
+@atexit.register  # before any writer's flush was registered: runs after all of them
+def _wait_at_exit() -> None:
+    if _teardown_follows:
+        wait_for_freeing()
 
 
 def cpu_snapshot(obj: Any) -> Any:
@@ -88,6 +122,7 @@ class AsyncCheckpointWriter:
         self._submit_lock = threading.Lock()  # two submitting threads must not both start a save
         self._closed = False
         atexit.register(self._flush_at_exit)
+        _writers.add(self)
 
     @property
     def in_flight(self) -> int | None:

@@ -169,6 +169,35 @@ def test_flush_waits_for_the_commit_and_retention_but_not_for_the_snapshot_to_be
     assert len(store.retention_calls) == 2
 
 
+def test_the_exit_waits_for_a_snapshot_to_be_freed_only_when_the_teardown_follows(monkeypatch):
+    from tlaunch.storage.checkpoint import writer as writers
+
+    release, freed = threading.Event(), threading.Event()
+
+    class Snapshot:
+        def __del__(self):
+            release.wait(10)
+            freed.set()
+
+    store = GatedStore()
+    writer = AsyncCheckpointWriter(store)
+    writer.submit(1, objects={"big": Snapshot()})  # the writer's thread holds the last reference
+    store.gates[1].set()
+    writer.flush(5)
+    monkeypatch.setattr(writers, "_teardown_follows", False)  # os._exit follows the exit functions
+    writers._wait_at_exit()  # returns at once
+    assert not freed.is_set()
+    monkeypatch.setattr(writers, "_teardown_follows", True)
+    waiting = threading.Thread(target=writers._wait_at_exit)
+    waiting.start()
+    waiting.join(0.3)
+    assert waiting.is_alive(), "the exit went on while the snapshot was being freed"
+    release.set()
+    waiting.join(10)
+    assert freed.is_set() and not waiting.is_alive()
+    writer.close()
+
+
 def test_a_policy_without_rules_never_lists_the_directory():
     store = GatedStore()
     writer = AsyncCheckpointWriter(store, RetentionPolicy())
@@ -210,6 +239,48 @@ def test_a_save_in_flight_at_exit_still_commits(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert [i.step for i in CheckpointStore(str(tmp_path)).committed()] == [5]
+
+
+# A store that serializes as torch.save does: each storage gets its Python object, so freeing
+# a tensor of the snapshot takes the GIL back from inside torch's (noexcept) destructors.
+_EXIT_AFTER_A_SAVE = """
+import collections, sys, torch
+from tlaunch.storage import AsyncCheckpointWriter, CheckpointInfo, cpu_snapshot
+
+class TorchSaveLike:
+    def save(self, step, objects, **kw):
+        for t in objects["optimizer"].values():
+            t.untyped_storage()
+        return CheckpointInfo(step, "memory://x", True, 0.0, 1)
+
+    def apply_retention(self, policy):
+        return []
+
+writer = AsyncCheckpointWriter(TorchSaveLike())
+state = collections.OrderedDict((f"t{i}", torch.ones(10)) for i in range(20000))
+writer.submit(1, objects={"optimizer": cpu_snapshot(state)})
+del state
+if sys.argv[1] == "close":
+    writer.close()
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["exit", "close"])
+def test_a_script_that_ends_while_the_snapshot_is_freed_exits_cleanly(how):
+    # The writer's thread frees the snapshot after the commit. The interpreter's teardown ends
+    # a daemon thread that takes the GIL back with pthread_exit, and the unwinding through
+    # torch's noexcept destructors aborted the process ("terminate called without an active
+    # exception", 8 times in 10 here): the exit waits for the freeing when a teardown follows.
+    for _ in range(4):
+        done = subprocess.run(
+            [sys.executable, "-c", _EXIT_AFTER_A_SAVE, how],
+            capture_output=True,
+            text=True,
+            timeout=50,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "terminate called" not in done.stderr
 
 
 class TestCpuSnapshot:
