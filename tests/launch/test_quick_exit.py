@@ -4,6 +4,7 @@ functions, and its own exit after an uncaught exception."""
 
 from __future__ import annotations
 
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -65,33 +66,7 @@ def test_a_quick_exit_keeps_unclosed_files_and_exit_functions(tmp_path, how, pre
         assert (tmp_path / "out.del").exists()
 
 
-SAVING_SCRIPT = """
-    import collections, sys, torch
-    from tlaunch import quick_exit
-    from tlaunch.storage import AsyncCheckpointWriter, CheckpointInfo, cpu_snapshot
-    from tlaunch.storage.checkpoint import writer as writers
-
-    class TorchSaveLike:  # each storage gets its Python object, as torch.save gives it
-        def save(self, step, objects, **kw):
-            for t in objects["optimizer"].values():
-                t.untyped_storage()
-            return CheckpointInfo(step, "memory://x", True, 0.0, 1)
-
-        def apply_retention(self, policy):
-            return []
-
-    quick_exit.install()
-    writer = AsyncCheckpointWriter(TorchSaveLike())
-    state = collections.OrderedDict((f"t{i}", torch.ones(10)) for i in range(20000))
-    writer.submit(1, objects={"optimizer": cpu_snapshot(state)})
-    del state
-    writer.flush()
-    quick_exit.arm(0)
-    print("teardown follows:", writers._teardown_follows, flush=True)
-    if sys.argv[1] == "raise":
-        raise RuntimeError("the script failed after the stop")
-    sys.exit(0)
-"""
+EXIT_AFTER_A_SAVE = str(pathlib.Path(__file__).parents[1] / "storage" / "exit_after_save.py")
 
 
 @pytest.mark.parametrize("how", ["exit", "raise"])
@@ -102,7 +77,7 @@ def test_a_snapshot_being_freed_is_waited_for_only_when_the_teardown_follows(how
     # inside torch and abort the process (8 times in 10 without the wait).
     for _ in range(3 if how == "raise" else 1):
         proc = subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(SAVING_SCRIPT), how],
+            [sys.executable, EXIT_AFTER_A_SAVE, f"quick-{how}"],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert "teardown follows: False" in proc.stdout  # arm told the writer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -241,28 +242,7 @@ def test_a_save_in_flight_at_exit_still_commits(tmp_path):
     assert [i.step for i in CheckpointStore(str(tmp_path)).committed()] == [5]
 
 
-# A store that serializes as torch.save does: each storage gets its Python object, so freeing
-# a tensor of the snapshot takes the GIL back from inside torch's (noexcept) destructors.
-_EXIT_AFTER_A_SAVE = """
-import collections, sys, torch
-from tlaunch.storage import AsyncCheckpointWriter, CheckpointInfo, cpu_snapshot
-
-class TorchSaveLike:
-    def save(self, step, objects, **kw):
-        for t in objects["optimizer"].values():
-            t.untyped_storage()
-        return CheckpointInfo(step, "memory://x", True, 0.0, 1)
-
-    def apply_retention(self, policy):
-        return []
-
-writer = AsyncCheckpointWriter(TorchSaveLike())
-state = collections.OrderedDict((f"t{i}", torch.ones(10)) for i in range(20000))
-writer.submit(1, objects={"optimizer": cpu_snapshot(state)})
-del state
-if sys.argv[1] == "close":
-    writer.close()
-"""
+EXIT_AFTER_A_SAVE = str(pathlib.Path(__file__).with_name("exit_after_save.py"))
 
 
 @pytest.mark.timeout(120)
@@ -274,7 +254,7 @@ def test_a_script_that_ends_while_the_snapshot_is_freed_exits_cleanly(how):
     # exception", 8 times in 10 here): the exit waits for the freeing when a teardown follows.
     for _ in range(4):
         done = subprocess.run(
-            [sys.executable, "-c", _EXIT_AFTER_A_SAVE, how],
+            [sys.executable, EXIT_AFTER_A_SAVE, how],
             capture_output=True,
             text=True,
             timeout=50,
