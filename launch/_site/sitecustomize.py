@@ -43,9 +43,16 @@ def _group_left_open() -> bool:
 
 
 def _end_group_at_exit() -> None:
-    if getattr(sys, "last_exc", None) is not None or getattr(sys, "last_value", None) is not None:
-        return  # an uncaught exception ends this process: leave its exit as it was
     if not _group_left_open():
+        return
+    if getattr(sys, "last_exc", None) is not None or getattr(sys, "last_value", None) is not None:
+        # An uncaught exception ends this process: the group stays open (ending it would fail
+        # a peer waiting in a collective first, and that peer would be reported instead), but
+        # gloo's threads finish freeing their collectives before the teardown, which would
+        # otherwise abort the process (SIGABRT in place of the script's own exit code).
+        from tlaunch.strategies.base import _settle_gloo_threads
+
+        _settle_gloo_threads()
         return
     from tlaunch.strategies.base import end_default_group
 
