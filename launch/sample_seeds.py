@@ -20,13 +20,16 @@ GPU's stream is never touched.
 
 Cost: a Mersenne Twister of 624 words is initialised per stream and sample, ~2-5 us each in a
 tight loop and several times that between the samples of an epoch, whose work has evicted
-their code and 2.5 KB states from the caches. So torch's stream, which torchvision's transforms
-draw from, is seeded for every sample, and numpy's and python's only once a sample has drawn
-from them (:class:`_Streams`): a torchvision pipeline pays for one stream, not three. The
-seeding calls are the generators' own (the public ``np.random.seed`` and ``random.seed``
-check their arguments at more cost than the seeding itself), and a batch's seeds are derived
-in one loop. In the training process numpy's state is copied as bytes (:class:`_NumpyState`),
-not through ``get_state``.
+their code and 2.5 KB states from the caches; so has it any other code run between samples.
+So torch's stream, which torchvision's transforms draw from, is seeded for every sample by its
+own method and nothing else runs between two samples; numpy's and python's are seeded only
+once a sample has drawn from them (:class:`_Streams`, which looks once per batch): a
+torchvision pipeline pays for one stream. With torch's own ``collate_fn`` nothing draws after
+a batch, and the other two streams are not seeded at all; another ``collate_fn`` (mixup) finds
+them seeded from the batch's last sample. The seeding calls are the generators' own (the
+public ``np.random.seed`` and ``random.seed`` check their arguments at more cost than the
+seeding itself), and a batch's seeds are derived in one loop. In the training process numpy's
+state is copied as bytes (:class:`_NumpyState`), not through ``get_state``.
 """
 
 from __future__ import annotations
@@ -163,13 +166,13 @@ class _Streams:
     A dataset built on torchvision draws from torch's generator only, and seeding the other
     two would cost twice as much again (their 5 KB of state is cold between samples). So
     numpy's and python's streams are seeded before a batch's samples from its first sample's
-    seed, and their position is read after each sample (two words of their state: python's
-    ``getstate`` would cost more than the seeding). A sample that moved one has drawn from a
-    stream not seeded for it: the stream is seeded from then on in this process, and the
-    sample is loaded again with it seeded. Seeding also drops cached normals, so a draw always
-    moves the position. After the batch, a stream no sample drew from is seeded from the last
-    sample's seed: what a ``collate_fn`` draws is what it would be were every stream seeded
-    for every sample.
+    seed, and their position is read after the batch (two words of their state: python's
+    ``getstate`` would cost more than the seeding). A batch that moved one has drawn from a
+    stream not seeded for its samples: the stream is seeded for every sample from then on in
+    this process, and the batch is loaded again (once per process and stream). Seeding also
+    drops cached normals, so a draw always moves the position. After the batch, a stream no
+    sample drew from is seeded from the last sample's seed: what a ``collate_fn`` draws is
+    what it would be were every stream seeded for every sample.
     """
 
     def __init__(self) -> None:
@@ -179,26 +182,37 @@ class _Streams:
         self.marks: tuple[Any, Any] = (None, None)
 
     def start(self, seed: int) -> None:
-        """Before a batch: every stream seeded, those not yet known to be used marked."""
-        _seed_streams(seed)
+        """Before a batch: the streams not yet known to be used marked, their cached normals
+        dropped so that any draw moves their position. Not seeded: should a sample draw from
+        one, the batch is loaded again with it seeded, and torch's is seeded per sample."""
         if not self.numpy_used:
             bits = _NUMPY._bit_generator
             if self.numpy_reader is None or self.numpy_reader[0] is not bits:
                 view = _NUMPY_STATE._struct()  # the key's first word and the position
                 self.numpy_reader = (bits, view and _word_reader(view, 0, 624 * 4))
             self.numpy_used = self.numpy_reader[1] is None  # no reader: seeded for every sample
+            if not self.numpy_used:
+                cache = _NUMPY_STATE.normal_cache()
+                if cache is None:
+                    _seed_numpy(seed)  # drops the cached normal
+                else:
+                    cache[:] = _NO_NORMAL
         if not self.python_used:
             if self.python_reader is None:
                 view = _python_struct()  # the position and the state's first word
                 self.python_reader = view and _word_reader(view, 0, 4) or False
             self.python_used = not self.python_reader
+            _PYTHON.gauss_next = None
         self.marks = (
             None if self.numpy_used else self.numpy_reader[1](),
             None if self.python_used else self.python_reader(),
         )
 
-    def seed(self, seed: int) -> None:
-        """Before a sample."""
+    def seeder(self) -> Any:
+        """What seeds a sample's streams: torch's own method while it is the only one used."""
+        return self._seed_used if self.numpy_used or self.python_used else _TORCH.manual_seed
+
+    def _seed_used(self, seed: int) -> None:
         _TORCH.manual_seed(seed)
         if self.numpy_used:
             _seed_numpy(seed)
@@ -206,8 +220,8 @@ class _Streams:
             _seed_python(seed)
 
     def drew_unseeded(self) -> bool:
-        """After a sample: whether it drew from a stream not seeded for it (which is seeded
-        for every sample from now on)."""
+        """After a batch: whether a sample drew from a stream not seeded for it (which is
+        seeded for every sample from now on)."""
         moved = False
         if not self.numpy_used and self.numpy_reader[1]() != self.marks[0]:
             self.numpy_used = moved = True
@@ -218,7 +232,8 @@ class _Streams:
         return moved
 
     def finish(self, seed: int) -> None:
-        """After a batch: the streams no sample drew from, seeded from the last sample's."""
+        """After a batch, for a ``collate_fn`` that draws: the streams no sample drew from,
+        seeded from the last sample's seed."""
         if not self.numpy_used:
             _seed_numpy(seed)
         if not self.python_used:
@@ -311,16 +326,25 @@ class _PythonState:
 _NUMPY_STATE, _PYTHON_STATE = _NumpyState(), _PythonState()
 
 
+def _save_streams() -> tuple[Any, Any, Any]:
+    """The training process's three streams, for :func:`_restore_streams` after a batch."""
+    return _TORCH.get_state(), _NUMPY_STATE.save(), _PYTHON_STATE.save()
+
+
+def _restore_streams(saved: tuple[Any, Any, Any]) -> None:
+    _TORCH.set_state(saved[0])
+    _NUMPY_STATE.restore(saved[1])
+    _PYTHON_STATE.restore(saved[2])
+
+
 @contextlib.contextmanager
 def _streams_kept() -> Iterator[None]:
     """The three streams as they were before the block, after it."""
-    saved = _TORCH.get_state(), _NUMPY_STATE.save(), _PYTHON_STATE.save()
+    saved = _save_streams()
     try:
         yield
     finally:
-        _TORCH.set_state(saved[0])
-        _NUMPY_STATE.restore(saved[1])
-        _PYTHON_STATE.restore(saved[2])
+        _restore_streams(saved)
 
 
 #: The torchdata protocol a sampler (or its iterator) offers to have its position saved.
@@ -412,11 +436,15 @@ class SeededSamples(Dataset):
     """The script's map-style dataset, called with its random streams seeded per sample.
 
     It takes the keys :class:`EpochKeys` yields; ``dataset`` is the script's own object.
+    ``collate_draws``: whether the loader's ``collate_fn`` may draw random numbers after a
+    batch in a worker (any but torch's default), so that the streams no sample drew from are
+    seeded for it (:meth:`_Streams.finish`).
     """
 
-    def __init__(self, dataset: Any, seed: int) -> None:
+    def __init__(self, dataset: Any, seed: int, *, collate_draws: bool = True) -> None:
         self.dataset, self.seed = dataset, seed
         self.batched = _batched(dataset)
+        self.collate_draws = collate_draws
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -426,13 +454,17 @@ class SeededSamples(Dataset):
 
     def __getitems__(self, keys: Sequence[tuple[int, int]]) -> list[Any]:
         # DataLoader's fetcher calls this once per batch: in the training process the streams
-        # are saved and restored once per batch, not per sample.
+        # are saved and restored once per batch, not per sample (and the collate_fn, which
+        # runs after, draws from the training process's streams).
         if get_worker_info() is not None:
-            return self._load(keys)
-        with _streams_kept():
-            return self._load(keys)
+            return self._load(keys, self.collate_draws)
+        saved = _save_streams()
+        try:
+            return self._load(keys, False)
+        finally:
+            _restore_streams(saved)
 
-    def _load(self, keys: Sequence[tuple[int, int]]) -> list[Any]:
+    def _load(self, keys: Sequence[tuple[int, int]], collate_draws: bool = True) -> list[Any]:
         if self.batched and keys:
             epoch, first = keys[0]
             _seed_streams(sample_seed(self.seed, epoch, first))
@@ -441,14 +473,18 @@ class SeededSamples(Dataset):
         seeds = [sample_seed(self.seed, epoch, index) for epoch, index in keys]
         if not seeds:
             return []
-        streams, out = _STREAMS, []
-        streams.start(seeds[0])
-        for (_, index), seed in zip(keys, seeds, strict=True):
-            streams.seed(seed)
-            sample = self.dataset[index]
-            if streams.drew_unseeded():  # again, with the stream it drew from seeded
-                streams.seed(seed)
-                sample = self.dataset[index]
-            out.append(sample)
-        streams.finish(seeds[-1])
+        # Between samples only torch's seeding call, while torch's stream is the only one used:
+        # the samples' work evicts from the caches any other code run between them.
+        streams, dataset, indices = _STREAMS, self.dataset, [index for _, index in keys]
+        while True:
+            streams.start(seeds[0])
+            seed_sample, out = streams.seeder(), []
+            for index, seed in zip(indices, seeds, strict=True):
+                seed_sample(seed)
+                out.append(dataset[index])
+            if not streams.drew_unseeded():
+                break
+            # A sample drew from a stream not seeded for it: again, with that stream seeded.
+        if collate_draws:
+            streams.finish(seeds[-1])
         return out

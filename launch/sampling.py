@@ -25,6 +25,8 @@ from torch.utils.data import (
     RandomSampler,
     Sampler,
     SequentialSampler,
+    default_collate,
+    default_convert,
 )
 
 from tlaunch.loader_workers import ShieldedInit, stops_held
@@ -42,6 +44,10 @@ _LOADER_ARGS = (
     "pin_memory_device",
     "in_order",
 )
+
+
+#: torch's own collate functions, which draw no random numbers.
+_QUIET_COLLATE = (default_collate, default_convert)
 
 
 def _mix(seed: int, epoch: int) -> int:
@@ -229,7 +235,8 @@ class ResumableLoader:
 
     def _build(self, loader: DataLoader, cls: type, seed: int, **chosen: Any) -> DataLoader:
         # Worker seeds come from this generator: same (seed, epoch) -> same seeds, mid-epoch too.
-        dataset = SeededSamples(loader.dataset, seed)
+        collate = loader.collate_fn
+        dataset = SeededSamples(loader.dataset, seed, collate_draws=collate not in _QUIET_COLLATE)
         return _rebuild(loader, cls, dataset, generator=self.generator, **chosen)
 
     def __len__(self) -> int:

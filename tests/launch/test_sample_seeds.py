@@ -174,7 +174,7 @@ def test_streams_seeded_only_once_drawn_from_give_what_seeding_all_three_gives(
     fresh_streams, global_bit_generator
 ):
     # numpy's and python's streams are seeded for a sample only once a sample drew from them;
-    # a sample that draws from one not seeded for it is loaded again. The samples, and what a
+    # a batch in which a sample drew from one not seeded for it is loaded again. The samples, and what a
     # collate_fn draws after the batch, must be what seeding every stream gives.
     data, reference = Sometimes(), Sometimes()
     loader = SeededSamples(data, seed=11)
@@ -184,10 +184,10 @@ def test_streams_seeded_only_once_drawn_from_give_what_seeding_all_three_gives(
         expected = every_stream_seeded(reference, keys, seed=11), collate_draws()
         assert got == expected, f"batch from sample {start}"
     assert fresh_streams.python_used and fresh_streams.numpy_used
-    # numpy is first drawn from by sample 3, python by sample 4: each loaded twice. numpy's
-    # stream has no cheap position to read with another bit generator: seeded from the start.
-    mt19937 = np.random.get_bit_generator().__class__.__name__ == "MT19937"
-    assert data.calls == 40 + (2 if mt19937 else 1)
+    # numpy is first drawn from by sample 3, python by sample 4: the first batch is loaded
+    # twice, and no other (numpy's stream has no cheap position to read with another bit
+    # generator: it is seeded for every sample from the start).
+    assert data.calls == 40 + 8
 
 
 class TorchOnly(Dataset):
@@ -200,13 +200,20 @@ class TorchOnly(Dataset):
         return torch.rand(()).item()
 
 
-def test_a_dataset_drawing_from_torch_only_costs_no_numpy_or_python_seeding(
-    fresh_streams, monkeypatch
-):
-    seeded = []
+@pytest.fixture
+def numpy_and_python_seedings(monkeypatch) -> list[int]:
+    """The seeds numpy's and python's streams are seeded with from now on."""
+    seeded: list[int] = []
     for name in ("_seed_numpy", "_seed_python"):
         real = getattr(sample_seeds, name)
         monkeypatch.setattr(sample_seeds, name, lambda s, real=real: (seeded.append(s), real(s)))
+    return seeded
+
+
+def test_a_dataset_drawing_from_torch_only_costs_no_numpy_or_python_seeding(
+    fresh_streams, numpy_and_python_seedings
+):
+    seeded = numpy_and_python_seedings
     data = SeededSamples(TorchOnly(), seed=5)
     for start in (0, 8):
         keys = [(0, i) for i in range(start, start + 8)]
@@ -216,5 +223,71 @@ def test_a_dataset_drawing_from_torch_only_costs_no_numpy_or_python_seeding(
         assert got == (every_stream_seeded(TorchOnly(), keys, seed=5), collate_draws())
         del seeded[n:]
     assert not (fresh_streams.numpy_used or fresh_streams.python_used)
-    # the batch's start and end (from its first and last sample's seed), not per sample
-    assert len(seeded) == 2 * 2 * 2
+    # for the collate_fn: after each batch (from its last sample's seed), not per sample
+    assert seeded == [sample_seed(5, 0, last) for last in (7, 7, 15, 15)]
+
+
+def test_with_torchs_own_collate_a_torch_only_dataset_seeds_torchs_stream_alone(
+    fresh_streams, numpy_and_python_seedings
+):
+    data = SeededSamples(TorchOnly(), seed=5, collate_draws=False)
+    for start in (0, 8, 16):
+        keys = [(3, i) for i in range(start, start + 8)]
+        got = data._load(keys, collate_draws=False)
+        assert numpy_and_python_seedings == []
+        assert got == every_stream_seeded(TorchOnly(), keys, 5)
+        numpy_and_python_seedings.clear()
+
+
+class FirstDrawLate(Dataset):
+    """Torch's stream always; a normal from numpy's by one sample of each batch from sample 19
+    on, and one from python's by samples 30 and 35: each first drawn from in a later batch
+    than the first."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, i: int) -> list[float]:
+        self.calls += 1
+        out = [torch.rand(()).item()]
+        if i >= 19 and i % 8 == 3:
+            out.append(np.random.normal())
+        if i >= 30 and i % 5 == 0:
+            out.append(random.gauss(0, 1))
+        return out
+
+
+def test_a_batch_in_which_a_stream_is_first_drawn_from_is_loaded_again(fresh_streams):
+    # A sample of the third batch is the first to draw from numpy's stream, one of the fourth
+    # the first from python's: each of those batches is loaded twice, the samples are what
+    # seeding every stream for every sample gives, and no other batch is loaded again. Before
+    # each batch a normal is left cached in each stream: the first draw must still be seen.
+    data = FirstDrawLate()
+    loader = SeededSamples(data, seed=2)
+    for start in range(0, 40, 8):
+        keys = [(1, i) for i in range(start, start + 8)]
+        np.random.normal(), random.gauss(0, 1)
+        assert loader._load(keys, collate_draws=False) == every_stream_seeded(
+            FirstDrawLate(), keys, seed=2
+        ), f"batch from sample {start}"
+    mt19937 = np.random.get_bit_generator().__class__.__name__ == "MT19937"
+    assert data.calls == 40 + (16 if mt19937 else 8)
+
+
+def test_the_loader_tells_the_samples_whether_its_collate_fn_may_draw():
+    from torch.utils.data import DataLoader
+
+    from tlaunch.sampling import ResumableLoader
+
+    def mixup_collate(batch):
+        return batch
+
+    for collate, draws in ((None, False), (mixup_collate, True)):
+        loader = DataLoader(TorchOnly(), batch_size=4, shuffle=True, collate_fn=collate)
+        rebuilt = ResumableLoader(loader, seed=0, rank=0, world=1).loader
+        assert rebuilt.dataset.collate_draws is draws
+    unbatched = DataLoader(TorchOnly(), batch_size=None, shuffle=True)  # default_convert
+    assert ResumableLoader(unbatched, seed=0, rank=0, world=1).loader.dataset.collate_draws is False
