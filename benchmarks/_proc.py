@@ -1,7 +1,9 @@
-"""Running a benchmark's launcher so that a hang cannot outlive the benchmark."""
+"""Running a benchmark's launcher so that a hang cannot outlive the benchmark, and with
+tlaunch's modules compiled as an installed package has them."""
 
 from __future__ import annotations
 
+import compileall
 import os
 import signal
 import subprocess
@@ -28,3 +30,20 @@ def run_group(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess
             f"{err[-2000:]}"
         ) from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def compile_tlaunch() -> None:
+    """Write the bytecode of tlaunch's modules, as installing a wheel does.
+
+    An editable install (``make install``) writes it at a module's first import, unless
+    ``PYTHONDONTWRITEBYTECODE`` is set, as on the development machine: every launcher and
+    worker would then compile each tlaunch module from source on every start (~0.1 s each),
+    while torch and Accelerate, installed from wheels, load theirs. Start-up benchmarks call
+    this first so that both sides start as a user's install would.
+    """
+    import tlaunch
+    import tlaunch.storage
+    import tlaunch.strategies
+
+    for package in (tlaunch, tlaunch.storage, tlaunch.strategies):
+        compileall.compile_dir(os.path.dirname(package.__file__), quiet=1)

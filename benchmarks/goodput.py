@@ -71,6 +71,8 @@ import time
 from dataclasses import dataclass, field
 
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for:
+from _proc import compile_tlaunch  # benchmarks/, on sys.path when a script here runs
+
 from tests.e2e.helpers import clean_env, processes_mentioning  # noqa: E402
 
 HERE = os.path.abspath(__file__)
@@ -460,6 +462,7 @@ def main() -> None:
         workers = {"tlaunch": worker_tlaunch, "accelerate": worker_accelerate}
         workers["uninterrupted"], workers["calibrate"] = worker_accelerate, worker_calibrate
         return workers[args.worker](args)
+    compile_tlaunch()
     params = 2 * 1024 * args.hidden + 2 * args.hidden * args.hidden
     print(
         f"goodput: MLP {params / 1e6:.1f}M params + Adam = {params * 12 / 1e6:.0f} MB state, "

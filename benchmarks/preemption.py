@@ -42,6 +42,8 @@ import sys
 import tempfile
 import time
 
+from _proc import compile_tlaunch  # benchmarks/, on sys.path when a script here runs
+
 NOTICE = 30.0
 EXIT_PREEMPTED = 75
 BATCH = 8
@@ -348,6 +350,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args.hidden, args.step_file)
+    compile_tlaunch()
 
     nprocs = [int(n) for n in args.nprocs.split(",")]
     results: dict[int, list[dict]] = {n: [] for n in nprocs}

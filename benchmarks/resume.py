@@ -43,7 +43,7 @@ import sys
 import tempfile
 import time
 
-from _proc import run_group  # benchmarks/, on sys.path when a script here runs
+from _proc import compile_tlaunch, run_group  # benchmarks/, on sys.path when a script here runs
 
 T0 = time.time()  # before any heavy import: the script's own process start, near enough
 TARGET = 1.0
@@ -168,6 +168,7 @@ def main() -> None:
         return worker_run(args.hidden, args.setup, prefetch=args.worker == "run")
     if args.worker == "accelerate":
         return worker_accelerate(args.hidden, args.state_dir, args.setup)
+    compile_tlaunch()
 
     with tempfile.TemporaryDirectory(prefix="tlaunch-bench-resume-") as tmp:
         ckpt, acc_state = os.path.join(tmp, "ckpt"), os.path.join(tmp, "acc-state")

@@ -36,6 +36,8 @@ import tempfile
 import time
 
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for:
+from _proc import compile_tlaunch  # noqa: E402  (benchmarks/, on sys.path when a script here runs)
+
 from tests.e2e.helpers import clean_env  # noqa: E402
 
 TIMEOUT = 600.0
@@ -44,6 +46,7 @@ STAGE = re.compile(r"^STARTUP (\S+) (\S+)$", re.MULTILINE)
 #: The Run API job; prints epoch seconds at each cut.
 JOB = """\
 import os, time
+from _proc import compile_tlaunch  # benchmarks/, on sys.path when a script here runs
 def process_start():
     with open("/proc/self/stat") as f:
         ticks = int(f.read().rsplit(")", 1)[1].split()[19])
@@ -142,6 +145,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
+    compile_tlaunch()
     env = clean_env(OMP_NUM_THREADS="1")
     folder = tempfile.mkdtemp(prefix="tlaunch-bench-startup-")
     with open(os.path.join(folder, "job.py"), "w") as f:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 
@@ -108,6 +109,7 @@ def test_retry_bound_exhausted_is_an_error(memory_url):
     [
         (ConnectionResetError(), True),
         (TimeoutError(), True),
+        (asyncio.TimeoutError(), True),  # a class of its own in 3.10
         (OSError(errno.ETIMEDOUT, "timed out"), True),
         (type("HttpError", (Exception,), {"code": 429})(), True),
         (
