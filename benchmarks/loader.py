@@ -2,7 +2,7 @@
 from a resume to its first batch mid-epoch.
 
 Run: ``.venv/bin/python benchmarks/loader.py [--reps 9] [--workers 2] [--sizes 64,128]
-[--throughput-only]``
+[--throughput-only] [--a-a]``
 
 1. Throughput. Two vision-style map datasets of generated images (64 pixels a side: light
    work that shows the seeding's fixed cost per sample; 128: ~1 ms a sample, still lighter
@@ -20,11 +20,18 @@ Run: ``.venv/bin/python benchmarks/loader.py [--reps 9] [--workers 2] [--sizes 6
    where the training process's streams are saved and restored around each batch. The first
    line gives the seeding's cost in a tight loop (each stream's), between the samples of an
    epoch (where caches are cold) and, per batch, of keeping the training process's streams.
+   ``--a-a`` also times the plain loader against a second plain loader the same way: how far
+   from 1.00x the measurement itself lands on this machine.
 2. Resume. Time from starting an epoch's iterator to its first batch, at the middle of the
    epoch (a resumed run) against at its start (non-persistent workers: both start them).
    Target: <= 1.1x, i.e. no replay. For contrast, the same for a loader that would replay the
    skipped batches (what a custom sampler without state costs), and for a sampler with
    torchdata's state protocol through StatefulDataLoader.
+
+Counted instead of timed: ``--run-epochs plain|seeded N`` only runs N epochs of one loader
+over fixed-size crops (the same work per sample whatever the draws), with no workers. Under
+``valgrind --tool=cachegrind --cache-sim=yes``, the counts of N=3 less those of N=1 are two
+epochs' instructions and simulated cache misses, free of this machine's noise.
 """
 
 from __future__ import annotations
@@ -168,15 +175,29 @@ def samples(batch) -> int:
     return len(batch[0][0] if isinstance(batch[1], bool) else batch[0])
 
 
-def throughput(data: Dataset, workers: int, reps: int) -> tuple[float, float, list[float]]:
-    """Plain and seeded samples per CPU second (medians) and the repetitions' ratios.
+class PlainAgain:
+    """A second plain loader, iterated as :class:`ResumableLoader` is: the A/A contrast."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+
+    def iterate(self, epoch: int):
+        return ((batch, False) for batch in self.loader)
+
+
+def throughput(
+    data: Dataset, workers: int, reps: int, a_a: bool = False
+) -> tuple[float, float, list[float]]:
+    """Plain and seeded samples per CPU second (medians) and the repetitions' ratios (with
+    ``a_a``, a second plain loader in the seeded one's place: the measurement's own noise).
 
     Each repetition runs an epoch of both loaders at once, a batch of one then a batch of the
     other (which first alternates), so that both meet the same load from the rest of the
     machine. A loader's CPU time is its workers' and what this process spends in its calls.
     """
     plain = plain_loader(data, workers, persistent=True)
-    seeded = ResumableLoader(plain_loader(data, workers, True), seed=0, rank=0, world=1)
+    second = plain_loader(data, workers, True)
+    seeded = PlainAgain(second) if a_a else ResumableLoader(second, seed=0, rank=0, world=1)
     others = children()
     for _ in plain:  # warm-up: the workers started
         pass
@@ -300,6 +321,39 @@ def seeding_costs(data: Dataset) -> dict[str, float]:
     }
 
 
+class FixedCrop(Augmented):
+    """A fixed-size crop at a random place, a flip and noise, all from torch's stream: the
+    same work for every sample whatever the draws, so that counting the instructions of an
+    epoch compares the loaders, not their samples' crop sizes."""
+
+    def __getitem__(self, i: int):
+        img = self.images[i]
+        _, h, w = img.shape
+        top = int(torch.randint(0, h - self.out + 1, (1,)).item())
+        left = int(torch.randint(0, w - self.out + 1, (1,)).item())
+        crop = img[:, top : top + self.out, left : left + self.out][None]
+        out = F.interpolate(crop, size=(self.out, self.out), mode="bilinear", antialias=True)[0]
+        out = out.flip(-1) if torch.rand(1) < 0.5 else out
+        return out + torch.randn_like(out) * 0.05, self.labels[i]
+
+
+def run_epochs(kind: str, epochs: int) -> None:
+    """``epochs`` epochs of 512 fixed-crop 128 px samples through one loader, no workers: the
+    program to count under valgrind (the difference between 3 epochs and 1 is two epochs)."""
+    torch.set_num_threads(1)
+    data = FixedCrop(512, 128)
+    if kind == "plain":
+        loader = plain_loader(data, 0, True)
+        for _ in range(epochs):
+            for _ in loader:
+                pass
+        return
+    seeded = ResumableLoader(plain_loader(data, 0, True), seed=0, rank=0, world=1)
+    for epoch in range(epochs):
+        for _ in seeded.iterate(epoch):
+            pass
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=9)
@@ -309,7 +363,20 @@ def main() -> None:
     )
     parser.add_argument("--samples", type=int, default=1024, help="at most; 200 MB of images")
     parser.add_argument("--throughput-only", action="store_true", help="skip part 2 (resume)")
+    parser.add_argument(
+        "--a-a",
+        action="store_true",
+        help="also time the plain loader against itself (the measurement's noise)",
+    )
+    parser.add_argument(
+        "--run-epochs",
+        nargs=2,
+        metavar=("plain|seeded", "N"),
+        help="only run N epochs of one loader (fixed crops, no workers), to count under valgrind",
+    )
     args = parser.parse_args()
+    if args.run_epochs:
+        return run_epochs(args.run_epochs[0], int(args.run_epochs[1]))
     # One thread, as in a loader worker: with two, the training process's CPU time would be
     # mostly OpenMP's threads waiting for work.
     torch.set_num_threads(1)
@@ -341,6 +408,12 @@ def main() -> None:
                 f"{THROUGHPUT_TARGET}x), {min(ratios):.3f}-{max(ratios):.3f}x over "
                 f"{len(ratios)} repetitions"
             )
+            if args.a_a:
+                _, _, same = throughput(kind_data, workers, args.reps, a_a=True)
+                print(
+                    f"  A/A, {workers} workers: the plain loader against itself "
+                    f"{statistics.median(same):.3f}x, {min(same):.3f}-{max(same):.3f}x"
+                )
     resumes = {} if args.throughput_only else resume_times(data, args.workers, args.reps)
     for name, (fresh, resumed) in resumes.items():
         ratio = resumed / fresh

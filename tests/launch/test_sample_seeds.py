@@ -239,16 +239,10 @@ def test_with_torchs_own_collate_a_torch_only_dataset_seeds_torchs_stream_alone(
         numpy_and_python_seedings.clear()
 
 
-class FirstDrawLate(Dataset):
+class FirstDrawLate(Sometimes):
     """Torch's stream always; a normal from numpy's by one sample of each batch from sample 19
     on, and one from python's by samples 30 and 35: each first drawn from in a later batch
     than the first."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def __len__(self) -> int:
-        return 40
 
     def __getitem__(self, i: int) -> list[float]:
         self.calls += 1
