@@ -165,14 +165,14 @@ class _Streams:
 
     A dataset built on torchvision draws from torch's generator only, and seeding the other
     two would cost twice as much again (their 5 KB of state is cold between samples). So
-    numpy's and python's streams are seeded before a batch's samples from its first sample's
-    seed, and their position is read after the batch (two words of their state: python's
-    ``getstate`` would cost more than the seeding). A batch that moved one has drawn from a
-    stream not seeded for its samples: the stream is seeded for every sample from then on in
-    this process, and the batch is loaded again (once per process and stream). Seeding also
-    drops cached normals, so a draw always moves the position. After the batch, a stream no
-    sample drew from is seeded from the last sample's seed: what a ``collate_fn`` draws is
-    what it would be were every stream seeded for every sample.
+    numpy's and python's streams are left as they are for a batch's samples, their cached
+    normals dropped so that any draw moves their position, and their position is read after
+    the batch (two words of their state: python's ``getstate`` would cost more than the
+    seeding). A batch that moved one has drawn from a stream not seeded for its samples: the
+    stream is seeded for every sample from then on in this process, and the batch is loaded
+    again (once per process and stream). After the batch, for a ``collate_fn`` that may draw,
+    a stream no sample drew from is seeded from the last sample's seed: what it draws is what
+    it would be were every stream seeded for every sample.
     """
 
     def __init__(self) -> None:
