@@ -14,9 +14,11 @@ Run: ``.venv/bin/python benchmarks/loader.py [--reps 9] [--workers 2] [--sizes 6
    (:class:`tlaunch.sampling.ResumableLoader`: keys, the streams seeded per sample). Same
    dataset, batch size and workers, after a warm-up epoch; each repetition runs an epoch of
    both, batch by batch in turns, so that both meet the same load from the rest of the
-   machine. Samples per CPU second (the process's time in each loader's calls plus that
-   loader's workers'; one torch thread everywhere); the target, >= 0.98x, is judged on the
-   median of the repetitions' ratios, shown with their range. Also on ``num_workers=0``,
+   machine. A last, heavier row decodes a JPEG per sample (256 px, cropped to 224), as an
+   ImageNet-style pipeline does at its lightest. Samples per CPU second (the process's time
+   in each loader's calls plus that loader's workers'; one torch thread everywhere); the
+   target, >= 0.98x, is judged on the median of the repetitions' ratios, shown with their
+   range. Also on ``num_workers=0``,
    where the training process's streams are saved and restored around each batch. The first
    line gives the seeding's cost in a tight loop (each stream's), between the samples of an
    epoch (where caches are cold) and, per batch, of keeping the training process's streams.
@@ -101,6 +103,60 @@ class TorchStream(Augmented):
         return img + torch.randn_like(img) * 0.05 * torch.empty(1).uniform_(0.9, 1.1), self.labels[
             i
         ]
+
+
+class Decoded(Dataset):
+    """JPEG photos decoded per sample (generated, smooth with grain, quality 90), then a
+    random resized crop to 7/8 of the side and a horizontal flip from torch's stream, scaled
+    to [0, 1]: an ImageNet-style pipeline at its lightest (no normalisation, no colour
+    jitter)."""
+
+    def __init__(self, n: int, size: int) -> None:
+        import io
+
+        from PIL import Image
+
+        g = torch.Generator().manual_seed(0)
+        self.blobs = []
+        for _ in range(n):
+            coarse = torch.rand(1, 3, 8, 8, generator=g)
+            smooth = F.interpolate(coarse, size=(size, size), mode="bicubic")[0]
+            grain = torch.rand(3, size, size, generator=g) * 0.08
+            pixels = ((smooth + grain).clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0)
+            out = io.BytesIO()
+            Image.fromarray(pixels.numpy()).save(out, format="JPEG", quality=90)
+            self.blobs.append(out.getvalue())
+        self.labels = torch.randint(0, 10, (n,), generator=g)
+        self.out = size * 7 // 8
+
+    def __len__(self) -> int:
+        return len(self.blobs)
+
+    def __getitem__(self, i: int):
+        import io
+
+        from PIL import Image
+
+        with Image.open(io.BytesIO(self.blobs[i])) as photo:
+            img = torch.from_numpy(np.array(photo.convert("RGB"))).permute(2, 0, 1)
+        img = img.float().div_(255)
+        _, h, w = img.shape
+        area = h * w * torch.empty(1).uniform_(0.3, 1.0).item()
+        aspect = math.exp(torch.empty(1).uniform_(math.log(3 / 4), math.log(4 / 3)).item())
+        cw, ch = min(w, round(math.sqrt(area * aspect))), min(h, round(math.sqrt(area / aspect)))
+        top = int(torch.randint(0, h - ch + 1, (1,)).item())
+        left = int(torch.randint(0, w - cw + 1, (1,)).item())
+        crop = img[:, top : top + ch, left : left + cw][None]
+        img = F.interpolate(crop, size=(self.out, self.out), mode="bilinear", antialias=True)[0]
+        return (img.flip(-1) if torch.rand(1) < 0.5 else img), self.labels[i]
+
+
+def pil_available() -> bool:
+    try:
+        import PIL  # noqa: F401  (Pillow: tensorboard's dependency, in the dev install)
+    except ImportError:
+        return False
+    return True
 
 
 #: The two kinds of augmentation measured: torch's stream only (numpy's and python's are then
@@ -364,6 +420,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1024, help="at most; 200 MB of images")
     parser.add_argument("--throughput-only", action="store_true", help="skip part 2 (resume)")
     parser.add_argument(
+        "--decoded",
+        type=int,
+        default=256,
+        help="side of the decoded-photo row's JPEGs in pixels (0: no such row)",
+    )
+    parser.add_argument(
         "--a-a",
         action="store_true",
         help="also time the plain loader against itself (the measurement's noise)",
@@ -390,8 +452,14 @@ def main() -> None:
         f"training process's streams {costs['kept a batch'] * 1e6:.0f} us a batch of {BATCH}"
     )
     ok = True
-    for size, (kind, cls) in itertools.product(sizes, DATASETS.items()):
+    rows = [(size, kind, cls) for size, (kind, cls) in itertools.product(sizes, DATASETS.items())]
+    if args.decoded and pil_available():
+        rows.append((args.decoded, "decoded JPEG photos, torch's stream", Decoded))
+    elif args.decoded:
+        print("decoded JPEG photos: skipped (Pillow is not installed)")
+    for size, kind, cls in rows:
         n = min(args.samples, IMAGE_BYTES // (3 * size * size * 4))
+        n = min(args.samples, 512) if cls is Decoded else n  # JPEG bytes, ~20 KB an image
         kind_data = cls(n, size)
         t = time.process_time()
         for i in range(200):
