@@ -62,6 +62,20 @@ IMAGE_BYTES = 200 << 20
 SUMS = ("the three", "between samples", "kept a batch")
 
 
+def crop_and_flip(img: torch.Tensor, out: int) -> torch.Tensor:
+    """RandomResizedCrop to ``out`` pixels a side + RandomHorizontalFlip (torchvision's
+    algorithm), drawing from torch's stream."""
+    _, h, w = img.shape
+    area = h * w * torch.empty(1).uniform_(0.3, 1.0).item()
+    aspect = math.exp(torch.empty(1).uniform_(math.log(3 / 4), math.log(4 / 3)).item())
+    cw, ch = min(w, round(math.sqrt(area * aspect))), min(h, round(math.sqrt(area / aspect)))
+    top = int(torch.randint(0, h - ch + 1, (1,)).item())
+    left = int(torch.randint(0, w - cw + 1, (1,)).item())
+    crop = img[:, top : top + ch, left : left + cw][None]
+    img = F.interpolate(crop, size=(out, out), mode="bilinear", antialias=True)[0]
+    return img.flip(-1) if torch.rand(1) < 0.5 else img
+
+
 class Augmented(Dataset):
     """Generated images through RandomResizedCrop + RandomHorizontalFlip (torchvision's
     algorithm on torch's RNG) and albumentations-style numpy noise with a python gain."""
@@ -81,17 +95,7 @@ class Augmented(Dataset):
         return torch.from_numpy(noisy * random.uniform(0.9, 1.1)), self.labels[i]
 
     def crop_and_flip(self, i: int) -> torch.Tensor:
-        """RandomResizedCrop + RandomHorizontalFlip, drawing from torch's stream."""
-        img = self.images[i]
-        _, h, w = img.shape
-        area = h * w * torch.empty(1).uniform_(0.3, 1.0).item()
-        aspect = math.exp(torch.empty(1).uniform_(math.log(3 / 4), math.log(4 / 3)).item())
-        cw, ch = min(w, round(math.sqrt(area * aspect))), min(h, round(math.sqrt(area / aspect)))
-        top = int(torch.randint(0, h - ch + 1, (1,)).item())
-        left = int(torch.randint(0, w - cw + 1, (1,)).item())
-        crop = img[:, top : top + ch, left : left + cw][None]
-        img = F.interpolate(crop, size=(self.out, self.out), mode="bilinear", antialias=True)[0]
-        return img.flip(-1) if torch.rand(1) < 0.5 else img
+        return crop_and_flip(self.images[i], self.out)
 
 
 class TorchStream(Augmented):
@@ -139,16 +143,7 @@ class Decoded(Dataset):
 
         with Image.open(io.BytesIO(self.blobs[i])) as photo:
             img = torch.from_numpy(np.array(photo.convert("RGB"))).permute(2, 0, 1)
-        img = img.float().div_(255)
-        _, h, w = img.shape
-        area = h * w * torch.empty(1).uniform_(0.3, 1.0).item()
-        aspect = math.exp(torch.empty(1).uniform_(math.log(3 / 4), math.log(4 / 3)).item())
-        cw, ch = min(w, round(math.sqrt(area * aspect))), min(h, round(math.sqrt(area / aspect)))
-        top = int(torch.randint(0, h - ch + 1, (1,)).item())
-        left = int(torch.randint(0, w - cw + 1, (1,)).item())
-        crop = img[:, top : top + ch, left : left + cw][None]
-        img = F.interpolate(crop, size=(self.out, self.out), mode="bilinear", antialias=True)[0]
-        return (img.flip(-1) if torch.rand(1) < 0.5 else img), self.labels[i]
+        return crop_and_flip(img.float().div_(255), self.out), self.labels[i]
 
 
 def pil_available() -> bool:
