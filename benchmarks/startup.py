@@ -46,7 +46,6 @@ STAGE = re.compile(r"^STARTUP (\S+) (\S+)$", re.MULTILINE)
 #: The Run API job; prints epoch seconds at each cut.
 JOB = """\
 import os, time
-from _proc import compile_tlaunch  # benchmarks/, on sys.path when a script here runs
 def process_start():
     with open("/proc/self/stat") as f:
         ticks = int(f.read().rsplit(")", 1)[1].split()[19])

@@ -174,8 +174,8 @@ def test_streams_seeded_only_once_drawn_from_give_what_seeding_all_three_gives(
     fresh_streams, global_bit_generator
 ):
     # numpy's and python's streams are seeded for a sample only once a sample drew from them;
-    # a batch in which a sample drew from one not seeded for it is loaded again. The samples, and what a
-    # collate_fn draws after the batch, must be what seeding every stream gives.
+    # a batch in which a sample drew from one not seeded for it is loaded again. The samples,
+    # and what a collate_fn draws after the batch, must be what seeding every stream gives.
     data, reference = Sometimes(), Sometimes()
     loader = SeededSamples(data, seed=11)
     for start in range(0, 40, 8):
