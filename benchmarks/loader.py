@@ -41,6 +41,7 @@ from __future__ import annotations
 import _random
 import argparse
 import ctypes
+import io
 import itertools
 import math
 import os
@@ -116,9 +117,7 @@ class Decoded(Dataset):
     jitter)."""
 
     def __init__(self, n: int, size: int) -> None:
-        import io
-
-        from PIL import Image
+        from PIL import Image  # optional: see pil_available
 
         g = torch.Generator().manual_seed(0)
         self.blobs = []
@@ -137,8 +136,6 @@ class Decoded(Dataset):
         return len(self.blobs)
 
     def __getitem__(self, i: int):
-        import io
-
         from PIL import Image
 
         with Image.open(io.BytesIO(self.blobs[i])) as photo:
@@ -392,16 +389,13 @@ def run_epochs(kind: str, epochs: int) -> None:
     """``epochs`` epochs of 512 fixed-crop 128 px samples through one loader, no workers: the
     program to count under valgrind (the difference between 3 epochs and 1 is two epochs)."""
     torch.set_num_threads(1)
-    data = FixedCrop(512, 128)
+    loader = plain_loader(FixedCrop(512, 128), 0, True)
     if kind == "plain":
-        loader = plain_loader(data, 0, True)
-        for _ in range(epochs):
-            for _ in loader:
-                pass
-        return
-    seeded = ResumableLoader(plain_loader(data, 0, True), seed=0, rank=0, world=1)
+        loader = PlainAgain(loader)
+    else:
+        loader = ResumableLoader(loader, seed=0, rank=0, world=1)
     for epoch in range(epochs):
-        for _ in seeded.iterate(epoch):
+        for _ in loader.iterate(epoch):
             pass
 
 
