@@ -54,7 +54,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from tlaunch.sample_seeds import _NUMPY, _PYTHON, _TORCH, _seed_streams, _streams_kept
+from tlaunch.sample_seeds import (
+    _NUMPY,
+    _PYTHON,
+    _TORCH,
+    _restore_streams,
+    _save_streams,
+    _seed_streams,
+)
 from tlaunch.sampling import ResumableLoader
 
 BATCH = 32
@@ -349,8 +356,7 @@ def seeding_costs(data: Dataset) -> dict[str, float]:
         return i * 0x9E3779B97F4A7C15 & (2**64 - 1)
 
     def kept(_: int) -> None:
-        with _streams_kept():
-            pass
+        _restore_streams(_save_streams())
 
     after: dict[bool, list[float]] = {True: [], False: []}
     for i in range(800):

@@ -35,7 +35,6 @@ state is copied as bytes (:class:`_NumpyState`), not through ``get_state``.
 from __future__ import annotations
 
 import _random
-import contextlib
 import ctypes
 import itertools
 import random
@@ -335,16 +334,6 @@ def _restore_streams(saved: tuple[Any, Any, Any]) -> None:
     _TORCH.set_state(saved[0])
     _NUMPY_STATE.restore(saved[1])
     _PYTHON_STATE.restore(saved[2])
-
-
-@contextlib.contextmanager
-def _streams_kept() -> Iterator[None]:
-    """The three streams as they were before the block, after it."""
-    saved = _save_streams()
-    try:
-        yield
-    finally:
-        _restore_streams(saved)
 
 
 #: The torchdata protocol a sampler (or its iterator) offers to have its position saved.
