@@ -371,10 +371,20 @@ class CheckpointManager:
         return bool(every and next_epoch % every == 0)
 
     # -- saving --------------------------------------------------------------------------------
-    def save(self, position: Position, metrics: dict[str, float], *, force: bool = False) -> bool:
+    def save(
+        self,
+        position: Position,
+        metrics: dict[str, float],
+        *,
+        force: bool = False,
+        stopping: bool = False,
+    ) -> bool:
         """Commit a checkpoint at ``position`` (every rank calls it). Phase one runs here:
         state into CPU memory, the ranks' RNG and loader states gathered to rank 0, handed to
         the writer there.
+        ``stopping``: a stop's last save, which the caller flushes before anything else runs:
+        the writer serializes the state from where it lies (:func:`tlaunch.storage.cpu_view`),
+        without copying what is in CPU memory already.
         Returns whether a save was taken (not when disabled, or already saved at this step
         unless ``force``)."""
         if not self.enabled or (self.saved_step == position.step and not force):
@@ -385,7 +395,7 @@ class CheckpointManager:
         if self.is_main:
             from tlaunch.storage import cpu_snapshot
 
-            tensors, objects = self._snapshot()
+            tensors, objects = self._snapshot(copy=not stopping)
             if any(state is not None for states in loader_states for state in states):
                 objects[LOADERS] = cpu_snapshot({"ranks": list(loader_states)})
             state = self._state_record(position, metrics)
@@ -400,23 +410,24 @@ class CheckpointManager:
         self.saved_step = position.step
         return True
 
-    def _snapshot(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        from tlaunch.storage import cpu_snapshot
+    def _snapshot(self, *, copy: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+        from tlaunch.storage import cpu_snapshot, cpu_view
 
         s, acc = self.states, self.accelerator
+        take = cpu_snapshot if copy else cpu_view
         tensors = {
-            state_name(MODEL, i): cpu_snapshot(self.strategy.unwrap(acc, m).state_dict())
+            state_name(MODEL, i): take(self.strategy.unwrap(acc, m).state_dict())
             for i, m in enumerate(s.models)
         }
         objects: dict[str, Any] = {}
         for kind, objs in ((OPTIMIZER, s.optimizers), (SCHEDULER, s.schedulers)):
             for i, obj in enumerate(objs):
-                objects[state_name(kind, i)] = cpu_snapshot(obj.state_dict())
+                objects[state_name(kind, i)] = take(obj.state_dict())
         scaler = self.strategy.scaler_state(acc)
         if scaler is not None:
-            objects[SCALER] = cpu_snapshot(scaler)
+            objects[SCALER] = take(scaler)
         for name, obj in s.extra.items():
-            objects[name] = cpu_snapshot(obj.state_dict())
+            objects[name] = take(obj.state_dict())
         return tensors, objects
 
     def _state_record(self, position: Position, metrics: dict[str, float]) -> dict[str, Any]:

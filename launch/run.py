@@ -415,7 +415,7 @@ class Run:
         nothing_new = ckpt.saved_step == pos.step or (pos.step == 0 and ckpt.loaded is None)
         if ckpt.enabled:
             if not nothing_new:
-                ckpt.save(pos, self._saved_metrics(), force=True)
+                ckpt.save(pos, self._saved_metrics(), force=True, stopping=True)
             ckpt.flush(stopping=True)  # rank 0 waits for the commit, the others for rank 0
             ckpt.close()  # the lease too: a notebook may init() again in this process
         self._progress.close()

@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from tlaunch.storage.store import one_line
@@ -79,15 +79,45 @@ def cpu_snapshot(obj: Any) -> Any:
     Walks dicts (keeping OrderedDict and other subclasses), lists and tuples (and namedtuples).
     Once it returns, the optimizer may step while the writer serializes the copy.
     """
+    return _walk(obj, _copy)
+
+
+def cpu_view(obj: Any) -> Any:
+    """``obj`` for a save that nothing runs beside: tensors already in CPU memory, contiguous,
+    as they are (detached views, no copy); others copied as :func:`cpu_snapshot` copies them.
+
+    For a stop's last save, which training waits for and the process leaves after: the copy
+    would only cost time (0.15-0.9 s for a 500 MB state here, most of it the kernel handing
+    over fresh pages) and as much memory again as the state. Nothing may change the tensors
+    until the save has committed.
+    """
+    return _walk(obj, _view)
+
+
+def _copy(tensor: Any) -> Any:
+    import torch
+
+    if tensor.layout is not torch.strided:  # sparse and friends: rare, take the generic path
+        return tensor.detach().to("cpu", copy=True)
+    # One copy whatever the source: empty + copy_ also makes a strided view contiguous.
+    return torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu").copy_(tensor.detach())
+
+
+def _view(tensor: Any) -> Any:
+    import torch
+
+    if tensor.device.type == "cpu" and tensor.layout is torch.strided and tensor.is_contiguous():
+        return tensor.detach()
+    return _copy(tensor)
+
+
+def _walk(obj: Any, leaf: Callable[[Any], Any]) -> Any:
     import torch
 
     if isinstance(obj, torch.Tensor):
-        if obj.layout is not torch.strided:  # sparse and friends: rare, take the generic path
-            return obj.detach().to("cpu", copy=True)
-        # One copy whatever the source: empty + copy_ also makes a strided view contiguous.
-        return torch.empty(obj.shape, dtype=obj.dtype, device="cpu").copy_(obj.detach())
+        return leaf(obj)
     if isinstance(obj, dict):
-        items = [(k, cpu_snapshot(v)) for k, v in obj.items()]
+        items = [(k, _walk(v, leaf)) for k, v in obj.items()]
         if type(obj) is dict:
             return dict(items)
         out = copy.copy(obj)  # keeps the subclass, e.g. a defaultdict's factory
@@ -95,9 +125,9 @@ def cpu_snapshot(obj: Any) -> Any:
         out.update(items)
         return out
     if isinstance(obj, list):
-        return [cpu_snapshot(v) for v in obj]
+        return [_walk(v, leaf) for v in obj]
     if isinstance(obj, tuple):
-        items = [cpu_snapshot(v) for v in obj]
+        items = [_walk(v, leaf) for v in obj]
         return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
     return obj
 

@@ -1,4 +1,5 @@
-"""The async writer: one save in flight, failures surface, flush and exit commit; cpu_snapshot."""
+"""The async writer: one save in flight, failures surface, flush and exit commit; cpu_snapshot
+and cpu_view."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tlaunch.storage import (
     RetentionPolicy,
     StorageError,
     cpu_snapshot,
+    cpu_view,
 )
 
 
@@ -295,3 +297,21 @@ class TestCpuSnapshot:
         assert isinstance(snap["tuple"], tuple) and snap["tuple"][1] == "s"
         assert snap["leaf"] is marker
         assert snap["od"]["x"] is not tree["od"]["x"]
+
+
+class TestCpuView:
+    def test_cpu_contiguous_tensors_are_shared_and_the_rest_copied(self):
+        param = torch.randn(3, 4, requires_grad=True)
+        moment = torch.randn(3, 4)
+        view = torch.randn(4, 3).t()  # not contiguous: safetensors needs a contiguous copy
+        Pair = collections.namedtuple("Pair", "a b")
+        tree = {"p": param, "state": collections.OrderedDict(m=[moment]), "v": view,
+                "pair": Pair(moment, 3)}  # fmt: skip
+        got = cpu_view(tree)
+        assert not got["p"].requires_grad
+        assert got["p"].data_ptr() == param.data_ptr()  # no copy: the live memory itself
+        assert type(got["state"]) is collections.OrderedDict
+        assert got["state"]["m"][0].data_ptr() == moment.data_ptr()
+        assert isinstance(got["pair"], Pair) and got["pair"].a.data_ptr() == moment.data_ptr()
+        assert got["v"].is_contiguous() and got["v"].data_ptr() != view.data_ptr()
+        assert torch.equal(got["v"], view)
