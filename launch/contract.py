@@ -53,6 +53,9 @@ few ``ACCELERATE_*`` / ``PJRT_DEVICE`` variables the chosen strategy's plan name
 ``TLAUNCH_EXIT_FD``       one worker (no elastic agent): a pipe it writes its exit code to right
                           before it leaves quickly after a stop (:mod:`tlaunch.quick_exit`); the
                           launcher then stops waiting for it while the kernel frees its memory
+``TLAUNCH_EXIT_SOCKET``   workers under torch's elastic agent: the same notice, sent to a datagram
+                          socket of this name in Linux's abstract namespace (the agent starts
+                          its workers without inherited file descriptors)
 
 Variables a user (or a test) sets
 ---------------------------------
@@ -132,6 +135,7 @@ LAUNCHER_PID_ENV = "TLAUNCH_LAUNCHER_PID"
 HOLD_SIGNALS_ENV = "TLAUNCH_HOLD_SIGNALS"
 DOCTOR_ENV = "TLAUNCH_DOCTOR"
 EXIT_FD_ENV = "TLAUNCH_EXIT_FD"
+EXIT_SOCKET_ENV = "TLAUNCH_EXIT_SOCKET"
 
 # -- set by users and tests ------------------------------------------------------------------
 RUN_ID_ENV = "TLAUNCH_RUN_ID"

@@ -44,19 +44,23 @@ _scan_files = True
 _found: list[weakref.ref] = []
 _finding: threading.Thread | None = None
 _installed = False
-#: (this process's pid, the launcher's notice pipe) when the launcher gave one.
-_notice: tuple[int, int] | None = None
+#: (this process's pid, the launcher's notice pipe or socket name) when the launcher gave one.
+_notice: tuple[int, int | str] | None = None
 
 
 def install() -> None:
     """Register :func:`at_exit`; first of the exit functions, so that it runs last. Takes the
-    launcher's notice pipe (``TLAUNCH_EXIT_FD``) out of the environment the script sees."""
+    launcher's notice pipe (``TLAUNCH_EXIT_FD``) or socket (``TLAUNCH_EXIT_SOCKET``) out of the
+    environment the script sees."""
     global _installed, _notice
-    from tlaunch.contract import EXIT_FD_ENV
+    from tlaunch.contract import EXIT_FD_ENV, EXIT_SOCKET_ENV
 
     atexit.register(at_exit)
     _installed = True
     fd = os.environ.pop(EXIT_FD_ENV, "")
+    name = os.environ.pop(EXIT_SOCKET_ENV, "")
+    if name:
+        _notice = (os.getpid(), name)
     if fd.isdigit():
         _notice = (os.getpid(), int(fd))
         try:
@@ -141,11 +145,19 @@ def _tell_launcher(code: int) -> None:
     """This process has run its last line: the launcher may stop waiting for it. What remains
     is the kernel's, giving back its memory (0.3 s and more for a 500 MB state: every page of
     the model, the optimizer and the snapshot), which the launcher's own exit need not follow."""
-    if _notice is not None and _notice[0] == os.getpid():  # not from a forked child
-        try:
-            os.write(_notice[1], bytes([code & 0xFF]))
-        except OSError:  # the launcher is gone or does not listen: it waits for the exit
-            pass
+    if _notice is None or _notice[0] != os.getpid():  # none, or this is a forked child
+        return
+    told = bytes([code & 0xFF])
+    try:
+        if isinstance(_notice[1], int):
+            os.write(_notice[1], told)
+        else:
+            import socket
+
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+                s.sendto(told, "\0" + _notice[1])  # the kernel adds who sent it
+    except OSError:  # the launcher is gone or does not listen: it waits for the exit
+        pass
 
 
 def _flush_open_files() -> None:

@@ -4,13 +4,16 @@ memory.
 
 torch's agent sleeps ``monitor_interval`` between looks at its workers; while it runs, tlaunch
 gives its loop a sleep that ends when a child of the launcher exits (a pidfd each). One worker
-(DirectWorkers) says its exit code on a pipe right before ``os._exit`` (``TLAUNCH_EXIT_FD``).
-Real child processes, the real agent, the workers' real ``sitecustomize``.
+(DirectWorkers) says its exit code on a pipe right before ``os._exit`` (``TLAUNCH_EXIT_FD``),
+the agent's workers on a datagram socket (``TLAUNCH_EXIT_SOCKET``). Real child processes, the
+real agent, the workers' real ``sitecustomize``.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,11 +21,13 @@ import time
 import pytest
 
 from tlaunch.config import LaunchConfig
-from tlaunch.contract import CONTROL_DIR_ENV
+from tlaunch.contract import CONTROL_DIR_ENV, EXIT_SOCKET_ENV
 from tlaunch.workers import (
     DirectWorkers,
     ElasticWorkers,
     StopDelivery,
+    _children,
+    _ExitNotices,
     _WakeOnChildExit,
     with_exit_hook,
 )
@@ -118,3 +123,110 @@ def test_one_worker_leaving_after_a_stop_is_not_waited_for_past_its_last_line(
     # Its notice, not its exit, ended the wait: the process was not reaped then.
     assert (workers.proc.returncode is not None) == waited
     assert workers.proc.wait(timeout=30) == code
+
+
+#: A worker that leaves quickly after a stop whose kernel then takes LONG to free its memory:
+#: its ``os._exit`` sleeps first. ``LEAVE_WITH`` is its code (from rank ``TOLD_BY`` only, if
+#: set: the other rank then works on for 2 s, notes that it finished, and exits 0 untold).
+SLOW_FREEING = f"""
+import os, sys, time
+told_by = os.environ.get("TOLD_BY")
+if told_by is not None and os.environ["LOCAL_RANK"] != told_by:
+    time.sleep(2)
+    open(os.path.join(os.environ["OUT"], "finished-" + os.environ["LOCAL_RANK"]), "w").close()
+    sys.exit(0)
+from tlaunch import quick_exit
+real_exit = os._exit
+def freeing(code):
+    time.sleep({LONG})
+    real_exit(code)
+os._exit = freeing
+quick_exit.arm(int(os.environ["LEAVE_WITH"]))
+raise SystemExit(0)
+"""
+
+
+def _elastic(tmp_path, nproc: int, extra: dict[str, str]):
+    control = tmp_path / "control"
+    control.mkdir()
+    env = with_exit_hook({CONTROL_DIR_ENV: str(control), "OUT": str(tmp_path), **extra})
+    return ElasticWorkers(
+        LaunchConfig(cpus=nproc),
+        nproc,
+        [sys.executable, "-c", SLOW_FREEING],
+        env,
+        lambda signum: None,
+        StopDelivery(str(control), nproc, 10.0, False),
+    )
+
+
+def _start_then_end_children(workers):
+    before = dict(os.environ)
+    started = time.monotonic()
+    try:
+        attempt = workers.start(0)
+        waited = time.monotonic() - started
+        left = _children(os.getpid())  # still freeing: the notices, not the exits, ended it
+    finally:
+        os.environ.clear()
+        os.environ.update(before)  # the agent hands its own environment to the workers
+        for pid in _children(os.getpid()):
+            os.kill(pid, signal.SIGKILL)
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:  # reaped by the launcher's own thread meanwhile
+                pass
+    return attempt, waited, left
+
+
+def test_the_agents_workers_leaving_after_a_stop_are_not_waited_for_past_their_last_line(
+    tmp_path,
+):
+    workers = _elastic(tmp_path, 2, {"LEAVE_WITH": "0"})
+    attempt, waited, left = _start_then_end_children(workers)
+    assert attempt.exit_code == 0
+    assert waited < LONG / 2
+    assert len(left) == 2, "the workers exited: nothing shows their notices were heard"
+    assert EXIT_SOCKET_ENV not in os.environ
+
+
+def test_a_told_failure_waits_for_a_worker_still_running_its_last_lines(tmp_path):
+    # Rank 0 tells code 3. Taken at its word at once, the agent would end rank 1 (it ends every
+    # worker when one fails) while that one still finishes; it is heard once rank 1 exited.
+    workers = _elastic(tmp_path, 2, {"LEAVE_WITH": "3", "TOLD_BY": "0"})
+    attempt, waited, left = _start_then_end_children(workers)
+    assert attempt.exit_code == 3
+    assert (tmp_path / "finished-1").exists(), "rank 1 was ended before it finished"
+    assert waited < LONG / 2 and len(left) == 1
+
+
+def test_only_a_workers_own_notice_counts(tmp_path):
+    notices = _ExitNotices.open()
+    assert notices is not None
+    code = (
+        "import os, socket, sys\n"
+        "sys.stdin.read()\n"
+        "with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:\n"
+        f"    s.sendto(bytes([5]), '\\0{notices.name}')\n"
+        "sys.stdin.read()\n"
+    )
+    worker = notices.popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as stranger:
+            stranger.sendto(bytes([7]), "\0" + notices.name)  # not a worker: not heard
+        time.sleep(0)  # (datagrams on a local socket are queued when sendto returns)
+        notices.read()
+        notices.settle()
+        assert worker.returncode is None and not notices.told
+        worker.stdin.write(b"go")
+        worker.stdin.flush()
+        worker.stdin.close()  # the first read returns: the worker tells 5, then waits on
+        wake = _WakeOnChildExit(notices)
+        started = time.monotonic()
+        while worker.returncode is None and time.monotonic() - started < 30:
+            wake.sleep(1.0)
+        assert worker.returncode == 5
+        assert worker.wait(timeout=30) == 5
+    finally:
+        worker.kill()
+        notices.close()
