@@ -12,28 +12,10 @@ from types import SimpleNamespace
 
 import torch
 
+from tests.launch.test_stopping import _Strategy  # the strategy members a one-process save touches
 from tlaunch.checkpointing import CheckpointManager, Position
 from tlaunch.config import LaunchConfig
 from tlaunch.storage import AsyncCheckpointWriter, CheckpointStore
-
-
-class _Strategy:
-    """The strategy members a one-process save touches."""
-
-    def rng_state(self) -> dict:
-        return {}
-
-    def gather_object(self, accelerator, obj):
-        return [obj]
-
-    def barrier(self, accelerator) -> None:
-        pass
-
-    def unwrap(self, accelerator, model):
-        return model
-
-    def scaler_state(self, accelerator):
-        return None
 
 
 class _Recording(AsyncCheckpointWriter):
