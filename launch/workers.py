@@ -280,9 +280,12 @@ def _agent_server_api():
 
 
 def _agent_subprocess_api():
-    """The module whose ``Popen`` torch's agent starts each worker with."""
-    import torch.distributed.elastic.multiprocessing.subprocess_handler.subprocess_handler as m
-
+    """The module whose ``Popen`` torch's agent starts each worker with (None in a torch that
+    has none: its workers' exits are waited for)."""
+    try:
+        import torch.distributed.elastic.multiprocessing.subprocess_handler.subprocess_handler as m
+    except ImportError:
+        return None
     return m
 
 
@@ -346,7 +349,7 @@ class _ExitNotices:
             for level, kind, payload in ancillary:
                 if level != socket.SOL_SOCKET or kind != socket.SCM_CREDENTIALS:
                     continue
-                pid, uid, _ = struct.unpack("3i", payload[:creds])
+                pid, _, _ = struct.unpack("3i", payload[:creds])  # pid, uid, gid
                 proc = self.procs.get(pid)
                 if proc is not None and proc.returncode is None and len(data) == 1:
                     self.told[pid] = data[0]
