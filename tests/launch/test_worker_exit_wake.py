@@ -161,16 +161,19 @@ def _elastic(tmp_path, nproc: int, extra: dict[str, str]):
 
 
 def _start_then_end_children(workers):
+    """Run ``workers``; the attempt, how long it took, and the workers still there after it."""
     before = dict(os.environ)
+    others = set(_children(os.getpid()))  # this test process's own (a session's servers)
     started = time.monotonic()
     try:
         attempt = workers.start(0)
         waited = time.monotonic() - started
-        left = _children(os.getpid())  # still freeing: the notices, not the exits, ended it
+        # Still freeing: the notices, not the exits, ended the attempt.
+        left = set(_children(os.getpid())) - others
     finally:
         os.environ.clear()
         os.environ.update(before)  # the agent hands its own environment to the workers
-        for pid in _children(os.getpid()):
+        for pid in set(_children(os.getpid())) - others:
             os.kill(pid, signal.SIGKILL)
             try:
                 os.waitpid(pid, 0)
