@@ -111,6 +111,7 @@ The run's logs folder (``logs/`` in a local or Drive ``--checkpoint-dir``: one p
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import NoReturn
 
@@ -120,6 +121,9 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 69
 EXIT_PREEMPTED = 75
+
+#: The signals that ask a run to stop (a cloud's shutdown, Ctrl-C, a batch scheduler's warning).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 # -- launcher -> worker ----------------------------------------------------------------------
 ENV_PREFIX = "TLAUNCH_"

@@ -178,6 +178,7 @@ def _supervise(
         after_stop=syncs.flush if syncs.mirrors else None,
         force_workers=workers.kill,
         never_started=getattr(getattr(workers, "delivery", None), "never_ready", None),
+        outside_run_api=getattr(getattr(workers, "delivery", None), "outside_run_api", None),
     )
     log(
         f"{strategy.name} strategy, {plan.nproc_per_node} process(es) per machine x {config.nnodes} machine(s); run dir {run_dir}"

@@ -8,10 +8,17 @@ rank fails on its next batch ("DataLoader worker (pid …) is killed by signal: 
 before it can save. So every worker ignores SIGINT and SIGUSR1, and blocks SIGTERM and hands it
 to one thread that waits for it: the parent's SIGTERM (how torch and multiprocessing end a
 worker that outlived its loader) still ends it at once, anyone else's is dropped. A worker whose
-rank is gone ends by itself: torch's workers watch their parent.
+rank is gone ends at once, in the middle of a sample too: another thread waits for the rank's
+exit (a pidfd). torch's own check of the parent comes only between samples, every 5 s, and a
+rank that ends without shutting its loader down (a script without a SIGTERM handler, a crash,
+SIGKILL, tlaunch's quick exit after a stop) would otherwise leave its workers loading on.
 
 Where the shield goes up:
 
+* in every worker process tlaunch starts, Run API or not: its ``sitecustomize`` installs the
+  hook below once the script imports torch (:func:`install_when_torch_loads`), so that a script
+  which handles SIGTERM itself (Lightning's ``OnExceptionCheckpoint``, a handler of its own)
+  still has its loader when it saves;
 * right after torch sets a worker's signal handlers, through a hook on
   ``torch.utils.data._utils.signal_handling`` installed when the Run starts
   (:func:`install_worker_hook`): every loader of the rank, prepared or not, torchdata's
@@ -30,12 +37,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from tlaunch.stopping import STOP_SIGNALS
+from tlaunch.contract import STOP_SIGNALS
 
 #: The pid of the process whose shield is up (a fork of it must raise its own).
 _shielded_in: int | None = None
@@ -55,10 +63,19 @@ def shield_this_worker() -> None:
     # others may arrive blocked by stops_held: a blocked signal is kept even when ignored.)
     signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
     signal.pthread_sigmask(signal.SIG_UNBLOCK, others)
+    parent = os.getppid()
     waiter = threading.Thread(
-        target=_drop_sigterm, args=(os.getppid(),), name="tlaunch-loader-shield", daemon=True
+        target=_drop_sigterm, args=(parent,), name="tlaunch-loader-shield", daemon=True
     )
     waiter.start()
+    try:
+        parent_fd = os.pidfd_open(parent)
+    except (AttributeError, OSError):  # no pidfds (Linux < 5.3): torch's check between samples
+        return
+    watcher = threading.Thread(
+        target=_end_with_parent, args=(parent_fd,), name="tlaunch-loader-parent", daemon=True
+    )
+    watcher.start()
 
 
 def _drop_sigterm(parent: int) -> None:
@@ -66,6 +83,11 @@ def _drop_sigterm(parent: int) -> None:
         info = signal.sigwaitinfo([signal.SIGTERM])
         if info.si_pid == parent:
             os._exit(0)  # what torch's own handler does on its parent's SIGTERM
+
+
+def _end_with_parent(parent_fd: int) -> None:
+    select.select([parent_fd], [], [])  # readable once the parent has exited
+    os._exit(0)  # no one is left to take what this worker loads
 
 
 class ShieldedInit:

@@ -39,12 +39,11 @@ from tlaunch.contract import (
     PREEMPTED_REPORT,
     START_TIME_ENV,
     STOP_FILE,
+    STOP_SIGNALS,
     WORKERS_STOPPING,
     ready_file,
 )
 from tlaunch.preemption import time_limit_span
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class StepClock:

@@ -85,6 +85,7 @@ class Supervisor:
         after_stop: Callable[[], bool] | None = None,
         force_workers: Callable[[], None] | None = None,
         never_started: Callable[[], bool] | None = None,
+        outside_run_api: Callable[[], bool] | None = None,
     ) -> None:
         self._start = start_workers
         self._stop_workers = stop_workers
@@ -97,6 +98,8 @@ class Supervisor:
         self._after_stop = after_stop
         #: True when no worker got as far as taking a step (a Run API script still starting).
         self._never_started = never_started
+        #: True when the script never began a Run: what it saved, tlaunch knows nothing of.
+        self._outside_run_api = outside_run_api
         self.state = RunState.STARTING
         self.stop_signal: int | None = None
         self.history: list[RunState] = [self.state]
@@ -222,7 +225,19 @@ class Supervisor:
                 "run the same command again",
             )
             return EXIT_PREEMPTED
-        self._enter(RunState.FAILED, "stopped before any checkpoint was committed")
+        if self._outside_run_api is not None and self._outside_run_api():
+            kept = (
+                "its synced folders were not all kept, as named above"
+                if self._after_stop
+                else "--sync-dir LOCAL=URL keeps the folder it saves to"
+            )
+            self._enter(
+                RunState.FAILED,
+                f"stopped by {signal.Signals(self.stop_signal).name}; tlaunch keeps no checkpoint "
+                f"of a script outside the Run API ({kept})",
+            )
+        else:
+            self._enter(RunState.FAILED, "stopped before any checkpoint was committed")
         return 128 + self.stop_signal if result.exit_code in (0, 1) else result.exit_code
 
     def _preempted_report(self) -> dict | None:

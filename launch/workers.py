@@ -506,6 +506,13 @@ class StopDelivery:
             os.path.exists(os.path.join(self.control_dir, ready_file(r))) for r in range(self.nproc)
         )
 
+    def outside_run_api(self) -> bool:
+        """A script that is not a Run API script and none of whose workers began a Run: its
+        checkpoints, if it saves any, are its own."""
+        return not self.expects_run_api and not any(
+            os.path.exists(os.path.join(self.control_dir, ready_file(r))) for r in range(self.nproc)
+        )
+
     def finished(self) -> bool:
         return os.path.exists(os.path.join(self.control_dir, FINISHED_REPORT))
 

@@ -16,6 +16,9 @@ still with a whole interpreter, the hook ends such a group (see
 Under ``tlaunch doctor`` (``TLAUNCH_DOCTOR`` set) it also arms the doctor's hooks, which wait
 for the script to import torch (:mod:`tlaunch.doctor.hooks`).
 
+In every worker it arranges for the script's DataLoader workers to live through stop signals
+not sent by their rank, once the script imports torch (:mod:`tlaunch.loader_workers`).
+
 In a Run API worker it asks Linux to end the worker with its launcher (from the first line, not
 only once the Run began) and starts the resume's checkpoint read (:mod:`tlaunch.prefetch`) in a
 background thread, so that it overlaps the script's imports.
@@ -132,6 +135,20 @@ def _prefetch_checkpoint() -> None:
         maybe_start({})
 
 
+def _shield_loader_workers() -> None:
+    """The DataLoader workers of every script tlaunch starts live through stop signals their
+    rank did not send (:mod:`tlaunch.loader_workers`), once the script imports torch: a script
+    that handles SIGTERM itself still has its loader when it saves. Only in the launcher's own
+    children (a process the script started is the script's business)."""
+    from tlaunch.contract import LAUNCHER_PID_ENV
+
+    if os.environ.get(LAUNCHER_PID_ENV) == str(os.getppid()):
+        from tlaunch.after_import import after_import
+        from tlaunch.loader_workers import install_worker_hook
+
+        after_import("torch", install_worker_hook)
+
+
 def _leave_quickly_after_a_stop() -> None:
     """First of the exit functions, so it runs last (tlaunch.quick_exit)."""
     from tlaunch.quick_exit import install
@@ -142,6 +159,7 @@ def _leave_quickly_after_a_stop() -> None:
 _hold_stop_signals()
 _die_with_the_launcher()
 _prefetch_checkpoint()
+_shield_loader_workers()
 _leave_quickly_after_a_stop()
 atexit.register(_end_group_at_exit)
 _maybe_arm_doctor()

@@ -22,8 +22,6 @@ Observations go to ``rank-<RANK>.json`` in the findings folder (:data:`OBSERVATI
 from __future__ import annotations
 
 import atexit
-import importlib.abc
-import importlib.machinery
 import json
 import math
 import os
@@ -31,6 +29,8 @@ import sys
 import time
 import weakref
 from typing import Any
+
+from tlaunch.after_import import after_import
 
 #: Settings the command writes into the findings folder for the workers.
 SETTINGS_FILE = "settings.json"
@@ -57,38 +57,8 @@ def arm(findings_dir: str) -> None:
         _observer.__init__(findings_dir)
         return
     _observer = Observer(findings_dir)
-    if "torch" in sys.modules:
-        _observer.install()
-    else:
-        sys.meta_path.insert(0, _AfterTorchImport(_observer.install))
+    after_import("torch", _observer.install)
     atexit.register(_observer.write)
-
-
-class _AfterTorchImport(importlib.abc.MetaPathFinder):
-    """Runs ``then`` once ``import torch`` has finished executing torch's ``__init__``."""
-
-    def __init__(self, then) -> None:
-        self.then = then
-
-    def find_spec(self, name, path, target=None):
-        if name != "torch":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        if spec is None or spec.loader is None:
-            return spec
-        loader, then = spec.loader, self.then
-
-        class _Loader(importlib.abc.Loader):
-            def create_module(self, spec):
-                return loader.create_module(spec)
-
-            def exec_module(self, module):
-                loader.exec_module(module)
-                then()
-
-        spec.loader = _Loader()
-        return spec
 
 
 class Observer:

@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 
 import pytest
 from torch.utils.data import DataLoader, Dataset
@@ -120,3 +121,55 @@ def test_the_parents_sigterm_still_ends_a_shielded_worker(hook):
     # Its loader fails on the missing worker (or on a batch that worker still held).
     with pytest.raises((RuntimeError, ConnectionError)):
         list(it)
+
+
+#: A rank whose loader worker is busy in a long sample when the rank dies without shutting its
+#: loader down (SIGKILL, a crash, SIGTERM's default action in a script without a handler).
+_ORPHANED_WORKER = """
+import os, signal, sys, time
+from torch.utils.data import DataLoader, Dataset
+from tlaunch.loader_workers import install_worker_hook
+
+class Endless(Dataset):
+    def __len__(self):
+        return 8
+    def __getitem__(self, i):
+        time.sleep(600)  # torch's own check of the parent comes only between samples
+
+install_worker_hook()
+it = iter(DataLoader(Endless(), batch_size=1, num_workers=1))
+print(it._workers[0].pid, flush=True)
+sys.stdin.readline()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_shielded_worker_ends_with_its_rank_even_in_the_middle_of_a_sample():
+    rank = subprocess.Popen(
+        [sys.executable, "-c", _ORPHANED_WORKER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    worker = None
+    try:
+        worker = int(rank.stdout.readline())
+        wait_for(lambda: _sampling(worker), 60, "the worker to start its sample")
+        rank.stdin.write("\n")
+        rank.stdin.flush()
+        assert rank.wait(timeout=60) == -signal.SIGKILL
+        wait_for(lambda: status(worker) is None, 30, "the orphaned worker to end")
+    finally:
+        rank.kill()
+        rank.wait(timeout=60)
+        if worker is not None and status(worker) is not None:
+            os.kill(worker, signal.SIGKILL)
+
+
+def _sampling(pid: int) -> bool:
+    """Whether ``pid`` sleeps in ``time.sleep`` (its main thread in a timed wait)."""
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            return f.read() in ("hrtimer_nanosleep", "do_nanosleep", "clock_nanosleep")
+    except FileNotFoundError:
+        return False

@@ -246,6 +246,29 @@ def test_a_stop_that_ends_workers_still_starting_lost_nothing(build, never_start
     assert any("nothing to lose" in line for line in lines) == never_started
 
 
+@pytest.mark.parametrize("synced", [False, True])
+def test_a_stopped_script_outside_the_run_api_is_not_said_to_have_lost_a_checkpoint(build, synced):
+    # tlaunch knows nothing of what a torchrun/Lightning script saved itself: it says so, and
+    # names --sync-dir (or the folders it could not keep), with the signal's code as before.
+    after_stop = (lambda: False) if synced else None
+    sup, _, lines = build(
+        [stop_then(0, commit=False)], outside_run_api=lambda: True, after_stop=after_stop
+    )
+    assert sup.run() == SIGTERM_CODE
+    assert sup.history[-1] == S.FAILED
+    assert_documented(sup.history)
+    (last,) = [line for line in lines if "stopped by SIGTERM" in line]
+    assert "outside the Run API" in last and "checkpoint was committed" not in last
+    assert ("synced folders were not all kept" in last) == synced
+    assert ("--sync-dir" in last) != synced
+
+
+def test_a_stopped_run_api_script_still_reports_the_checkpoint_it_lacks(build):
+    sup, _, lines = build([stop_then(0, commit=False)], outside_run_api=lambda: False)
+    assert sup.run() == SIGTERM_CODE
+    assert any("stopped before any checkpoint was committed" in line for line in lines)
+
+
 def test_stop_where_workers_died_of_their_own_code_returns_it(build):
     sup, _, _ = build([stop_then(3, commit=False)])
     assert sup.run() == 3
