@@ -12,7 +12,11 @@ scales it), once as a committed tlaunch checkpoint (a short ``tlaunch --max-step
   resumed optimizer step (``tlaunch.init`` finds and loads the checkpoint, ``run.prepare``
   applies it);
 * ``python script.py``: a plain Accelerate script, process start to the end of its first step
-  after ``accelerator.load_state``.
+  after ``accelerator.load_state``: the baseline the target is judged against (no launcher
+  process at all);
+* ``accelerate launch --cpu script.py``: the same script as an Accelerate user restarts it (and
+  as ``benchmarks/goodput.py``'s Accelerate setup runs it), for context: its launcher imports
+  torch and Accelerate before it starts the script.
 
 Each script prints ``time.time()`` at its stages (started, torch+accelerate imported, init,
 model and optimizer built, state loaded, first step); the parent subtracts the time it recorded
@@ -49,6 +53,10 @@ T0 = time.time()  # before any heavy import: the script's own process start, nea
 TARGET = 1.0
 BATCH = 16
 HERE = os.path.abspath(__file__)
+#: ``accelerate launch`` for one CPU process, every choice given (it asks for no config file).
+ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--cpu"]
+ACCELERATE_LAUNCH += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no"]
+ACCELERATE_LAUNCH += ["--dynamo_backend", "no"]
 
 
 def mark(stage: str, at: float | None = None) -> None:
@@ -178,6 +186,14 @@ def main() -> None:
         cmds = {
             "tlaunch": [*tl, *me, "--worker", "run"],
             "accelerate": [sys.executable, *me, "--worker", "accelerate", "--state-dir", acc_state],
+            "acc. launch": [
+                *ACCELERATE_LAUNCH,
+                *me,
+                "--worker",
+                "accelerate",
+                "--state-dir",
+                acc_state,
+            ],
         }
         if args.without_prefetch:
             cmds["no prefetch"] = [*tl, *me, "--worker", "run-no-prefetch"]
@@ -227,7 +243,7 @@ def report(
             for a, b in zip(rows, times["accelerate"], strict=True)
         ]
         for name, rows in times.items()
-        if name != "accelerate"
+        if name not in ("accelerate", "acc. launch")
     }
     ratio = statistics.median(ratios["tlaunch"])
     print(
@@ -236,6 +252,13 @@ def report(
     )
     if "no prefetch" in ratios:
         print(f"  without the prefetch: {spread(ratios['no prefetch'])}")
+    versus_launch = [
+        a["first_step"] / b["first_step"]
+        for a, b in zip(times["tlaunch"], times["acc. launch"], strict=True)
+    ]
+    print(
+        "  for context, tlaunch / `accelerate launch` of the same script: " + spread(versus_launch)
+    )
     # tlaunch loads in tlaunch.init and applies in run.prepare; Accelerate loads after prepare:
     # imported -> loaded covers init + build + prepare + load for both.
     load = {n: [r["loaded"] - r["imported"] for r in rows] for n, rows in times.items()}
