@@ -13,7 +13,8 @@ PYTEST_FLAGS ?= -q
 $(BIN)/tlaunch: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH_PIN)
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	# The pin again on the same line: lightning and transformers must not move torch.
+	$(BIN)/pip install -q --disable-pip-version-check $(TORCH_PIN) -e '.[dev,compat]'
 	touch $@
 
 install: $(BIN)/tlaunch
