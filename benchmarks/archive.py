@@ -14,8 +14,13 @@ compression ratios. Then, against fake-gcs-server (started here the way tests/co
 starts it), what a new machine does before it trains: ``fetch`` of a 150 MB archive (3,000
 text files, random bytes, an fp16 array; ``--gcs-size-mb``) into an empty cache against the
 naive way, gcsfs ``get`` of one ``.tar.zst`` then ``tar -I zstd -xf`` (target >= 1.5x), each
-rep in alternating order, with the median and the spread of the per-rep ratios. ``fetch`` includes what ``tar x`` does not: the digest of every shard and
-the manifest check of every member. The temp dir is on /dev/shm when it has room, so the
+rep in alternating order, with the median and the spread of the per-rep ratios. ``fetch``
+includes what ``tar x`` does not: the digest of every shard and the manifest check of every
+member. On loopback the download costs only CPU, so the same comparison is run again through
+a link of set bandwidth (:mod:`_link`, a proxy in a process of its own): shared by all
+connections (``--link-mbps``, default 100 and 200 MB/s: only overlapping the unpack with the
+download helps) and per connection (``--stream-mbps``, default 100: parallel ranged reads help
+too, and gcsfs ``get`` of an object over 100 MB makes them as well). The temp dir is on /dev/shm when it has room, so the
 figures measure the tools rather than this VM's disk writeback (``--dir`` overrides).
 """
 
@@ -33,6 +38,7 @@ import time
 
 import numpy as np
 from _gcs import start_fake_gcs  # benchmarks/, on sys.path when a script here runs
+from _link import Link
 
 from tlaunch.storage import fetch, pack
 from tlaunch.storage.archive import fetch as fetch_module
@@ -100,11 +106,16 @@ def make_staging_dataset(root: str, size_mb: int) -> int:
     return du(root)
 
 
-def bench_staging(work: str, size_mb: int, reps: int) -> None:
-    """``fetch`` from fake-gcs-server into an empty cache vs gcsfs ``get`` + ``tar -I zstd -x``."""
+def bench_staging(
+    work: str, size_mb: int, reps: int, links: list[float], streams: list[float]
+) -> None:
+    """``fetch`` from fake-gcs-server into an empty cache vs gcsfs ``get`` + ``tar -I zstd -x``:
+    on loopback, then through a :class:`~_link.Link` of each rate in ``links`` (MB/s, shared by
+    all connections) and of each in ``streams`` (MB/s per connection)."""
     data = os.path.join(work, "staging")
     total = make_staging_dataset(data, size_mb)
-    proc, _ = start_fake_gcs()
+    proc, endpoint = start_fake_gcs()
+    real_read = fetch_module.read_range
     try:
         import gcsfs
 
@@ -115,9 +126,11 @@ def bench_staging(work: str, size_mb: int, reps: int) -> None:
         naive = os.path.join(work, "staging.tar.zst")
         sh(f"tar -I 'zstd -T0' -cf {naive} -C {data} .")
         fs.put_file(naive, "tlaunch-bench/staging.tar.zst")
-        cache, got, x = (os.path.join(work, n) for n in ("staging-cache", "got.tar.zst", "x"))
+        print(
+            f"\nstaging from fake-gcs-server: {total / 1e6:.0f} MB, 3,002 files, "
+            f"{du(naive) / 1e6:.0f} MB as one .tar.zst; {reps} reps"
+        )
         last_byte = [0.0]  # when the last byte of the download arrived, for either way
-        real_read = fetch_module.read_range
 
         def read_range(fs, path, start, end):  # the seam fetch reads through
             data = real_read(fs, path, start, end)
@@ -125,42 +138,60 @@ def bench_staging(work: str, size_mb: int, reps: int) -> None:
             return data
 
         fetch_module.read_range = read_range
-
-        def the_naive_way() -> None:
-            fs.get("tlaunch-bench/staging.tar.zst", got)
-            last_byte[0] = time.perf_counter()
-            sh(f"tar -I zstd -xf {got} -C {x}")
-
-        ways = {
-            "tlaunch": (lambda: fresh(cache), lambda: fetch(url, cache_dir=cache, progress=False)),
-            "naive": (lambda: (remove(got), fresh(x)), the_naive_way),
-        }
-        times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in ways}
-        for rep in range(-1, reps):  # one uncounted warm-up round
-            for name in ways if rep % 2 else reversed(ways):
-                setup, action = ways[name]
-                setup()
-                wall, cpu = timed(action)
-                if rep >= 0:  # (wall, CPU, seconds after the last byte arrived)
-                    times[name].append((wall, cpu, time.perf_counter() - last_byte[0]))
+        staging_rows(work, url, reps, last_byte, "loopback (no link)")
+        port = int(endpoint.rsplit(":", 1)[1])
+        kinds = [(dict(rate=r * 1e6), f"through a {r:g} MB/s link, shared by all connections")
+                 for r in links]  # fmt: skip
+        kinds += [(dict(stream_rate=r * 1e6), f"through a link of {r:g} MB/s per connection")
+                  for r in streams]  # fmt: skip
+        for limits, label in kinds:
+            with Link(port, **limits) as link:
+                # gcsfs reads the emulator's address when a filesystem is made: new ones.
+                os.environ["STORAGE_EMULATOR_HOST"] = link.url
+                gcsfs.GCSFileSystem.clear_instance_cache()
+                staging_rows(work, url, reps, last_byte, label)
     finally:
+        os.environ["STORAGE_EMULATOR_HOST"] = endpoint
         fetch_module.read_range = real_read
         proc.kill()
         proc.wait()
+
+
+def staging_rows(work: str, url: str, reps: int, last_byte: list[float], label: str) -> None:
+    """``reps`` rounds of both ways, alternating which goes first, after a warm-up round."""
+    import gcsfs
+
+    fs = gcsfs.GCSFileSystem(token="anon")
+    cache, got, x = (os.path.join(work, n) for n in ("staging-cache", "got.tar.zst", "x"))
+
+    def the_naive_way() -> None:
+        fs.get("tlaunch-bench/staging.tar.zst", got)
+        last_byte[0] = time.perf_counter()
+        sh(f"tar -I zstd -xf {got} -C {x}")
+
+    ways = {
+        "tlaunch": (lambda: fresh(cache), lambda: fetch(url, cache_dir=cache, progress=False)),
+        "naive": (lambda: (remove(got), fresh(x)), the_naive_way),
+    }
+    times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in ways}
+    for rep in range(-1, reps):  # one uncounted warm-up round
+        for name in ways if rep % 2 else reversed(ways):
+            setup, action = ways[name]
+            setup()
+            wall, cpu = timed(action)
+            if rep >= 0:  # (wall, CPU, seconds after the last byte arrived)
+                times[name].append((wall, cpu, time.perf_counter() - last_byte[0]))
     ratios = sorted(n[0] / t[0] for n, t in zip(times["naive"], times["tlaunch"], strict=True))
-    print(
-        f"\nstaging from fake-gcs-server: {total / 1e6:.0f} MB, 3,002 files, "
-        f"{du(naive) / 1e6:.0f} MB as one .tar.zst; {reps} reps, load {os.getloadavg()[0]:.1f}"
-    )
-    for name, label in (("tlaunch", "tlaunch data fetch"), ("naive", "gcsfs get + tar -x")):
+    print(f"  {label}, load {os.getloadavg()[0]:.1f}:")
+    for name, way in (("tlaunch", "tlaunch data fetch"), ("naive", "gcsfs get + tar -x")):
         wall, cpu, tail = zip(*times[name], strict=True)
         # On a shared machine the ratio follows how much of the cores a way gets, not only
         # its CPU time: the share it got (CPU / wall, per rep) says which it was.
         share = statistics.median(c / w for w, c in zip(wall, cpu, strict=True))
-        print(f"  {label:20s} median {statistics.median(wall):.2f} s (min {min(wall):.2f}, "
+        print(f"    {way:20s} median {statistics.median(wall):.2f} s (min {min(wall):.2f}, "
               f"max {max(wall):.2f}), CPU {statistics.median(cpu):.2f} s ({share:.2f} of a "
               f"core), {statistics.median(tail):.2f} s of it after the last byte arrived")  # fmt: skip
-    print(f"tlaunch data fetch vs gcsfs get + tar -I zstd -x: {statistics.median(ratios):.2f}x "
+    print(f"    tlaunch data fetch vs gcsfs get + tar -I zstd -x: {statistics.median(ratios):.2f}x "
           f"median, per rep {min(ratios):.2f}-{max(ratios):.2f}x (target >= 1.5x)")  # fmt: skip
 
 
@@ -248,6 +279,16 @@ def main() -> int:
     )
     parser.add_argument("--gcs-size-mb", type=int, default=150)
     parser.add_argument("--only-gcs", action="store_true", help="only the staging run")
+    parser.add_argument(
+        "--link-mbps",
+        default="100,200",
+        help="also stage through a link of each of these MB/s (comma-separated; '' for none)",
+    )
+    parser.add_argument(
+        "--stream-mbps",
+        default="100",
+        help="also stage through a link of each of these MB/s per connection",
+    )
     args = parser.parse_args()
     base = args.dir
     if base is None and os.path.isdir("/dev/shm"):
@@ -255,7 +296,11 @@ def main() -> int:
         base = "/dev/shm" if free > 8 * args.size_mb * 10**6 else None
     with tempfile.TemporaryDirectory(prefix="tlaunch-bench-", dir=base) as work:
         if args.gcs_reps and shutil.which("zstd"):
-            bench_staging(work, args.gcs_size_mb, args.gcs_reps)
+            links, streams = (
+                [float(r) for r in rates.split(",") if r.strip()]
+                for rates in (args.link_mbps, args.stream_mbps)
+            )
+            bench_staging(work, args.gcs_size_mb, args.gcs_reps, links, streams)
         if args.only_gcs:
             return 0
         data = os.path.join(work, "data")
