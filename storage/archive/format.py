@@ -6,12 +6,15 @@ An archive at ``URL`` is::
     URL/shards/<key>.tar.zst          a plain tar stream of regular files, as zstd frames
 
 ``MANIFEST.json`` lists every directory, every file (path, size, mode, BLAKE3 digest) in
-path order, and every shard (which contiguous run of files it holds, the digest and size of
-its compressed bytes, and its frame table). A shard's name is its *key*: a digest of the
-level and of its files' (path, size, mode, digest), so packing unchanged files again finds
-the shard already there and neither compresses nor uploads it. The archive *id* hashes only
-the directories and files -- the content, not how it was compressed -- and keys the unpacked
-copy in the local cache, so a re-pack at another level or shard size still hits the cache.
+the order the shards hold them, and every shard (which contiguous run of files it holds, the
+digest and size of its compressed bytes, and its frame table). Shards split the path-sorted
+file list; inside one, small files come first (see
+:func:`tlaunch.storage.archive.sources.unpack_order`). A shard's name is its *key*: a digest
+of the level and of its files' (path, size, mode, digest), so packing unchanged files again
+finds the shard already there and neither compresses nor uploads it. The archive *id* hashes
+only the directories and files, in path order -- the content, not how it was compressed or
+ordered -- and keys the unpacked copy in the local cache, so a re-pack at another level or
+shard size still hits the cache.
 
 Modes are stored as tarfile's ``data`` filter will restore them (no setuid/setgid/sticky,
 no group/other write, owner always read+write), so the manifest says what lands on disk.
@@ -257,8 +260,13 @@ def _file_rows(files: tuple[FileEntry, ...] | list[FileEntry]) -> list[list]:
 def content_id(
     dirs: tuple[str, ...] | list[str], files: tuple[FileEntry, ...] | list[FileEntry]
 ) -> str:
-    """The archive id: a hash of what unpacks, independent of level and sharding."""
-    return _digest({"dirs": list(dirs), "files": _file_rows(files)})
+    """The archive id: a hash of what unpacks, independent of level, sharding and the order
+    of the files in the shards (hashed in path order)."""
+    return _digest({"dirs": list(dirs), "files": _file_rows(sorted(files, key=_path))})
+
+
+def _path(f: FileEntry) -> str:
+    return f.path
 
 
 def shard_key(level: int, files: tuple[FileEntry, ...] | list[FileEntry]) -> str:

@@ -100,7 +100,8 @@ def pack(
         plan = sources.plan_shards(listed, shard_size)
         for n, part in enumerate(plan, 1):
             bar.set_postfix_str(f"shard {n}/{len(plan)}", refresh=False)
-            entries, shard = job.pack_shard(listed[part], len(files), bar.update)
+            group = sources.unpack_order(listed[part])
+            entries, shard = job.pack_shard(group, len(files), bar.update)
             files.extend(entries)
             shards.append(shard)
     manifest = Manifest(content_id(dirs, files), level, tuple(dirs), tuple(files), tuple(shards))

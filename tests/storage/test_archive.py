@@ -327,6 +327,41 @@ def test_a_failed_write_leaves_the_previous_archive_whole(any_store_url, tree, c
     assert snapshot(fetch(url, cache_dir=cache, progress=False)) == packed
 
 
+def test_a_shard_holds_its_small_files_first_each_class_in_path_order(memory_url, tree):
+    # The tree's large files sort first ("big_*"); a fetch should meet the small ones early.
+    url = memory_url + "/ds.tlar"
+    pack(tree, url, progress=False)
+    manifest = read_manifest(url)
+    paths = [f.path for f in manifest.files]
+    small = [f.path for f in manifest.files if f.size <= sources.SMALL_FILE]
+    large = [f.path for f in manifest.files if f.size > sources.SMALL_FILE]
+
+    assert len(manifest.shards) == 1 and len(large) == 3 and len(small) > 200
+    assert paths == sorted(small) + sorted(large)
+    assert sorted(paths) == [s.path for s in sources.scan(tree)[1]]
+
+
+def test_the_archive_id_ignores_the_order_so_path_ordered_archives_keep_their_cache(
+    memory_url, tree, cache, monkeypatch
+):
+    # Archives packed before small files went first hold their files in path order: they
+    # have the same id, so a machine that fetched one has the other without downloading.
+    old_url, new_url = memory_url + "/old.tlar", memory_url + "/new.tlar"
+    with monkeypatch.context() as m:
+        m.setattr(sources, "unpack_order", lambda group: group)
+        old = pack(tree, old_url, progress=False)
+    new = pack(tree, new_url, progress=False)
+    old_files = [f.path for f in read_manifest(old_url).files]
+    new_files = [f.path for f in read_manifest(new_url).files]
+    assert old_files == sorted(old_files) and new_files != old_files  # two orders
+
+    assert new.id == old.id
+    first = fetch(old_url, cache_dir=cache, progress=False)
+    monkeypatch.setattr(fetch_module, "read_range", pytest.fail)
+    assert fetch(new_url, cache_dir=cache, progress=False) == first
+    assert snapshot(first) == snapshot(tree)
+
+
 def test_shard_cuts_depend_on_paths_so_an_insert_moves_few():
     rng = random.Random(0)
     sizes = {f"f{i:05d}": rng.randint(1000, 80_000) for i in range(3000)}

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import threading
+import time
 
 import pytest
 
 from tests import faultfs
 from tests.faultfs import Fault
 from tlaunch.storage import ArchiveError, StorageUnavailable, fetch, pack, read_manifest, resolve
-from tlaunch.storage.archive import compress
+from tlaunch.storage.archive import compress, sources
 from tlaunch.storage.archive import fetch as fetch_module
 from tlaunch.storage.archive import unpack as unpack_module
 from tlaunch.storage.archive.format import MANIFEST_NAME, SHARDS_DIR, content_id
@@ -82,6 +84,116 @@ def test_frames_unpack_while_the_shard_downloads(tree, tmp_path, monkeypatch):
     path = fetch(url, cache_dir=cache, progress=False)
 
     assert tree_bytes(path) == tree_bytes(tree)
+
+
+SMALL = {f"z_small/{i:03d}.txt": b"line %d of some text\n" % i * 120 for i in range(60)}
+
+
+@pytest.fixture
+def mixed(tmp_path) -> str:
+    """Two large files, first in path order (as `annotations/` before `train/`), then 60
+    small ones."""
+    root = tmp_path / "mixed"
+    (root / "z_small").mkdir(parents=True)
+    rng = random.Random(3)
+    for i in range(2):
+        (root / f"a_big{i}.bin").write_bytes(rng.randbytes(sources.SMALL_FILE + 300_000))
+    for name, body in SMALL.items():
+        (root / name).write_bytes(body)
+    return str(root)
+
+
+def serve_last_read_when(monkeypatch, shard_size: int, ready) -> list[bool]:
+    """Ranged reads as usual, but the one that ends the shard waits (at most 20 s) for
+    ``ready()``; returns [whether it was ready then]."""
+    real_read, seen = fetch_module.read_range, []
+
+    def read(fs, path, start, end):
+        if end == shard_size:
+            deadline = time.monotonic() + 20
+            while not ready() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen.append(ready())
+        return real_read(fs, path, start, end)
+
+    monkeypatch.setattr(fetch_module, "read_range", read)
+    return seen
+
+
+def test_small_files_unpack_while_the_large_ones_download(mixed, tmp_path, monkeypatch):
+    # The small files, most of an unpack's work, must not wait for the shard's last byte.
+    url, cache = "faulty://s/ds.tlar", str(tmp_path / "cache")
+    pack(mixed, url, progress=False)
+    (shard,) = read_manifest(url).shards
+
+    def small_files_unpacked() -> bool:
+        (tmp,) = [os.path.join(cache, n) for n in os.listdir(cache) if ".unpack-" in n]
+        return all(
+            os.path.isfile(p := os.path.join(tmp, name)) and os.path.getsize(p) == len(body)
+            for name, body in SMALL.items()
+        )
+
+    seen = serve_last_read_when(monkeypatch, shard.size, small_files_unpacked)
+
+    path = fetch(url, cache_dir=cache, progress=False)
+
+    assert shard.size > 30 * CHUNK  # the large files take most of the reads
+    assert seen == [True]
+    assert tree_bytes(os.path.join(path, "z_small")) == tree_bytes(os.path.join(mixed, "z_small"))
+
+
+def test_a_file_split_across_frames_is_hashed_as_its_pieces_land(mixed, tmp_path, monkeypatch):
+    # Hashing a large file from its start only after its last frame would leave all of it
+    # to hash after the last byte; what is hashed must follow the frames as they land.
+    url, cache = "faulty://s/ds.tlar", str(tmp_path / "cache")
+    pack(mixed, url, progress=False)
+    manifest = read_manifest(url)
+    (shard,) = manifest.shards
+    last = manifest.files[-1]
+    assert last.path == "a_big1.bin" and last.size > 10 * CHUNK  # split: frames of CHUNK
+    hashed: list[tuple[str, int, int]] = []
+    real_hash = unpack_module._hash_range
+
+    def hash_range(path, start, end, digest):
+        real_hash(path, start, end, digest)
+        hashed.append((os.path.basename(path), start, end))
+
+    monkeypatch.setattr(unpack_module, "_hash_range", hash_range)
+    seen = serve_last_read_when(
+        monkeypatch, shard.size, lambda: any(h[0] == last.path for h in hashed)
+    )
+
+    path = fetch(url, cache_dir=cache, progress=False)
+
+    assert seen == [True]
+    pieces = [(start, end) for name, start, end in hashed if name == last.path]
+    assert pieces[0][0] == 0 and pieces[-1][1] == last.size  # the whole file, once, in order
+    assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:], strict=False))
+    assert (
+        open(os.path.join(path, last.path), "rb").read()
+        == open(os.path.join(mixed, last.path), "rb").read()
+    )
+
+
+def test_a_split_file_whose_piece_changes_on_disk_is_refused(mixed, tmp_path, monkeypatch):
+    # The digest of a split file is of what is on disk, read back: a piece altered after it
+    # was written (here: by the hashing seam, as a flaky disk would) fails the file.
+    url, cache = "faulty://s/ds.tlar", str(tmp_path / "cache")
+    report = pack(mixed, url, progress=False)
+    real_hash = unpack_module._hash_range
+
+    def hash_range(path, start, end, digest):
+        if start == 0 and path.endswith("a_big0.bin"):
+            with open(path, "r+b") as f:
+                f.write(b"X")
+        real_hash(path, start, end, digest)
+
+    monkeypatch.setattr(unpack_module, "_hash_range", hash_range)
+
+    with pytest.raises(ArchiveError, match="'a_big0.bin' does not match the manifest's blake3"):
+        fetch(url, cache_dir=cache, progress=False)
+
+    assert cache_state(cache, report.id) == (False, False, [])
 
 
 def test_a_reset_on_the_third_read_is_retried(tree, tmp_path):
