@@ -27,7 +27,7 @@ from concurrent.futures import Executor, Future
 from typing import Any
 
 from tlaunch.storage.archive.format import hasher
-from tlaunch.storage.archive.unpack import Aborted
+from tlaunch.storage.archive.unpack import Aborted, hash_span
 
 #: Ranged reads in flight per shard: one at a time leaves the link idle for a round trip per
 #: read; four chunks of DOWNLOAD_CHUNK bound what one shard holds in memory.
@@ -153,9 +153,6 @@ class _Turns:
 
 
 def _hash_prefix(fd: int, size: int) -> Any:
-    digest, pos = hasher(), 0
-    buf = memoryview(bytearray(min(size, 1 << 20) or 1))
-    while pos < size and (n := os.preadv(fd, [buf[: size - pos]], pos)):
-        digest.update(buf[:n])
-        pos += n
+    digest = hasher()
+    hash_span(fd, digest, 0, size)
     return digest

@@ -200,8 +200,10 @@ class _SplitFiles:
                     run.error = e
             with self.lock:
                 whole = not self.left[j]
-            if not whole or run.at == size:
-                return run.digest.hexdigest() if whole else None
+            if not whole:
+                return None
+            if run.at == size:
+                return run.digest.hexdigest()
             if self.abort.is_set():
                 raise Aborted
             raise run.error or OSError(f"{self.files[j].path} was not written whole")
@@ -235,13 +237,23 @@ def _error(job: Future) -> BaseException | None:
     return Aborted() if job.cancelled() else job.exception()
 
 
-def _hash(fd: int, size: int) -> str:
-    digest, pos = hasher(), 0
-    buf = memoryview(bytearray(_HASH_CHUNK))
-    while n := os.preadv(fd, [buf], pos):
+def hash_span(fd: int, digest: Any, start: int = 0, end: int | None = None) -> int:
+    """Hash bytes ``[start, end)`` of ``fd`` into ``digest`` (to the file's end when ``end``
+    is None, or sooner where the file ends); returns the offset it got to."""
+    span = _HASH_CHUNK if end is None else min(_HASH_CHUNK, end - start)
+    buf = memoryview(bytearray(max(span, 1)))
+    while end is None or start < end:
+        n = os.preadv(fd, [buf if end is None else buf[: end - start]], start)
+        if not n:
+            break
         digest.update(buf[:n])  # blake3 releases the GIL on large updates
-        pos += n
-    return digest.hexdigest() if pos == size else ""
+        start += n
+    return start
+
+
+def _hash(fd: int, size: int) -> str:
+    digest = hasher()
+    return digest.hexdigest() if hash_span(fd, digest) == size else ""
 
 
 def _hash_range(path: str, start: int, end: int, digest: Any) -> None:
@@ -249,13 +261,8 @@ def _hash_range(path: str, start: int, end: int, digest: Any) -> None:
     from the page cache."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        buf = memoryview(bytearray(min(_HASH_CHUNK, end - start)))
-        while start < end:
-            n = os.preadv(fd, [buf[: end - start]], start)
-            if not n:
-                raise OSError(f"{path} is shorter than was written")
-            digest.update(buf[:n])  # blake3 releases the GIL on large updates
-            start += n
+        if hash_span(fd, digest, start, end) < end:
+            raise OSError(f"{path} is shorter than was written")
     finally:
         os.close(fd)
 
