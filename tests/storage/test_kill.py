@@ -26,6 +26,7 @@ from tlaunch.storage import CheckpointStore, CheckpointWarning
 
 KILL_SAVER = Path(__file__).with_name("kill_saver.py")
 TRIALS = {"local": 30, "gcs": 15}
+REAP_TIMEOUT = 120.0
 
 
 class Zygote:
@@ -68,6 +69,19 @@ class Zygote:
         self.proc.wait(10)
 
 
+def _state(pid: int) -> str:
+    """What the kernel says a process is doing: its state and where each thread waits."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        waits = sorted(
+            {open(f"/proc/{pid}/task/{t}/wchan").read() for t in os.listdir(f"/proc/{pid}/task")}
+        )
+    except OSError as e:
+        return f"no /proc entry ({e})"
+    return f"state {state}, its threads waiting in {waits}"
+
+
 def _debris(store: CheckpointStore) -> bool:
     """Whether a killed save left files behind (a temp dir or a step without COMMIT)."""
     fs, root = store.location.fs, store.location.path
@@ -106,7 +120,7 @@ def zygote():
         proc.close()
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(90 + REAP_TIMEOUT)
 @pytest.mark.parametrize("backend", ["local", "gcs"])
 def test_sigkill_never_leaves_a_partial_checkpoint(backend, zygote, request, tmp_path):
     url = (
@@ -125,7 +139,12 @@ def test_sigkill_never_leaves_a_partial_checkpoint(backend, zygote, request, tmp
         time.sleep(rng.uniform(0, 3 * float(seconds)))  # the random moment, not a readiness wait
         os.kill(pid, signal.SIGKILL)
         seen: list[str] = []
-        zygote.expect(f"exited {pid}", seen=seen)
+        try:
+            # A killed process is reaped once every thread has left the kernel: a thread in
+            # an fsync waits for the disk first, which a busy disk has stretched past 30 s.
+            zygote.expect(f"exited {pid}", timeout=REAP_TIMEOUT, seen=seen)
+        except queue.Empty:
+            pytest.fail(f"the killed saver {pid} was not reaped in {REAP_TIMEOUT} s: {_state(pid)}")
         reported = [int(line.split()[1]) for line in seen if line.startswith("committed ")]
         last_reported = max([last_reported, *reported])
         debris += _debris(CheckpointStore(url))
