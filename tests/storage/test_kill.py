@@ -75,7 +75,10 @@ def _state(pid: int) -> str:
         with open(f"/proc/{pid}/stat") as f:
             state = f.read().rsplit(")", 1)[1].split()[0]
         waits = sorted(
-            {open(f"/proc/{pid}/task/{t}/wchan").read() for t in os.listdir(f"/proc/{pid}/task")}
+            {
+                Path(f"/proc/{pid}/task/{t}/wchan").read_text()
+                for t in os.listdir(f"/proc/{pid}/task")
+            }
         )
     except OSError as e:
         return f"no /proc entry ({e})"
@@ -140,8 +143,8 @@ def test_sigkill_never_leaves_a_partial_checkpoint(backend, zygote, request, tmp
         os.kill(pid, signal.SIGKILL)
         seen: list[str] = []
         try:
-            # A killed process is reaped once every thread has left the kernel: a thread in
-            # an fsync waits for the disk first, which a busy disk has stretched past 30 s.
+            # A killed process is reaped once every thread has left the kernel; a thread in
+            # an fsync may first wait for a busy disk (suspected, not shown, of a 30 s miss).
             zygote.expect(f"exited {pid}", timeout=REAP_TIMEOUT, seen=seen)
         except queue.Empty:
             pytest.fail(f"the killed saver {pid} was not reaped in {REAP_TIMEOUT} s: {_state(pid)}")
