@@ -36,6 +36,44 @@ MOUNTS_FILE = "/proc/mounts"
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")  # /proc/mounts writes a space as \040
 
 
+class LocalFiles:
+    """fsspec's local file system, imported the first time a caller needs it.
+
+    :func:`~tlaunch.storage.store.resolve` gives every local path this in place of
+    ``fsspec.filesystem("file")``. The launcher's own work on a local disk -- the write probe
+    (:func:`~tlaunch.storage.probe_writable`) and the lease (:class:`~tlaunch.storage.Lease`)
+    -- is done with ``os`` calls, so a launch on a local disk never imports fsspec: 0.05 s of
+    every start, most of it the asyncio that fsspec imports. Any other call (listing, ranged
+    reads, ...) goes to fsspec's file system, unchanged.
+    """
+
+    protocol = ("file", "local")
+    _fs: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._fs is None:
+            import fsspec
+
+            self._fs = fsspec.filesystem("file")
+        return getattr(self._fs, name)
+
+    def __repr__(self) -> str:
+        return "LocalFiles()"
+
+
+def read_bytes(path: str) -> bytes:
+    """The whole of the local file ``path``."""
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def create_file(path: str, data: bytes) -> None:
+    """Write ``data`` to a new local file ``path``; FileExistsError when one is there."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    with open(fd, "wb") as f:
+        f.write(data)
+
+
 def is_local(url: str) -> bool:
     """True when ``url`` names this machine's disk: a plain path or ``file://``."""
     return "://" not in url or url.startswith("file://")

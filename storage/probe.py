@@ -19,6 +19,7 @@ import os
 import secrets
 import socket
 
+from tlaunch.storage.localfs import create_file
 from tlaunch.storage.store import (
     Location,
     RetryPolicy,
@@ -45,22 +46,23 @@ def probe_writable(url: str, *, retry: RetryPolicy | None = None) -> None:
     name = f"{PROBE_PREFIX}{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
     probe = location.join(name)
     made = _make_folder(location, retry)
+    # On this machine's file system (a disk, the Drive mount) with os calls: no fsspec import.
+    write, remove = (
+        (create_file, os.remove) if location.local else (location.fs.pipe_file, location.fs.rm_file)
+    )
     try:
         try:
             retry.call(
-                location.fs.pipe_file, probe, b"tlaunch", action="writing a test file to",
-                where=location.url,
-            )  # fmt: skip
-            retry.call(
-                location.fs.rm_file, probe, action="deleting a test file at", where=location.url
+                write, probe, b"tlaunch", action="writing a test file to", where=location.url
             )
+            retry.call(remove, probe, action="deleting a test file at", where=location.url)
         except FileNotFoundError:
             raise _missing(location) from None
     except Exception:
         # Not on a stop signal (a BaseException): one more call to a store that stopped
         # answering would hang the stop, and a hidden probe object left behind harms nobody.
         with contextlib.suppress(Exception):  # gone already, or the store refuses: said above
-            location.fs.rm_file(probe)
+            remove(probe)
         raise
     finally:
         for folder in reversed(made):

@@ -18,7 +18,6 @@ Supported URLs:
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import logging
 import os
@@ -29,7 +28,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from tlaunch.storage.localfs import drive_mounts, is_local, on_drive_mount, renames_atomically
+from tlaunch.storage.localfs import (
+    LocalFiles,
+    drive_mounts,
+    is_local,
+    on_drive_mount,
+    renames_atomically,
+)
 
 #: Where ``drive.mount('/content/drive')``, the call Colab's snippets show, puts My Drive.
 COLAB_DRIVE_ROOT = "/content/drive/MyDrive"
@@ -227,10 +232,12 @@ def _drive_path(rest: str) -> str | None:
     return None
 
 
-def resolve(url: str) -> Location:
-    """Resolve ``url`` to a :class:`Location`, importing its backend lazily."""
-    import fsspec
+_LOCAL_FILES = LocalFiles()
 
+
+def resolve(url: str) -> Location:
+    """Resolve ``url`` to a :class:`Location`, importing its backend lazily (fsspec itself only
+    once a local path's file system is used: :class:`~tlaunch.storage.localfs.LocalFiles`)."""
     if not url:
         raise StorageError(
             "empty storage URL; pass a path, gs://, s3://, drive:// or memory:// URL"
@@ -238,13 +245,17 @@ def resolve(url: str) -> Location:
     if url.startswith("drive://"):
         mounted = _drive_path(url[len("drive://") :])
         if mounted is None:
+            import fsspec
+
             _import_backend("gdrive")
             fs = fsspec.filesystem("gdrive")
             return Location(fs, url[len("drive://") :].strip("/"), url, local=False)
-        return Location(fsspec.filesystem("file"), mounted, url, local=is_local(mounted))
+        return Location(_LOCAL_FILES, mounted, url, local=is_local(mounted))
     if is_local(url):
         rest = url[len("file://") :] if url.startswith("file://") else ""
-        return Location(fsspec.filesystem("file"), os.path.abspath(rest or url), url, local=True)
+        return Location(_LOCAL_FILES, os.path.abspath(rest or url), url, local=True)
+    import fsspec
+
     protocol = url.partition("://")[0]
     # Options first: they set gcsfs's environment switch, which gcsfs reads once, at import.
     options = _storage_options(protocol)
@@ -303,8 +314,12 @@ def _http_status(exc: BaseException) -> int | None:
 def is_transient(exc: BaseException) -> bool:
     """True for errors worth retrying: timeouts, dropped connections, HTTP 408/429/5xx."""
     aiohttp = sys.modules.get("aiohttp")
+    # asyncio's TimeoutError is the builtin from 3.11 on, its own class in 3.10; none can be
+    # raised where asyncio was never imported (and importing it costs a local launch 0.03 s).
+    asyncio = sys.modules.get("asyncio")
+    timeouts = (TimeoutError,) if asyncio is None else (TimeoutError, asyncio.TimeoutError)
     for e in _causes(exc):
-        if isinstance(e, (ConnectionError, TimeoutError, asyncio.TimeoutError)):  # distinct in 3.10
+        if isinstance(e, (ConnectionError, *timeouts)):
             return True
         if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
             return True

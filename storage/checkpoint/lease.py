@@ -51,7 +51,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 from tlaunch.storage.checkpoint.manifest import CheckpointError
-from tlaunch.storage.localfs import write_atomic
+from tlaunch.storage.localfs import read_bytes, write_atomic
 from tlaunch.storage.store import Location, RetryPolicy, StorageError, redact, resolve
 
 __all__ = ["DEFAULT_TTL", "LEASE", "Heartbeat", "Lease", "LeaseHeld", "LeaseLost", "LeaseRecord"]
@@ -186,10 +186,9 @@ class Lease:
     # -- reading -----------------------------------------------------------------------------
     def read(self) -> LeaseRecord | None:
         """The current record, or None when there is no lease."""
+        read = read_bytes if self.location.local else self.location.fs.cat_file
         try:
-            data = self._retry.call(
-                self.location.fs.cat_file, self.path, action="reading", where=self._where
-            )
+            data = self._retry.call(read, self.path, action="reading", where=self._where)
         except FileNotFoundError:
             return None
         return LeaseRecord.decode(data)
@@ -241,9 +240,7 @@ class Lease:
         if current is None or current.token != self.token:
             return False
         with contextlib.suppress(FileNotFoundError):
-            self._retry.call(
-                self.location.fs.rm_file, self.path, action="deleting", where=self._where
-            )
+            self._retry.call(self._remove, self.path, action="deleting", where=self._where)
         return True
 
     def keep_alive(
@@ -253,6 +250,14 @@ class Lease:
         return Heartbeat(self, on_problem, interval or self.ttl / 3).start()
 
     # -- storage -----------------------------------------------------------------------------
+    # On this machine's file system (a disk, the Drive mount) the lease is read and removed with
+    # os calls, so that the launcher never imports fsspec for it.
+    def _remove(self, path: str) -> None:
+        if self.location.local:
+            os.remove(path)
+        else:
+            self.location.fs.rm_file(path)
+
     def _remove_if_still(self, expected: LeaseRecord) -> None:
         """Delete the lease we are replacing, unless it changed since we read it (then its
         owner is alive, or another run got there first)."""
@@ -262,9 +267,7 @@ class Lease:
         if again != expected:
             raise LeaseHeld(self.url, again, self._clock())
         with contextlib.suppress(FileNotFoundError):
-            self._retry.call(
-                self.location.fs.rm_file, self.path, action="deleting", where=self._where
-            )
+            self._retry.call(self._remove, self.path, action="deleting", where=self._where)
 
     def _create(self, data: bytes) -> None:
         """Write the lease only if none exists (see the module docstring for how per store).

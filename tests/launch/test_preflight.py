@@ -128,6 +128,28 @@ class TestProbe:
         assert code == EXIT_USAGE and not marker.exists()
         assert "permission denied" in one_error(capsys)
 
+    def test_a_local_disk_that_fills_during_the_probe_is_refused_and_left_clean(
+        self, tmp_path, script, marker, capsys, monkeypatch
+    ):
+        # On a local disk the probe writes with os calls: a torn write there (part of the
+        # probe lands, then ENOSPC) is refused in one line and the part is removed.
+        import errno
+
+        from tlaunch.storage import probe
+
+        def torn(path: str, data: bytes) -> None:
+            with open(path, "wb") as f:
+                f.write(data[:1])
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+
+        monkeypatch.setattr(probe, "create_file", torn)
+        ckpt = tmp_path / "ckpt"
+        code = launch(LaunchConfig(script=script, cpus=1, checkpoint_dir=str(ckpt)))
+        assert code == EXIT_USAGE and not marker.exists()
+        line = one_error(capsys)
+        assert "disk full" in line and str(ckpt) in line
+        assert not ckpt.exists(), "the probe's file and the folder it made are gone"
+
     def test_a_local_checkpoint_dir_that_is_a_file_is_refused(
         self, tmp_path, script, marker, capsys
     ):
@@ -245,3 +267,24 @@ class TestLease:
         url = f"memory://preflight-{uuid.uuid4().hex[:6]}"
         assert launch(LaunchConfig(script=script, cpus=1, checkpoint_dir=url)) == 0
         assert marker.read_text() == "", "no token: the worker takes its own lease"
+
+
+@pytest.mark.timeout(60)
+def test_a_launch_on_a_local_disk_does_not_import_fsspec(tmp_path, script, marker):
+    # The probe and the lease on a local folder are os calls: fsspec's import (and the
+    # asyncio it pulls in, 0.05 s together) is no part of a local launch's start.
+    ckpt = tmp_path / "ckpt"
+    program = (
+        "import sys\n"
+        "from tlaunch.cli import main\n"
+        f"code = main(['--cpus', '1', '--checkpoint-dir', {str(ckpt)!r}, {script!r}])\n"
+        "print(code, [m for m in ('fsspec', 'asyncio') if m in sys.modules])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60
+    )
+    assert out.stdout.splitlines()[-1] == "0 []", out.stdout + out.stderr
+    token = marker.read_text()
+    assert len(token) == 32, "the launcher probed the folder and took its lease"
+    assert Lease(str(ckpt)).read() is None, "and gave it back"
+    assert not [p.name for p in ckpt.iterdir() if p.name.startswith(".")], "the probe left nothing"

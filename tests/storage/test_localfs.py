@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tlaunch.storage.localfs import AtomicFile, temp_path, write_atomic
+from tlaunch.storage.localfs import AtomicFile, create_file, temp_path, write_atomic
 
 
 class Crash(Exception):
@@ -50,3 +50,37 @@ def test_temp_names_are_hidden_beside_the_target_and_unique():
     assert a != b
     assert os.path.dirname(a) == "/data/run"
     assert os.path.basename(a).startswith(".model.pt.tmp-")
+
+
+def test_create_file_never_replaces_a_file(tmp_path):
+    path = str(tmp_path / "lease")
+    create_file(path, b"first")
+    with pytest.raises(FileExistsError):
+        create_file(path, b"second")
+    assert open(path, "rb").read() == b"first"
+
+
+def test_a_local_path_gets_fsspec_local_files_once_used(tmp_path):
+    import pickle
+    import subprocess
+    import sys
+
+    from tlaunch.storage import resolve
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "f").write_bytes(b"abc")
+    fs = resolve(str(tmp_path)).fs
+    assert fs.protocol == ("file", "local")
+    assert fs.find(str(tmp_path), detail=False) == [str(tmp_path / "a" / "f")]
+    assert fs.cat_file(str(tmp_path / "a" / "f"), start=1) == b"bc"
+    assert pickle.loads(pickle.dumps(fs)).exists(str(tmp_path / "a"))
+    # In a process of its own: resolving a local path imports no fsspec until it is used.
+    program = (
+        "import sys; from tlaunch.storage import resolve\n"
+        f"fs = resolve({str(tmp_path)!r}).fs; print('fsspec' in sys.modules, end=' ')\n"
+        f"fs.ls({str(tmp_path)!r}); print('fsspec' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60
+    )
+    assert out.stdout == "False True\n", out.stderr
