@@ -117,3 +117,36 @@ def test_a_save_streams_its_files_without_holding_their_bytes(tmp_path):
     assert torch.equal(
         loaded.objects["optimizer"]["state"][0]["exp_avg"], optimizer.state[model.weight]["exp_avg"]
     )
+
+
+def test_a_local_file_is_read_into_its_buffer_part_by_part(tmp_path, monkeypatch):
+    """On this machine's disk each ranged read lands in the file's buffer itself: the Python
+    memory a read holds is the file's size, with no part's copy beside it; a byte changed in
+    a late part still fails the file's sha256."""
+    from tlaunch.storage.checkpoint.manifest import CheckpointError
+
+    monkeypatch.setattr(reading, "READ_PART", 1 << 20)
+    url = str(tmp_path / "ckpt")
+    weights = {"w": torch.randn(1 << 21)}  # 8 MB: eight parts
+    CheckpointStore(url).save(1, tensors={"model": weights})
+    store = CheckpointStore(url, retry=NO_WAIT)
+    reader = reading.StepReader(store.location, NO_WAIT, url, store._scan()[0][1])
+    files = reader.manifest()
+    name = next(n for n in files if n.startswith("model"))
+    tracemalloc.start()
+    try:
+        data = reader.read(name, files[name])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(data) == files[name]["size"] > 8 << 20
+    assert peak < len(data) + (256 << 10), f"{(peak - len(data)) / 2**20:.2f} MB beside the file"
+    assert torch.equal(store.load(1).tensors["model"]["w"], weights["w"])
+    path = f"{reader.s.path}/{name}"
+    with open(path, "r+b") as f:  # a byte of the seventh part
+        f.seek(6 * (1 << 20) + 5)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(CheckpointError, match="sha256"):
+        reader.read(name, files[name])

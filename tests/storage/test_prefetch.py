@@ -8,6 +8,7 @@ compares with what the restore does without a prefetch.
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 
@@ -150,3 +151,39 @@ def test_a_corrupt_file_found_by_the_prefetch_quarantines_and_falls_back_as_with
     assert [i.step for i in store.all_steps() if i.quarantined] == [2]
     with pytest.raises(CheckpointError, match="step 2 .* is quarantined"):
         CheckpointStore(URL, retry=NO_WAIT).load(2)
+
+
+@pytest.mark.parametrize("cpus, at_once", [(2, "one"), (8, "several")])
+def test_on_a_local_disk_the_prefetch_leaves_a_core_to_the_script(
+    tmp_path, monkeypatch, cpus, at_once
+):
+    # A local read is CPU (the page cache's copy, the sha256): with 2 cores, files read at
+    # once would take the core the script's imports run on. Each read waits (boundedly) for
+    # another to start beside it, so overlapping reads are seen, not hoped for.
+    from tlaunch.storage.checkpoint.reading import StepReader
+
+    url = str(tmp_path / "ckpt")
+    store = CheckpointStore(url, retry=NO_WAIT)
+    store.save(1, **make_state(1))
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    lock, in_flight, widest, arrived = threading.Lock(), [0], [0], threading.Condition()
+    read = StepReader.read
+
+    def counted(self, name, expect):
+        with lock:
+            in_flight[0] += 1
+            widest[0] = max(widest[0], in_flight[0])
+        with arrived:
+            arrived.notify_all()
+            arrived.wait_for(lambda: in_flight[0] > 1, timeout=0.5)
+        try:
+            return read(self, name, expect)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    monkeypatch.setattr(StepReader, "read", counted)
+    prefetch.start(url)
+    prefetch.parse_ahead()
+    assert_same_state(CheckpointStore(url, retry=NO_WAIT).load_latest(), 1)
+    assert ("one" if widest[0] == 1 else "several") == at_once, widest
