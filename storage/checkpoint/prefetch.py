@@ -34,12 +34,13 @@ from typing import Any
 _FILES_IN_FLIGHT = 4
 
 
-def _readers(local: bool) -> int:
+def _readers(on_disk: bool) -> int:
     """Threads reading at once. On this machine's disk a read is CPU (the page cache's copy,
     the sha256), so one core is left to the script, whose imports the prefetch overlaps: on
-    2 cores, two files hashed at once slowed ``import torch`` by ~0.1 s more than one."""
-    if not local:
-        return _FILES_IN_FLIGHT  # waiting on the network, mostly
+    2 cores, two files hashed at once slowed ``import torch`` by ~0.1 s more than one. A store
+    or a FUSE mount (Drive) is waited on, mostly: all files at once there."""
+    if not on_disk:
+        return _FILES_IN_FLIGHT
     return max(1, min(_FILES_IN_FLIGHT, (os.cpu_count() or 1) - 1))
 
 
@@ -184,7 +185,7 @@ def _run(prefetch: _Prefetch, url: str, step: int | None) -> None:
     threading.Thread(
         target=_parse, args=(prefetch, in_order, label), name="tlaunch-prefetch", daemon=True
     ).start()
-    for _ in range(min(_readers(reader.local), len(names))):
+    for _ in range(min(_readers(reader.on_disk), len(names))):
         threading.Thread(target=work, name="tlaunch-prefetch", daemon=True).start()
 
 

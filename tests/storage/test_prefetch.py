@@ -153,16 +153,24 @@ def test_a_corrupt_file_found_by_the_prefetch_quarantines_and_falls_back_as_with
         CheckpointStore(URL, retry=NO_WAIT).load(2)
 
 
-@pytest.mark.parametrize("cpus, at_once", [(2, "one"), (8, "several")])
+@pytest.mark.parametrize(
+    "cpus, mount, at_once",
+    [(2, "ext4", "one"), (8, "ext4", "several"), (2, "fuse.drive", "several")],
+)
 def test_on_a_local_disk_the_prefetch_leaves_a_core_to_the_script(
-    tmp_path, monkeypatch, cpus, at_once
+    tmp_path, monkeypatch, cpus, mount, at_once
 ):
-    # A local read is CPU (the page cache's copy, the sha256): with 2 cores, files read at
-    # once would take the core the script's imports run on. Each read waits (boundedly) for
-    # another to start beside it, so overlapping reads are seen, not hoped for.
+    # A read from a local disk is CPU (the page cache's copy, the sha256): with 2 cores, files
+    # read at once would take the core the script's imports run on. A FUSE mount (Drive) is
+    # waited on, so all files are read at once there. Each read waits (boundedly) for another
+    # to start beside it, so overlapping reads are seen, not hoped for.
+    from tlaunch.storage import localfs
     from tlaunch.storage.checkpoint.reading import StepReader
 
     url = str(tmp_path / "ckpt")
+    table = tmp_path / "mounts"
+    table.write_text(f"/dev/root / ext4 rw 0 0\ndrive {url} {mount} rw 0 0\n")
+    monkeypatch.setattr(localfs, "MOUNTS_FILE", str(table))
     store = CheckpointStore(url, retry=NO_WAIT)
     store.save(1, **make_state(1))
     monkeypatch.setattr(os, "cpu_count", lambda: cpus)
