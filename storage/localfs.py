@@ -37,25 +37,31 @@ _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")  # /proc/mounts writes a space as \0
 
 
 class LocalFiles:
-    """fsspec's local file system, imported the first time a caller needs it.
+    """fsspec's local file system, imported when :meth:`load` is called or a call needs it.
 
     :func:`~tlaunch.storage.store.resolve` gives every local path this in place of
-    ``fsspec.filesystem("file")``. The launcher's own work on a local disk -- the write probe
-    (:func:`~tlaunch.storage.probe_writable`) and the lease (:class:`~tlaunch.storage.Lease`)
-    -- is done with ``os`` calls, so a launch on a local disk never imports fsspec: 0.05 s of
-    every start, most of it the asyncio that fsspec imports. Any other call (listing, ranged
-    reads, ...) goes to fsspec's file system, unchanged.
+    ``fsspec.filesystem("file")``, loaded at once unless asked for ``lazy``. The launcher's own
+    work on a local disk -- the write probe (:func:`~tlaunch.storage.probe_writable`) and the
+    lease (:class:`~tlaunch.storage.Lease`) -- is done with ``os`` calls on a lazy one, so a
+    launch on a local disk never imports fsspec: 0.05 s of every start, most of it the asyncio
+    that fsspec imports. Any other call (listing, ranged reads, ...) goes to fsspec's file
+    system, unchanged. Everything else loads it when it resolves its URL: a first call from a
+    background thread while the interpreter exits (a checkpoint save in flight) could not
+    import it any more.
     """
 
     protocol = ("file", "local")
     _fs: Any = None
 
-    def __getattr__(self, name: str) -> Any:
+    def load(self) -> LocalFiles:
         if self._fs is None:
             import fsspec
 
             self._fs = fsspec.filesystem("file")
-        return getattr(self._fs, name)
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.load()._fs, name)
 
     def __repr__(self) -> str:
         return "LocalFiles()"

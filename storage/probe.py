@@ -41,7 +41,7 @@ _BUCKET_STORES = {
 
 def probe_writable(url: str, *, retry: RetryPolicy | None = None) -> None:
     """Prove that ``url`` takes writes and deletes; StorageError saying why not."""
-    location = resolve(url)
+    location = resolve(url, lazy=True)  # local: os calls only, no fsspec import
     retry = retry or RetryPolicy()
     name = f"{PROBE_PREFIX}{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
     probe = location.join(name)

@@ -235,9 +235,11 @@ def _drive_path(rest: str) -> str | None:
 _LOCAL_FILES = LocalFiles()
 
 
-def resolve(url: str) -> Location:
-    """Resolve ``url`` to a :class:`Location`, importing its backend lazily (fsspec itself only
-    once a local path's file system is used: :class:`~tlaunch.storage.localfs.LocalFiles`)."""
+def resolve(url: str, *, lazy: bool = False) -> Location:
+    """Resolve ``url`` to a :class:`Location`, importing its backend. ``lazy``: a local path's
+    file system is imported only once a call needs it, for callers that do their local work
+    with ``os`` calls (:class:`~tlaunch.storage.localfs.LocalFiles`)."""
+    local_files = _LOCAL_FILES if lazy else _LOCAL_FILES.load()
     if not url:
         raise StorageError(
             "empty storage URL; pass a path, gs://, s3://, drive:// or memory:// URL"
@@ -250,10 +252,10 @@ def resolve(url: str) -> Location:
             _import_backend("gdrive")
             fs = fsspec.filesystem("gdrive")
             return Location(fs, url[len("drive://") :].strip("/"), url, local=False)
-        return Location(_LOCAL_FILES, mounted, url, local=is_local(mounted))
+        return Location(local_files, mounted, url, local=is_local(mounted))
     if is_local(url):
         rest = url[len("file://") :] if url.startswith("file://") else ""
-        return Location(_LOCAL_FILES, os.path.abspath(rest or url), url, local=True)
+        return Location(local_files, os.path.abspath(rest or url), url, local=True)
     import fsspec
 
     protocol = url.partition("://")[0]

@@ -141,7 +141,9 @@ class LeaseLost(CheckpointError):
     def __init__(self, url: str, owner: LeaseRecord | None) -> None:
         self.url, self.owner = url, owner
         if owner is None:
-            why = "its lease is gone (deleted, or released by another run)"
+            # A takeover deletes the old lease before it creates its own: a fence check in
+            # between finds none.
+            why = "its lease is gone (deleted, released, or another run is taking it over)"
         else:
             why = f"it now belongs to {owner.owner}: another run took it over"
         super().__init__(
@@ -165,7 +167,8 @@ class Lease:
         retry: RetryPolicy | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.location = url if isinstance(url, Location) else resolve(url)
+        # local: os calls only (see _remove), no fsspec import in the launcher
+        self.location = url if isinstance(url, Location) else resolve(url, lazy=True)
         self.url = self.location.url.rstrip("/")
         self.path = self.location.join(LEASE)
         self.token = token or secrets.token_hex(16)

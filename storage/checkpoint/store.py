@@ -46,6 +46,7 @@ from tlaunch.storage.checkpoint.manifest import (
 )
 from tlaunch.storage.checkpoint.reading import CorruptCheckpointError, StepGone, StepReader
 from tlaunch.storage.checkpoint.threads import in_parallel
+from tlaunch.storage.localfs import LocalFiles
 from tlaunch.storage.store import (
     Location,
     RetryPolicy,
@@ -109,6 +110,8 @@ class CheckpointStore:
         fence: Callable[[], None] | None = None,
     ) -> None:
         self.location = url if isinstance(url, Location) else resolve(url)
+        if isinstance(self.location.fs, LocalFiles):  # a lazy one: its saves may run at exit
+            self.location.fs.load()
         #: Raises (LeaseLost) when this process may no longer write here; see the module doc.
         self._fence = fence or (lambda: None)
         self.url = self.location.url.rstrip("/")

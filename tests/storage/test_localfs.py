@@ -60,7 +60,7 @@ def test_create_file_never_replaces_a_file(tmp_path):
     assert open(path, "rb").read() == b"first"
 
 
-def test_a_local_path_gets_fsspec_local_files_once_used(tmp_path):
+def test_a_local_path_gets_fsspec_local_files_at_once_or_lazily_once_used(tmp_path):
     import pickle
     import subprocess
     import sys
@@ -74,13 +74,22 @@ def test_a_local_path_gets_fsspec_local_files_once_used(tmp_path):
     assert fs.find(str(tmp_path), detail=False) == [str(tmp_path / "a" / "f")]
     assert fs.cat_file(str(tmp_path / "a" / "f"), start=1) == b"bc"
     assert pickle.loads(pickle.dumps(fs)).exists(str(tmp_path / "a"))
-    # In a process of its own: resolving a local path imports no fsspec until it is used.
+    # In a process of its own: a lazy resolve imports no fsspec until a call needs it; a plain
+    # one imports it at once (a writer's thread may first use it while the interpreter exits).
     program = (
         "import sys; from tlaunch.storage import resolve\n"
-        f"fs = resolve({str(tmp_path)!r}).fs; print('fsspec' in sys.modules, end=' ')\n"
+        f"fs = resolve({str(tmp_path)!r}, lazy=True).fs; print('fsspec' in sys.modules, end=' ')\n"
         f"fs.ls({str(tmp_path)!r}); print('fsspec' in sys.modules)\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", program], capture_output=True, text=True, timeout=60
     )
     assert out.stdout == "False True\n", out.stderr
+    program = (
+        "import sys; from tlaunch.storage import resolve\n"
+        f"resolve({str(tmp_path)!r}); print('fsspec' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60
+    )
+    assert out.stdout == "True\n", out.stderr

@@ -221,18 +221,22 @@ def test_real_store_with_retention(memory_url):
 
 
 @pytest.mark.timeout(60)
-def test_a_save_in_flight_at_exit_still_commits(tmp_path):
+@pytest.mark.parametrize("lazy", [False, True])
+def test_a_save_in_flight_at_exit_still_commits(tmp_path, lazy):
+    # lazy: the store is given a Location whose file system (fsspec's) was never imported;
+    # its first use in the writer's thread while the interpreter exits could not import it.
     script = textwrap.dedent(
         f"""
         import time
-        from tlaunch.storage import AsyncCheckpointWriter, CheckpointStore
+        from tlaunch.storage import AsyncCheckpointWriter, CheckpointStore, resolve
 
         class Slow(CheckpointStore):
             def save(self, step, **kw):
                 time.sleep(0.5)  # still running when the main thread returns
                 return super().save(step, **kw)
 
-        writer = AsyncCheckpointWriter(Slow({str(tmp_path)!r}))
+        url = {str(tmp_path)!r}
+        writer = AsyncCheckpointWriter(Slow(resolve(url, lazy=True) if {lazy} else url))
         writer.submit(5, state={{"step": 5}})
         print("submitted", flush=True)
         """
