@@ -150,7 +150,7 @@ def discard() -> None:
 
 def _run(prefetch: _Prefetch, url: str, step: int | None) -> None:
     try:
-        reader, files = _plan(url, step)
+        reader, files, width = _plan(url, step)
         if reader is None:
             return
         with prefetch.lock:
@@ -185,7 +185,7 @@ def _run(prefetch: _Prefetch, url: str, step: int | None) -> None:
     threading.Thread(
         target=_parse, args=(prefetch, in_order, label), name="tlaunch-prefetch", daemon=True
     ).start()
-    for _ in range(min(_readers(reader.on_disk), len(names))):
+    for _ in range(min(width, len(names))):
         threading.Thread(target=work, name="tlaunch-prefetch", daemon=True).start()
 
 
@@ -214,8 +214,9 @@ def _parse(prefetch: _Prefetch, entries: list[tuple[str, _File]], label: str) ->
             entry.parsed.set()
 
 
-def _plan(url: str, step: int | None) -> tuple[Any, dict[str, dict[str, Any]]]:
-    """The reader of the step to read and its MANIFEST's file table, or (None, {})."""
+def _plan(url: str, step: int | None) -> tuple[Any, dict[str, dict[str, Any]], int]:
+    """The reader of the step to read, its MANIFEST's file table and how many files to read at
+    once; (None, {}, 0) when there is nothing to read."""
     from tlaunch.storage.checkpoint.reading import StepReader
     from tlaunch.storage.checkpoint.store import CheckpointStore
     from tlaunch.storage.store import RetryPolicy
@@ -226,7 +227,7 @@ def _plan(url: str, step: int | None) -> tuple[Any, dict[str, dict[str, Any]]]:
     if step is not None:
         steps = [s for s in steps if s.step == step]
     if not steps:
-        return None, {}
+        return None, {}, 0
     reader = StepReader(store.location, once, store.url, steps[-1])
     reader.takes = False  # it is the prefetch
-    return reader, reader.manifest()
+    return reader, reader.manifest(), _readers(on_disk=store.location.atomic_rename)

@@ -85,8 +85,6 @@ class StepReader:
     def __init__(self, location: Location, retry: RetryPolicy, url: str, s: StepDir) -> None:
         self.fs, self.retry, self.url, self.s = location.fs, retry, url, s
         self.local = location.local
-        #: A local disk, not a FUSE mount: reading here is CPU, not waiting (see prefetch).
-        self.on_disk = location.atomic_rename
 
     def corrupt(self, detail: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(self.s.step, self.url, detail)
