@@ -128,13 +128,6 @@ def test_seeding_a_sample_is_what_the_public_seed_functions_do():
         assert draws_after(seed, public=False) == draws_after(seed, public=True)
 
 
-@pytest.fixture
-def fresh_streams(monkeypatch):
-    """Per-sample seeding as in a new worker process: no stream known to be drawn from yet."""
-    monkeypatch.setattr(sample_seeds, "_STREAMS", sample_seeds._Streams())
-    return sample_seeds._STREAMS
-
-
 class Sometimes(Dataset):
     """Draws from torch always; from numpy and python ``random`` only for some samples (a
     normal, a uniform and raw words), as a transform applied with a probability would."""
@@ -171,7 +164,7 @@ def collate_draws() -> list[float]:
 
 @pytest.mark.parametrize("global_bit_generator", ["MT19937", "PCG64"], indirect=True)
 def test_streams_seeded_only_once_drawn_from_give_what_seeding_all_three_gives(
-    fresh_streams, global_bit_generator
+    global_bit_generator,
 ):
     # numpy's and python's streams are seeded for a sample only once a sample drew from them;
     # a batch in which a sample drew from one not seeded for it is loaded again. The samples,
@@ -183,7 +176,7 @@ def test_streams_seeded_only_once_drawn_from_give_what_seeding_all_three_gives(
         got = loader._load(keys), collate_draws()  # _load: as in a worker, no streams kept
         expected = every_stream_seeded(reference, keys, seed=11), collate_draws()
         assert got == expected, f"batch from sample {start}"
-    assert fresh_streams.python_used and fresh_streams.numpy_used
+    assert loader.streams.python_used and loader.streams.numpy_used
     # numpy is first drawn from by sample 3, python by sample 4: the first batch is loaded
     # twice, and no other (numpy's stream has no cheap position to read with another bit
     # generator: it is seeded for every sample from the start).
@@ -211,7 +204,7 @@ def numpy_and_python_seedings(monkeypatch) -> list[int]:
 
 
 def test_a_dataset_drawing_from_torch_only_costs_no_numpy_or_python_seeding(
-    fresh_streams, numpy_and_python_seedings
+    numpy_and_python_seedings,
 ):
     seeded = numpy_and_python_seedings
     data = SeededSamples(TorchOnly(), seed=5)
@@ -222,13 +215,13 @@ def test_a_dataset_drawing_from_torch_only_costs_no_numpy_or_python_seeding(
         # a collate_fn draws what it would were every stream seeded for every sample
         assert got == (every_stream_seeded(TorchOnly(), keys, seed=5), collate_draws())
         del seeded[n:]
-    assert not (fresh_streams.numpy_used or fresh_streams.python_used)
+    assert not (data.streams.numpy_used or data.streams.python_used)
     # for the collate_fn: after each batch (from its last sample's seed), not per sample
     assert seeded == [sample_seed(5, 0, last) for last in (7, 7, 15, 15)]
 
 
 def test_with_torchs_own_collate_a_torch_only_dataset_seeds_torchs_stream_alone(
-    fresh_streams, numpy_and_python_seedings
+    numpy_and_python_seedings,
 ):
     data = SeededSamples(TorchOnly(), seed=5, collate_draws=False)
     for start in (0, 8, 16):
@@ -254,7 +247,7 @@ class FirstDrawLate(Sometimes):
         return out
 
 
-def test_a_batch_in_which_a_stream_is_first_drawn_from_is_loaded_again(fresh_streams):
+def test_a_batch_in_which_a_stream_is_first_drawn_from_is_loaded_again():
     # A sample of the third batch is the first to draw from numpy's stream, one of the fourth
     # the first from python's: each of those batches is loaded twice, the samples are what
     # seeding every stream for every sample gives, and no other batch is loaded again. Before
@@ -285,3 +278,96 @@ def test_the_loader_tells_the_samples_whether_its_collate_fn_may_draw():
         assert rebuilt.dataset.collate_draws is draws
     unbatched = DataLoader(TorchOnly(), batch_size=None, shuffle=True)  # default_convert
     assert ResumableLoader(unbatched, seed=0, rank=0, world=1).loader.dataset.collate_draws is False
+
+
+class SwapsNumpysGenerator(Dataset):
+    """Draws from all three streams; sample 2 first replaces numpy's global bit generator, as
+    a script calling ``np.random.set_bit_generator`` in ``__getitem__`` would."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> list[float]:
+        if i == 2:
+            np.random.set_bit_generator(np.random.MT19937(99))
+        return [torch.rand(()).item(), np.random.normal(), random.random()]
+
+
+@pytest.mark.parametrize("global_bit_generator", ["MT19937"], indirect=True)
+def test_a_bit_generator_replaced_by_a_sample_is_seeded_for_the_samples_after_it(
+    global_bit_generator,
+):
+    # A batch's seeding function binds numpy's bit generator once; one replaced by a sample
+    # mid-batch must be the one seeded for the next sample, not the one bound.
+    loader = SeededSamples(SwapsNumpysGenerator(), seed=4)
+    keys = [(0, i) for i in range(8)]
+    loader._load(keys[:2], collate_draws=False)  # the streams are now known to be drawn from
+    assert loader.streams.numpy_used and loader.streams.python_used
+    got = loader._load(keys, collate_draws=False)
+    assert got == every_stream_seeded(SwapsNumpysGenerator(), keys, seed=4)
+
+
+class CountedDraws(Dataset):
+    """Sample i draws from all three streams; loads are counted across worker processes."""
+
+    def __init__(self) -> None:
+        import multiprocessing
+
+        self.loads = multiprocessing.get_context("fork").Value("i", 0)
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with self.loads.get_lock():
+            self.loads.value += 1
+        return torch.tensor([torch.rand(()).item(), np.random.normal(), random.random()])
+
+
+@pytest.mark.timeout(120)
+def test_new_workers_of_a_later_epoch_know_the_streams_their_predecessors_drew_from():
+    # Without persistent_workers each epoch forks new workers. A worker that found a sample
+    # drawing from numpy's and python's streams loads that batch again; the workers of the
+    # next epoch are forked knowing it, and load every batch once, seeded as before.
+    from torch.utils.data import DataLoader
+
+    from tlaunch.sampling import ResumableLoader
+
+    data = CountedDraws()
+    plain = DataLoader(data, batch_size=4, num_workers=2, multiprocessing_context="fork")
+    loader = ResumableLoader(plain, seed=6, rank=0, world=1)
+    for epoch in (0, 1):
+        data.loads.value = 0
+        got = torch.cat([batch for batch, _ in loader.iterate(epoch)])
+        keys = [(epoch, i) for i in range(16)]
+        assert torch.equal(got, torch.stack(every_stream_seeded(data, keys, seed=6)))
+        if epoch == 0:
+            assert data.loads.value > 2 * 16, "the first batch of each worker, loaded again"
+    assert data.loads.value == 2 * 16, "epoch 1: each sample loaded once (and once for reference)"
+
+
+def test_a_torch_only_dataset_pays_for_no_stream_another_dataset_draws_from(
+    numpy_and_python_seedings,
+):
+    # Two prepared loaders in one process: the first dataset draws from numpy's and python's
+    # streams, which says nothing of the second's.
+    SeededSamples(Normals(), seed=1)._load([(0, i) for i in range(4)], collate_draws=False)
+    numpy_and_python_seedings.clear()
+    torch_only = SeededSamples(TorchOnly(), seed=1)
+    keys = [(0, i) for i in range(8)]
+    got = torch_only._load(keys, collate_draws=False)
+    assert numpy_and_python_seedings == []
+    assert got == every_stream_seeded(TorchOnly(), keys, 1)
+
+
+def test_a_spawned_worker_knows_the_streams_the_training_process_found_drawn_from():
+    import pickle
+
+    data = SeededSamples(Normals(), seed=1)
+    assert pickle.loads(pickle.dumps(data)).streams.known() == (False, False)
+    data._load([(0, 0)], collate_draws=False)  # in this process: found drawing from both
+    spawned = pickle.loads(pickle.dumps(data))
+    assert spawned.streams.known() == (True, True)
+    assert spawned.streams.learned is not data.streams.learned
+    keys = [(0, i) for i in range(4)]
+    assert spawned._load(keys, collate_draws=False) == every_stream_seeded(Normals(), keys, 1)
