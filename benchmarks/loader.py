@@ -23,7 +23,14 @@ Run: ``.venv/bin/python benchmarks/loader.py [--reps 9] [--workers 2] [--sizes 6
    line gives the seeding's cost in a tight loop (each stream's), between the samples of an
    epoch (where caches are cold) and, per batch, of keeping the training process's streams.
    ``--a-a`` also times the plain loader against a second plain loader the same way: how far
-   from 1.00x the measurement itself lands on this machine.
+   from 1.00x the measurement itself lands on this machine. glibc's malloc is given fixed
+   thresholds first (as in ``overhead.py``; ``--glibc-malloc`` keeps its adaptive ones): it
+   raises its mmap threshold to the size of a block freed, so with two loaders' batches
+   interleaved in one process one loader's batches can come from fresh mappings, zero-filled
+   page by page, and be unmapped again when freed: the plain loader against itself then
+   lands at 0.987-0.993x on the 128 px rows, and at 0.94-0.95x on fixed-size 128 px crops,
+   whose second loader's collate took 10-15 us a sample more. A training run has one
+   loader, not two in turns.
 2. Resume. Time from starting an epoch's iterator to its first batch, at the middle of the
    epoch (a resumed run) against at its start (non-persistent workers: both start them).
    Target: <= 1.1x, i.e. no replay. For contrast, the same for a loader that would replay the
@@ -201,6 +208,19 @@ def plain_loader(data: Dataset, workers: int, persistent: bool, **kw) -> DataLoa
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
+#: glibc's mallopt parameters
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def fix_malloc() -> bool:
+    """Fixed mmap and trim thresholds for glibc's malloc (what ``MALLOC_MMAP_THRESHOLD_``
+    and ``MALLOC_TRIM_THRESHOLD_`` set at start), inherited by the workers forked later:
+    blocks up to 32 MB come from the heap, which is not trimmed below 1 GB. False where
+    ``mallopt`` is not glibc's."""
+    mallopt = getattr(_LIBC, "mallopt", None)
+    return bool(
+        mallopt and mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 and mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    )
 
 
 def children() -> set[int]:
@@ -249,12 +269,15 @@ def throughput(
     Each repetition runs an epoch of both loaders at once, a batch of one then a batch of the
     other (which first alternates), so that both meet the same load from the rest of the
     machine. A loader's CPU time is its workers' and what this process spends in its calls.
+    Both epochs start at their first batch's request (``iterate``'s generators): with the plain
+    loader's iterator made up front, its workers started each epoch alone, and the plain
+    loader against itself landed at 0.94-0.98x with 2 workers.
     """
-    plain = plain_loader(data, workers, persistent=True)
+    plain = PlainAgain(plain_loader(data, workers, persistent=True))
     second = plain_loader(data, workers, True)
     seeded = PlainAgain(second) if a_a else ResumableLoader(second, seed=0, rank=0, world=1)
     others = children()
-    for _ in plain:  # warm-up: the workers started
+    for _ in plain.iterate(0):  # warm-up: the workers started
         pass
     pids = [children() - others]
     for _ in seeded.iterate(0):
@@ -263,7 +286,7 @@ def throughput(
     rates = []
     for r in range(reps):
         cpu = [-cpu_of(p) for p in pids]
-        start = [lambda: iter(plain), lambda r=r: seeded.iterate(r + 1)]
+        start = [lambda r=r: plain.iterate(r + 1), lambda r=r: seeded.iterate(r + 1)]
         its, count = [], [0, 0]
         for k in (0, 1):
             t = time.process_time()
@@ -425,6 +448,7 @@ def main() -> None:
         action="store_true",
         help="also time the plain loader against itself (the measurement's noise)",
     )
+    parser.add_argument("--glibc-malloc", action="store_true", help="keep glibc's adaptive malloc")
     parser.add_argument(
         "--run-epochs",
         nargs=2,
@@ -437,6 +461,8 @@ def main() -> None:
     # One thread, as in a loader worker: with two, the training process's CPU time would be
     # mostly OpenMP's threads waiting for work.
     torch.set_num_threads(1)
+    fixed = not args.glibc_malloc and fix_malloc()
+    print(f"malloc: {'fixed thresholds' if fixed else 'glibc default (adaptive)'}")
     sizes = [int(side) for side in args.sizes.split(",")]
     data = Augmented(args.samples, sizes[0])
     costs = seeding_costs(data)
