@@ -169,7 +169,7 @@ class _Streams:
     normals dropped so that any draw moves their position, and their position is read after
     the batch (two words of their state: python's ``getstate`` would cost more than the
     seeding). A batch that moved one has drawn from a stream not seeded for its samples: the
-    stream is seeded for every sample from then on in this process, and the batch is loaded
+    stream is seeded for every sample of this dataset from then on, and the batch is loaded
     again (once per dataset and stream). After the batch, for a ``collate_fn`` that may draw,
     a stream no sample drew from is seeded from the last sample's seed: what it draws is what
     it would be were every stream seeded for every sample.
@@ -259,9 +259,10 @@ def _seeder(numpy_used: bool, python_used: bool) -> Any:
 
     It runs between two samples, whose work has evicted from the caches any code and object
     it touches: measured there (medians over samples of 64 and 128 px with numpy noise),
-    seeding the three streams through :func:`_seed_streams` costs 22-32 us, this 15-19 us. numpy's MT19937 is seeded by its own
-    call and its cached normal cleared as bytes, as long as it is the bit generator seen
-    here; any other, or one set by a sample, takes :func:`_seed_numpy`.
+    seeding the three streams through :func:`_seed_streams` costs 22-32 us, this 15-19 us.
+    numpy's MT19937 is seeded by its own call and its cached normal cleared as bytes, as long
+    as it is the bit generator seen here; any other, or one set by a sample, takes
+    :func:`_seed_numpy`.
     """
     torch_seed, python_seed, python = _TORCH.manual_seed, _random.Random.seed, _PYTHON
     bits = _NUMPY._bit_generator
