@@ -1,12 +1,38 @@
 """Running a benchmark's launcher so that a hang cannot outlive the benchmark, and with
-tlaunch's modules compiled as an installed package has them."""
+tlaunch's modules compiled as an installed package has them; glibc's malloc with fixed
+thresholds, for a benchmark's own process or the ones it starts."""
 
 from __future__ import annotations
 
 import compileall
+import ctypes
 import os
 import signal
 import subprocess
+
+#: Fixed thresholds for glibc's malloc: blocks up to 32 MB come from the heap, which is not
+#: trimmed below 1 GB. Its adaptive mmap threshold follows the sizes a process has freed, so
+#: otherwise the same allocation may be served from the heap in one run and from fresh,
+#: zero-filled pages in another.
+MMAP_THRESHOLD, TRIM_THRESHOLD = 32 << 20, 1 << 30
+#: The same, for a process started with this environment.
+FIXED_MALLOC = {
+    "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
+    "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD),
+}
+#: glibc's mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def fix_malloc() -> bool:
+    """The fixed thresholds for this process from now on (inherited by the processes it
+    forks); False where ``mallopt`` is not glibc's."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    return bool(
+        mallopt
+        and mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+        and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    )
 
 
 def run_group(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:

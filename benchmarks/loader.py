@@ -59,6 +59,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _proc import fix_malloc  # benchmarks/, on sys.path when a script here runs
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tlaunch.sample_seeds import (
@@ -208,19 +209,6 @@ def plain_loader(data: Dataset, workers: int, persistent: bool, **kw) -> DataLoa
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
-#: glibc's mallopt parameters
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-
-
-def fix_malloc() -> bool:
-    """Fixed mmap and trim thresholds for glibc's malloc (what ``MALLOC_MMAP_THRESHOLD_``
-    and ``MALLOC_TRIM_THRESHOLD_`` set at start), inherited by the workers forked later:
-    blocks up to 32 MB come from the heap, which is not trimmed below 1 GB. False where
-    ``mallopt`` is not glibc's."""
-    mallopt = getattr(_LIBC, "mallopt", None)
-    return bool(
-        mallopt and mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 and mallopt(M_TRIM_THRESHOLD, 1 << 30)
-    )
 
 
 def children() -> set[int]:

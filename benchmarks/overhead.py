@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 
-from _proc import run_group  # benchmarks/, on sys.path when a script here runs
+from _proc import FIXED_MALLOC, run_group  # benchmarks/, on sys.path when a script here runs
 
 WARMUP, WINDOWS, WINDOW = 10, 30, 5
 BATCH = 64
@@ -156,7 +156,6 @@ def worker_run(hidden: int) -> None:
 
 # -- parent side -------------------------------------------------------------------------------
 VARIANTS = {"torch": "plain PyTorch", "accelerate": "plain Accelerate", "run": "Run API"}
-FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
 def measure(variant: str, nproc: int, args: argparse.Namespace, tmp: str) -> list[float]:
