@@ -9,6 +9,9 @@ side takes each position equally often.
 
 * async stall / in-memory copy: ``cpu_snapshot`` + ``AsyncCheckpointWriter.submit`` returning,
   against a plain clone of every tensor (target <= 1.3x: training waits for a copy, no more);
+* the same stall when the snapshot copies into the memory of the previous one
+  (``SnapshotBuffers``, what a run saving at most a minute apart does from its second save
+  on) / in-memory copy: what is left once no page is new;
 * async stall / ``accelerator.save_state`` to the same local disk (what the stall replaces);
 * background save / ``accelerator.save_state``: ours also fsyncs every file (for information);
 * commit to fake-gcs-server / raw fsspec put of the same files (target <= 1.25x: format,
@@ -17,7 +20,8 @@ side takes each position equally often.
 * the same commit against ``fs.pipe`` of the files' bytes already in memory (the strictest
   baseline, for information);
 * host memory of a save: the peak resident set of a process that builds the state and saves it
-  twice (snapshot, background write to local disk, flush), minus that of the same process
+  three times as a run does (snapshot into the previous snapshot's memory, background write to
+  local disk, flush), minus that of the same process
   without the saves, against the state's size (target <= 1.1x: the snapshot, and no second
   copy while the files are written). Peaks are the kernel's own high-water mark of each
   child's resident memory (``VmHWM``), not samples; each side runs ``--mem-reps`` times,
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -44,7 +49,12 @@ os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 import torch  # noqa: E402
 from _gcs import start_fake_gcs  # noqa: E402 -- benchmarks/, on sys.path when a script here runs
 
-from tlaunch.storage import AsyncCheckpointWriter, CheckpointStore, cpu_snapshot  # noqa: E402
+from tlaunch.storage import (  # noqa: E402
+    AsyncCheckpointWriter,
+    CheckpointStore,
+    SnapshotBuffers,
+    cpu_snapshot,
+)
 
 
 def build_state(megabytes: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -81,13 +91,21 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def save_kwargs(model, optimizer, step: int) -> dict:
-    return {
-        "tensors": {"model": cpu_snapshot(model.state_dict())},
-        "objects": {"optimizer": cpu_snapshot(optimizer.state_dict())},
+def save_kwargs(model, optimizer, step: int, buffers: SnapshotBuffers | None = None) -> dict:
+    """A save's parts; with ``buffers``, snapshotted into the last settled save's memory."""
+    take = cpu_snapshot
+    if buffers is not None:
+        buffers.recycle()  # callers flush before the next save: the last one has settled
+        take = buffers.snapshot
+    parts = {
+        "tensors": {"model": take(model.state_dict())},
+        "objects": {"optimizer": take(optimizer.state_dict())},
         "rng": {0: torch.get_rng_state()},
         "state": {"step": step, "metrics": {"loss": 1.0}},
     }
+    if buffers is not None:
+        buffers.settle()
+    return parts
 
 
 def bench_local(model, optimizer, reps: int, workdir: str) -> dict[str, list[float]]:
@@ -99,20 +117,29 @@ def bench_local(model, optimizer, reps: int, workdir: str) -> dict[str, list[flo
     accelerator = Accelerator(cpu=True)
     accelerator.prepare(model, optimizer)
     out: dict[str, list[float]] = {"copy": [], "stall": [], "accelerate": [], "background": []}
+    out["recycled"] = []
     plain_copy([model.state_dict(), optimizer.state_dict()])  # warm-up: first touches are dearer
+    buffers = SnapshotBuffers()  # a run's: its first save allocates, as any first save does
+    writer.submit(10**6, **save_kwargs(model, optimizer, 10**6, buffers))
+    writer.flush()
     for rep in range(reps):
+        step, other = rep + 1, 10**6 + rep + 1  # the fresh stall's step-1 is bench_gcs's files
         jobs = {
             "copy": lambda: plain_copy([model.state_dict(), optimizer.state_dict()]),
-            "stall": lambda step=rep + 1: writer.submit(
-                step, **save_kwargs(model, optimizer, step)
+            "stall": lambda step=step: writer.submit(step, **save_kwargs(model, optimizer, step)),
+            "recycled": lambda other=other: writer.submit(
+                other, **save_kwargs(model, optimizer, other, buffers)
             ),
         }
         # Each side's memory is freed (the writer's snapshot by flush) before the other runs, so
-        # both allocate from the same state; the order alternates to cancel what remains.
-        for name in ("copy", "stall") if rep % 2 == 0 else ("stall", "copy"):
+        # the fresh ones allocate from the same state; the order rotates to cancel what remains.
+        order = list(jobs)
+        for name in order[rep % 3 :] + order[: rep % 3]:
             out[name].append(timed(jobs[name])[0])
             writer.flush()
-        out["background"].append(writer.save_durations[-1])
+            if name == "stall":
+                out["background"].append(writer.save_durations[-1])
+        shutil.rmtree(os.path.join(workdir, "tlaunch", f"step-{other - 1:09d}"))  # disk space
         target = os.path.join(workdir, f"accelerate-{rep}")
         out["accelerate"].append(timed(lambda target=target: accelerator.save_state(target))[0])
     writer.close()
@@ -167,9 +194,9 @@ def memory_child(mode: str, megabytes: int, workdir: str) -> None:
     model, optimizer = build_state(megabytes)
     store = CheckpointStore(os.path.join(workdir, mode))  # the same imports on both sides
     if mode == "save":
-        writer = AsyncCheckpointWriter(store)
-        for step in (1, 2):
-            writer.submit(step, **save_kwargs(model, optimizer, step))
+        writer, buffers = AsyncCheckpointWriter(store), SnapshotBuffers()
+        for step in (1, 2, 3):
+            writer.submit(step, **save_kwargs(model, optimizer, step, buffers))
             writer.flush()
         writer.close()
     # VmHWM: the kernel's high-water mark of this process's resident memory since its exec.
@@ -249,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         memory = bench_memory(args.mb, args.mem_reps, workdir)
     lines = [
         ("async stall / in-memory copy", local["stall"], local["copy"], 1.3),
+        (
+            "async stall into the last snapshot's memory / in-memory copy",
+            local["recycled"],
+            local["copy"],
+            None,
+        ),  # fmt: skip
         ("async stall / accelerator.save_state (sync)", local["stall"], local["accelerate"], None),
         (
             "background save, fsynced / accelerator.save_state",

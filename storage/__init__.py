@@ -42,6 +42,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "AsyncCheckpointWriter": ("tlaunch.storage.checkpoint.writer", "AsyncCheckpointWriter"),
     "cpu_snapshot": ("tlaunch.storage.checkpoint.writer", "cpu_snapshot"),
     "cpu_view": ("tlaunch.storage.checkpoint.writer", "cpu_view"),
+    "SnapshotBuffers": ("tlaunch.storage.checkpoint.writer", "SnapshotBuffers"),
     "RetentionPolicy": ("tlaunch.storage.checkpoint.retention", "RetentionPolicy"),
     "KeepLast": ("tlaunch.storage.checkpoint.retention", "KeepLast"),
     "KeepEvery": ("tlaunch.storage.checkpoint.retention", "KeepEvery"),

@@ -1,5 +1,5 @@
-"""The async writer: one save in flight, failures surface, flush and exit commit; cpu_snapshot
-and cpu_view."""
+"""The async writer: one save in flight, failures surface, flush and exit commit; cpu_snapshot,
+cpu_view and the snapshot memory the next save copies into."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from tlaunch.storage import (
     CheckpointInfo,
     CheckpointStore,
     RetentionPolicy,
+    SnapshotBuffers,
     StorageError,
     cpu_snapshot,
     cpu_view,
@@ -319,3 +320,59 @@ class TestCpuView:
         assert isinstance(got["pair"], Pair) and got["pair"].a.data_ptr() == moment.data_ptr()
         assert got["v"].is_contiguous() and got["v"].data_ptr() != view.data_ptr()
         assert torch.equal(got["v"], view)
+
+
+def _memory(tree) -> list[int]:
+    return [t.data_ptr() for t in (tree["w"], tree["m"][0], tree["m"][1])]
+
+
+class TestSnapshotBuffers:
+    def test_a_recycled_snapshot_is_copied_into_with_the_new_values(self):
+        live = {"w": torch.randn(4, 4), "m": [torch.randn(8), torch.randn(8)]}
+        buffers = SnapshotBuffers()
+        first = buffers.snapshot(live)
+        buffers.settle()
+        before = _memory(first)
+        assert buffers.held_bytes == (16 + 8 + 8) * 4
+        live["w"].add_(1)
+        live["m"][1].mul_(3)
+        buffers.recycle()  # the first save has settled
+        second = buffers.snapshot(live)
+        buffers.settle()
+        assert sorted(_memory(second)) == sorted(before)  # no new memory
+        assert not set(_memory(second)) & set(_memory(live))  # still copies of the live state
+        assert torch.equal(second["w"], live["w"]) and torch.equal(second["m"][1], live["m"][1])
+        assert buffers.held_bytes == (16 + 8 + 8) * 4
+
+    def test_a_snapshot_still_lent_to_a_save_is_never_written_over(self):
+        live = {"w": torch.randn(4, 4), "m": [torch.randn(8), torch.randn(8)]}
+        buffers = SnapshotBuffers()
+        first = buffers.snapshot(live)
+        buffers.settle()
+        kept = {"w": first["w"].clone(), "m": [t.clone() for t in first["m"]]}
+        live["w"].add_(1)
+        second = buffers.snapshot(live)  # no recycle: the first save may still be reading
+        buffers.settle()
+        assert not set(_memory(second)) & set(_memory(first))
+        assert torch.equal(first["w"], kept["w"]) and torch.equal(first["m"][0], kept["m"][0])
+        assert torch.equal(second["w"], live["w"])
+
+    def test_tensors_that_no_longer_fit_are_let_go(self):
+        buffers = SnapshotBuffers()
+        buffers.snapshot({"a": torch.zeros(100), "b": torch.zeros(10, dtype=torch.float64)})
+        buffers.settle()
+        buffers.recycle()
+        got = buffers.snapshot({"a": torch.ones(100), "b": torch.ones(10)})  # b's dtype changed
+        buffers.settle()
+        assert got["b"].dtype == torch.float32 and torch.equal(got["b"], torch.ones(10))
+        assert buffers.held_bytes == 100 * 4 + 10 * 4  # the float64 buffer was dropped
+        buffers.release()
+        assert buffers.held_bytes == 0
+
+    def test_sparse_tensors_are_copied_and_not_held(self):
+        sparse = torch.eye(3).to_sparse()
+        buffers = SnapshotBuffers()
+        got = buffers.snapshot({"s": sparse})
+        buffers.settle()
+        assert got["s"].is_sparse and torch.equal(got["s"].to_dense(), torch.eye(3))
+        assert buffers.held_bytes == 0
