@@ -29,6 +29,9 @@ every 1/share-th stop from a seeded offset, so a job that spans that many stops 
 SIGKILL to every process with no notice; the others SIGTERM to every process (as a VM's
 shutdown sends it) followed by SIGKILL 30 s later if anything is still running (GCE spot's
 notice window). After each stop the same command starts again at once, as on a new VM.
+Every way runs with ``OMP_NUM_THREADS=1`` and with the 2 MB pages tlaunch gives its workers
+(``THP_MEM_ALLOC_ENABLE=1``: a step of this job is ~1.4x faster with them, see
+``benchmarks/host_memory.py``), so that the ways differ in what stops cost, not in step speed.
 
 K is chosen as a user would, by Young's rule: a save interval of sqrt(2 C T) seconds for a
 save that costs C seconds and a failure every T seconds, with C measured first by timing
@@ -74,6 +77,7 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from _proc import compile_tlaunch  # benchmarks/, on sys.path when a script here runs
 
 from tests.e2e.helpers import clean_env, processes_mentioning  # noqa: E402
+from tlaunch.strategies.base import HOST_ENV  # noqa: E402
 
 HERE = os.path.abspath(__file__)
 BATCH = 8
@@ -281,6 +285,9 @@ def command(way: str, nproc: int, args: argparse.Namespace, folder: str, k: int)
 def environment(way: str, nproc: int) -> dict[str, str]:
     """No TLAUNCH_/ACCELERATE_ settings of this shell; one OpenMP thread for every way."""
     env = clean_env(OMP_NUM_THREADS="1")  # spinning OpenMP threads on a shared machine: 5-10x
+    # tlaunch's 2 MB pages for every way: the ways differ in what a stop costs, not in how
+    # fast a step is (1.4x faster with them for this job: benchmarks/host_memory.py).
+    env.update(HOST_ENV)
     if way != "tlaunch":
         env["ACCELERATE_USE_CPU"] = "true"  # torch.distributed.run: one CPU job, not two
     return env

@@ -12,7 +12,9 @@ torch.distributed.run``, ``ACCELERATE_USE_CPU=true``) and the Run API under ``tl
 set it for 2 processes; spinning OpenMP threads on a shared 2-core machine make a step 5-10x
 slower) and fixed glibc malloc thresholds: the adaptive default lets *what a process imported*
 decide whether activations come from the heap or from fresh zero-filled mmaps (plain PyTorch
-~1000 page faults/step, Accelerate ~270, Run API 0-320: a 10-30% swing unrelated to the loop).
+~1000 page faults/step, Accelerate ~270, Run API 0-320: a 10-30% swing unrelated to the loop),
+and ``THP_MEM_ALLOC_ENABLE=1``, which tlaunch sets for its workers (``benchmarks/host_memory.py``
+measures what that buys): every side gets the same memory, so the ratios are the code's.
 
 Workers skip warm-up steps, time windows of a fixed number of steps and report the 80th
 percentile of the windows' steps/s (interference only adds time), plus rank 0's CPU time per
@@ -162,6 +164,9 @@ def measure(variant: str, nproc: int, args: argparse.Namespace, tmp: str) -> lis
     """[steps/s, page faults/step, CPU ms/step] of one run of ``variant`` (rank 0's figures)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TLAUNCH_", "ACCELERATE_"))}
     env.update({"OMP_NUM_THREADS": "1", **({} if args.glibc_malloc else FIXED_MALLOC)})
+    from tlaunch.strategies.base import HOST_ENV
+
+    env.update(HOST_ENV)  # tlaunch's 2 MB pages for every side: the same memory, other code
     launcher = []
     if variant == "run":
         # No checkpoints: plain PyTorch and Accelerate save none either, and the default

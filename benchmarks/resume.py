@@ -18,6 +18,7 @@ scales it), once as a committed tlaunch checkpoint (a short ``tlaunch --max-step
   as ``benchmarks/goodput.py``'s Accelerate setup runs it), for context: its launcher imports
   torch and Accelerate before it starts the script.
 
+Every side gets ``THP_MEM_ALLOC_ENABLE=1``, as tlaunch's workers do.
 Each script prints ``time.time()`` at its stages (started, torch+accelerate imported, init,
 model and optimizer built, state loaded, first step); the parent subtracts the time it recorded
 just before starting the process. Both read the state from the page cache (the setup runs just
@@ -147,6 +148,9 @@ def worker_accelerate(hidden: int, state_dir: str, setup: bool) -> None:
 def start(cmd: list[str]) -> dict[str, float]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TLAUNCH_", "ACCELERATE_"))}
     env["ACCELERATE_USE_CPU"] = "true"
+    from tlaunch.strategies.base import HOST_ENV  # here: the workers run this file too
+
+    env.update(HOST_ENV)  # tlaunch's 2 MB pages for every side (benchmarks/host_memory.py)
     started = time.time()
     proc = run_group(cmd, env, timeout=600)
     marks = {m[0]: float(m[1]) - started for m in re.findall(r"MARK (\w+) ([\d.]+)", proc.stdout)}

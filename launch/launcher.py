@@ -72,8 +72,12 @@ def _check_strategy(config: LaunchConfig):
 def worker_env(
     config: LaunchConfig, plan_env: dict[str, str], run_dir: str, control_dir: str
 ) -> dict[str, str]:
+    from tlaunch.strategies.base import HOST_ENV
+
     env = dict(os.environ)
     env.update(plan_env)
+    for key, value in HOST_ENV.items():
+        env.setdefault(key, value)  # the user's own setting wins
     env[CONFIG_ENV] = config.to_json()
     env[LAUNCH_DIR_ENV] = run_dir
     env[CONTROL_DIR_ENV] = control_dir

@@ -147,3 +147,43 @@ def test_missing_hardware_is_refused_before_anything_starts(tmp_path, argv, mess
     assert out.returncode == 2
     assert message in out.stderr and out.stderr.count("\n") == 1
     assert not marker.exists()
+
+
+_HUGE_PAGES_OF_A_TENSOR = """
+import os, torch
+tensor = torch.ones(16 << 20)  # 64 MB, every page touched
+address, huge_kb, inside = tensor.data_ptr(), 0, False
+with open("/proc/self/smaps") as smaps:
+    for line in smaps:
+        head = line.split()
+        if not head[0].endswith(":"):  # a mapping's first line: "lo-hi perms ..."
+            lo, hi = (int(x, 16) for x in head[0].split("-"))
+            inside = lo <= address < hi
+        elif inside and head[0] == "AnonHugePages:":
+            huge_kb = int(head[1])
+print(f"RESULT thp={os.environ.get('THP_MEM_ALLOC_ENABLE')} huge_kb={huge_kb}")
+"""
+
+
+def _thp_mode(name: str) -> str:
+    try:
+        with open(f"/sys/kernel/mm/transparent_hugepage/{name}") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return "never"
+
+
+@pytest.mark.parametrize("setting", [None, "0"])
+def test_workers_tensors_get_huge_pages_unless_the_user_says_otherwise(tmp_path, setting):
+    script = tmp_path / "huge.py"
+    script.write_text(_HUGE_PAGES_OF_A_TENSOR)
+    env = {} if setting is None else {"THP_MEM_ALLOC_ENABLE": setting}
+    out = run_tlaunch("--cpus", "1", str(script), cwd=tmp_path, **env)
+    assert out.returncode == 0, out.stderr
+    (row,) = results(out.stdout)
+    assert row["thp"] == (setting or "1")
+    mode, defrag = _thp_mode("enabled"), _thp_mode("defrag")
+    if mode == "madvise" and setting == "0":
+        assert row["huge_kb"] == "0"  # torch asked for nothing: 4 KB pages only
+    if mode in ("madvise", "always") and setting is None and defrag != "never":
+        assert int(row["huge_kb"]) > 0  # the kernel backed the tensor with 2 MB pages
