@@ -25,6 +25,7 @@ def _sections(text: str) -> dict[str, dict[str, str]]:
 def test_env_report_parses_and_redacts_secrets(tmp_path):
     env = clean_env(
         TLAUNCH_CPUS="2",
+        THP_MEM_ALLOC_ENABLE="0",  # a user's opt-out of the workers' 2 MB pages is shown
         TLAUNCH_API_TOKEN=SECRET,
         ACCELERATE_SECRET_KEY=SECRET,
         TLAUNCH_GCE_METADATA_URL=f"http://user:{SECRET}@127.0.0.1:9/computeMetadata/v1",
@@ -40,6 +41,7 @@ def test_env_report_parses_and_redacts_secrets(tmp_path):
     assert report["versions"]["python"].startswith(".".join(map(str, sys.version_info[:2])))
     assert report["versions"]["torch"][0].isdigit()
     assert report["environment"]["TLAUNCH_CPUS"] == "2"
+    assert report["environment"]["THP_MEM_ALLOC_ENABLE"] == "0"
     assert report["environment"]["TLAUNCH_API_TOKEN"] == "<redacted>"
     assert report["environment"]["ACCELERATE_SECRET_KEY"] == "<redacted>"
     assert report["environment"]["TLAUNCH_GCE_METADATA_URL"] == (
