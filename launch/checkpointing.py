@@ -413,7 +413,7 @@ class CheckpointManager:
             except Exception as e:
                 self._save_failed(e)  # ends the run, or (--on-save-error continue) warns
                 self.writer.submit(position.step, state=state, **parts)
-            if started - self._last_save > RECYCLE_WITHIN_S and self.buffers is not None:
+            if started - self._last_save > RECYCLE_WITHIN_S:
                 self.buffers.release()  # saves this far apart: the memory is worth more
         self._last_save = time.monotonic()
         self.slowest_save = max(self.slowest_save, self._last_save - started)

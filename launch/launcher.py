@@ -40,6 +40,7 @@ from tlaunch.preemption import Deadline, Watcher, check_time_left, detect, time_
 from tlaunch.preflight import Preflight, preflight
 from tlaunch.run_io import make_run_dir
 from tlaunch.storage import StorageError, StorageUnavailable
+from tlaunch.strategies.base import HOST_ENV
 from tlaunch.supervisor import Supervisor
 from tlaunch.syncdir import SyncDirs
 from tlaunch.workers import build_workers
@@ -72,8 +73,6 @@ def _check_strategy(config: LaunchConfig):
 def worker_env(
     config: LaunchConfig, plan_env: dict[str, str], run_dir: str, control_dir: str
 ) -> dict[str, str]:
-    from tlaunch.strategies.base import HOST_ENV
-
     env = dict(os.environ)
     env.update(plan_env)
     for key, value in HOST_ENV.items():

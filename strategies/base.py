@@ -32,8 +32,8 @@ DIRECT, ELASTIC, XLA = "direct", "elastic", "xla"
 #: pages) for every buffer of 2 MB or more, as NumPy does for its arrays by default; without
 #: it, a kernel in THP's ``madvise`` mode (Ubuntu's default) backs tensors with 4 KB pages,
 #: and a step that streams large weights and optimizer states through memory spends much of
-#: its time on address translation: 1.4-1.9x longer for an MLP of 25M parameters with Adam and
-#: 1.2-1.4x for a small convolutional net on this machine's CPU (``benchmarks/host_memory.py``).
+#: its time on address translation: 1.42x longer for an MLP of 25M parameters with Adam and
+#: 1.26x for a small convolutional net on this machine's CPU (``benchmarks/host_memory.py``).
 #: It changes where tensors lie, never what is computed. The first touch of a fresh buffer
 #: costs more (the kernel zeroes, and may first compact, 2 MB at once), which is why periodic
 #: saves copy into their last snapshot's memory (:class:`tlaunch.storage.SnapshotBuffers`).

@@ -109,8 +109,9 @@ class SnapshotBuffers:
     """The CPU memory of one save's snapshot, copied into again by the next save.
 
     Most of a fresh snapshot's time is the kernel handing over zeroed pages, not the copy: for
-    a 302 MB state here 0.11-0.14 s against 0.03 s into pages already mapped (see
-    ``benchmarks/checkpoint.py``). So the tensors of a snapshot whose save has settled (its
+    a 302 MB state here 0.11-0.14 s (0.33 s with the 2 MB pages tlaunch's workers get) against
+    0.03 s into pages already mapped (``benchmarks/checkpoint.py``,
+    ``benchmarks/host_memory.py``). So the tensors of a snapshot whose save has settled (its
     writer reads them no more) are taken again, by dtype and shape, by the next
     :meth:`snapshot`; tensors the state no longer has are let go.
 
