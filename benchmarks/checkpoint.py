@@ -116,8 +116,9 @@ def bench_local(model, optimizer, reps: int, workdir: str) -> dict[str, list[flo
     writer = AsyncCheckpointWriter(store)
     accelerator = Accelerator(cpu=True)
     accelerator.prepare(model, optimizer)
-    out: dict[str, list[float]] = {"copy": [], "stall": [], "accelerate": [], "background": []}
-    out["recycled"] = []
+    out: dict[str, list[float]] = {
+        name: [] for name in ("copy", "stall", "recycled", "accelerate", "background")
+    }
     plain_copy([model.state_dict(), optimizer.state_dict()])  # warm-up: first touches are dearer
     buffers = SnapshotBuffers()  # a run's: its first save allocates, as any first save does
     writer.submit(10**6, **save_kwargs(model, optimizer, 10**6, buffers))
@@ -281,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             local["recycled"],
             local["copy"],
             None,
-        ),  # fmt: skip
+        ),
         ("async stall / accelerator.save_state (sync)", local["stall"], local["accelerate"], None),
         (
             "background save, fsynced / accelerator.save_state",
