@@ -389,11 +389,13 @@ class CheckpointStore:
         parsed: dict[str, tuple[str, Any, Any]] = {}
 
         def load(name: str) -> None:
-            ready = reader.prefetched(name, files[name]) if verify else None
-            if ready is not None:  # parsed ahead from bytes proven to have files[name]'s sha256
+            # Bytes a prefetch proved to have files[name]'s sha256 serve a load with or without
+            # ``verify`` (a rank loading the step rank 0 verified takes them too).
+            ready = reader.prefetched(name, files[name])
+            if ready is not None:  # parsed ahead
                 parsed[name] = ready
                 return
-            data = reader.read(name, files[name] if verify else None)
+            data = reader.read(name, files[name], check=verify)
             label = f"step {s.step} at {redact(self.url)}: {name}"
             try:
                 parsed[name] = serialize.load_file(name, data, label)

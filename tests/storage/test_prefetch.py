@@ -115,6 +115,21 @@ def test_a_read_error_in_the_prefetch_is_the_restores_to_retry_and_resume_is_exa
     assert [i.step for i in store.committed()] == [1, 2]
 
 
+@pytest.mark.parametrize("parsed", [False, True], ids=["bytes", "parsed"])
+def test_a_rank_loading_the_step_rank_0_verified_takes_the_prefetch_too(parsed):
+    # The other ranks load rank 0's step with verify=False; proven bytes serve them as well,
+    # so that their read overlaps their start-up instead of following rank 0's broadcast.
+    saved(1, 2)
+    threads: list[str] = []
+    with faultfs.faults(read_by_thread("model.safetensors", threads)):
+        prefetch.start(URL)
+        if parsed:
+            prefetch.parse_ahead()
+        loaded = CheckpointStore(URL, retry=NO_WAIT).load(2, verify=False)
+    assert_same_state(loaded, 2)
+    assert threads == ["tlaunch-prefetch"], "the unverified load read the file again"
+
+
 def test_a_step_the_restore_does_not_load_is_not_taken():
     store = saved(1, 2)
     threads: list[str] = []
@@ -125,7 +140,8 @@ def test_a_step_the_restore_does_not_load_is_not_taken():
     assert threads and "tlaunch-prefetch" not in threads
 
 
-def test_prefetched_bytes_whose_digest_is_not_the_manifests_are_not_taken():
+@pytest.mark.parametrize("verify", [True, False], ids=["rank 0", "another rank"])
+def test_prefetched_bytes_whose_digest_is_not_the_manifests_are_not_taken(verify):
     store = saved(1, 2)
     prefetch.start(URL)
     prefetch.take("nothing", {})  # waits for the plan
@@ -134,7 +150,7 @@ def test_prefetched_bytes_whose_digest_is_not_the_manifests_are_not_taken():
     # The same paths, other bytes: step 2 deleted and saved again from another state.
     store.delete(2)
     store.save(2, **make_state(7))
-    loaded = store.load_latest()
+    loaded = store.load_latest() if verify else store.load(2, verify=False)
     expected = make_state(7)["tensors"]["model"]
     assert all(torch.equal(loaded.tensors["model"][k], t) for k, t in expected.items())
 
@@ -177,7 +193,7 @@ def test_on_a_local_disk_the_prefetch_leaves_a_core_to_the_script(
     lock, in_flight, widest, arrived = threading.Lock(), [0], [0], threading.Condition()
     read = StepReader.read
 
-    def counted(self, name, expect):
+    def counted(self, name, expect, **kw):
         with lock:
             in_flight[0] += 1
             widest[0] = max(widest[0], in_flight[0])
@@ -185,7 +201,7 @@ def test_on_a_local_disk_the_prefetch_leaves_a_core_to_the_script(
             arrived.notify_all()
             arrived.wait_for(lambda: in_flight[0] > 1, timeout=0.5)
         try:
-            return read(self, name, expect)
+            return read(self, name, expect, **kw)
         finally:
             with lock:
                 in_flight[0] -= 1
