@@ -16,9 +16,8 @@ dropped once ``tlaunch.init`` returns.
 
 The other ranks guess the same step and load the one rank 0 picked and verified (it broadcasts
 the step): a rank that waited for that broadcast to start reading held the first collective
-(DDP's parameter broadcast in ``run.prepare``) for its whole read. With every rank reading
-ahead, a resumed 2-process launch of ``benchmarks/goodput.py``'s job (302 MB) got to its first
-step in 0.90x the time (7 alternating pairs, 0.72-1.05x: 8.44 s against 9.79 s).
+(DDP's parameter broadcast in ``run.prepare``) for its whole read, which the goodput
+benchmark's resumed 2-process launches showed as start-up.
 """
 
 from __future__ import annotations
