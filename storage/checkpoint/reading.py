@@ -122,13 +122,12 @@ class StepReader:
         if name not in self.s.files:
             raise self.corrupt(f"{name} is missing")
         listed = self.s.files[name]
-        if expect is not None and check:
-            problems = size_problems({name: expect}, {name: listed})
+        judged = expect if check else None  # what the bytes are checked against
+        if judged is not None:
+            problems = size_problems({name: judged}, {name: listed})
             if problems:
                 raise self.corrupt(problems[0])
-        size = listed
-        if size is None and expect is not None and check:
-            size = expect.get("size")
+        size = listed if listed is not None else (judged or {}).get("size")
         path = f"{self.s.path}/{name}"
         ready = prefetch.take(path, expect) if expect is not None and self.takes else None
         if ready is not None:  # read whole and proven to have expect's sha256 already
@@ -141,8 +140,8 @@ class StepReader:
                 data, digest = self._read_parts(path, size)
         except FileNotFoundError:
             raise self._vanished(name) from None
-        if expect is not None and check:
-            problems = hash_problems({name: expect}, lambda _: (len(data), digest))
+        if judged is not None:
+            problems = hash_problems({name: judged}, lambda _: (len(data), digest))
             if problems:
                 raise self.corrupt(problems[0])
         return data
